@@ -1,0 +1,47 @@
+"""Test set-up: JAX on CPU with 8 simulated devices (so sharding is exercised everywhere),
+TensorFlow kept off any accelerator, and the shared real data located or reported missing."""
+
+import os
+import pathlib
+
+# Must happen before jax is imported anywhere.
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import pytest  # noqa: E402
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SHARED_DATA = pathlib.Path(os.environ.get("VLA_JAX_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+def _require(path: pathlib.Path, what: str) -> pathlib.Path:
+    if not path.exists():
+        # A missing fixture is a failure, never a skip: CI must not pass without the real data.
+        pytest.fail(f"{what} not found at {path}; the tests need the project's shared data "
+                    f"(set VLA_JAX_SHARED_DATA to its folder).", pytrace=False)
+    return path
+
+
+@pytest.fixture(scope="session")
+def bridge_data_dir() -> pathlib.Path:
+    """Folder holding the `bridge_dataset/1.0.0` RLDS builder (25 real BridgeData V2 episodes per split)."""
+    p = SHARED_DATA / "bridge_debug"
+    _require(p / "bridge_dataset" / "1.0.0" / "dataset_info.json", "the Bridge debug dataset")
+    return p
+
+
+@pytest.fixture(scope="session")
+def llama_tokenizer_path() -> pathlib.Path:
+    """The real Llama-2 SentencePiece model."""
+    return _require(SHARED_DATA / "llama2_tokenizer" / "tokenizer.model", "the Llama-2 tokenizer")
+
+
+def pytest_configure(config):
+    try:
+        import tensorflow as tf
+        tf.config.set_visible_devices([], "GPU")
+    except Exception:  # TF absent from some minimal environments; tests that need it fail on import.
+        pass

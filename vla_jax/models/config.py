@@ -1,0 +1,187 @@
+"""Geometry configs for the OpenVLA model and its parts.
+
+Each module takes only its own small config. Presets: `openvla-7b` (exact released geometry) and
+small ones for tests and the demo. Dtypes are given as strings so configs stay hashable and
+serialisable (checkpoint assets store them as JSON).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import jax.numpy as jnp
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+SIGLIP_MEAN = (0.5, 0.5, 0.5)
+SIGLIP_STD = (0.5, 0.5, 0.5)
+
+
+def to_dtype(name: str):
+    """'float32' / 'bfloat16' / 'float16' -> jnp dtype."""
+    return jnp.dtype(name)
+
+
+@dataclasses.dataclass(frozen=True)
+class ViTConfig:
+    """A timm-style ViT tower that returns the patch features of its second-to-last block.
+
+    DINOv2-reg: class_token=True, num_registers=4, layer_scale=True, no_embed_class=True.
+    SigLIP: class_token=False, num_registers=0, layer_scale=False, map_head=True (unused params).
+    """
+
+    width: int
+    depth: int
+    num_heads: int
+    mlp_dim: int
+    image_size: int = 224
+    patch_size: int = 14
+    class_token: bool = False
+    num_registers: int = 0
+    layer_scale: bool = False
+    no_embed_class: bool = False
+    map_head: bool = False
+    ln_eps: float = 1e-6
+    mean: tuple = IMAGENET_MEAN
+    std: tuple = IMAGENET_STD
+    dtype: str = "bfloat16"
+    param_dtype: str = "float32"
+    remat: bool = False
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid * self.grid
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return int(self.class_token) + self.num_registers
+
+    @property
+    def head_dim(self) -> int:
+        return self.width // self.num_heads
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    """Llama-2 decoder geometry. `vocab_size` is the embedding/lm_head row count (32064 for OpenVLA)."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: Optional[int] = None
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    max_seq_len: int = 2048 + 256
+    dtype: str = "bfloat16"
+    param_dtype: str = "float32"
+    remat: bool = False
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_kv_heads or self.num_heads
+
+
+@dataclasses.dataclass(frozen=True)
+class OpenVLAConfig:
+    """The composed model: [DINOv2, SigLIP] -> fused projector -> Llama-2.
+
+    `base_vocab_size` is the tokenizer's base vocabulary (32000 for Llama-2); the 256 action
+    tokens are its last ids. `pad_token_id` is the id of `<PAD>` (== base_vocab_size).
+    """
+
+    dino: ViTConfig
+    siglip: ViTConfig
+    llama: LlamaConfig
+    base_vocab_size: int = 32000
+    pad_token_id: int = 32000
+    bos_token_id: int = 1
+    eos_token_id: int = 2
+    n_action_bins: int = 256
+    action_dim: int = 7
+    dtype: str = "bfloat16"
+    param_dtype: str = "float32"
+
+    @property
+    def vision_dim(self) -> int:
+        return self.dino.width + self.siglip.width
+
+    @property
+    def image_size(self) -> int:
+        return self.dino.image_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.dino.num_patches
+
+    def __post_init__(self):
+        if self.dino.image_size != self.siglip.image_size or self.dino.num_patches != self.siglip.num_patches:
+            raise ValueError(
+                f"both towers must see the same image size and patch grid, got DINO "
+                f"{self.dino.image_size}/{self.dino.patch_size} and SigLIP "
+                f"{self.siglip.image_size}/{self.siglip.patch_size}")
+
+
+def with_dtypes(cfg: OpenVLAConfig, dtype: str, param_dtype: str = "float32", remat: Optional[bool] = None) -> OpenVLAConfig:
+    """Returns `cfg` with compute/param dtypes (and optionally remat) set on every part."""
+    kw = dict(dtype=dtype, param_dtype=param_dtype)
+    sub = dict(kw, **({} if remat is None else {"remat": remat}))
+    return dataclasses.replace(
+        cfg, dino=dataclasses.replace(cfg.dino, **sub), siglip=dataclasses.replace(cfg.siglip, **sub),
+        llama=dataclasses.replace(cfg.llama, **sub), **kw)
+
+
+def _dino(width, depth, heads, mlp, image_size=224, patch=14) -> ViTConfig:
+    return ViTConfig(width=width, depth=depth, num_heads=heads, mlp_dim=mlp, image_size=image_size,
+                     patch_size=patch, class_token=True, num_registers=4, layer_scale=True,
+                     no_embed_class=True, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+
+
+def _siglip(width, depth, heads, mlp, image_size=224, patch=14) -> ViTConfig:
+    return ViTConfig(width=width, depth=depth, num_heads=heads, mlp_dim=mlp, image_size=image_size,
+                     patch_size=patch, map_head=True, mean=SIGLIP_MEAN, std=SIGLIP_STD)
+
+
+PRESETS = {
+    # Exactly the released openvla/openvla-7b geometry (7,541,237,184 parameters).
+    "openvla-7b": OpenVLAConfig(
+        dino=_dino(1024, 24, 16, 4096),
+        siglip=_siglip(1152, 27, 16, 4304),
+        llama=LlamaConfig(vocab_size=32064, hidden_size=4096, intermediate_size=11008, num_layers=32,
+                          num_heads=32, rms_norm_eps=1e-6),
+    ),
+    # Tiny: unit tests (seconds on one CPU core), 224px input so the real pipeline shapes apply.
+    "tiny": OpenVLAConfig(
+        dino=_dino(32, 3, 2, 64),
+        siglip=_siglip(48, 3, 2, 96),
+        llama=LlamaConfig(vocab_size=32064, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4),
+    ),
+    # Debug: seconds per train step on a 2-core CPU, real Llama vocabulary.
+    "debug": OpenVLAConfig(
+        dino=_dino(64, 3, 4, 128),
+        siglip=_siglip(64, 3, 4, 128),
+        llama=LlamaConfig(vocab_size=32064, hidden_size=128, intermediate_size=256, num_layers=2, num_heads=4),
+    ),
+    # Mid-size: benchmarks (Llama width 512 x 4 layers, small towers).
+    "mid": OpenVLAConfig(
+        dino=_dino(192, 4, 3, 768),
+        siglip=_siglip(192, 4, 3, 768),
+        llama=LlamaConfig(vocab_size=32064, hidden_size=512, intermediate_size=1376, num_layers=4, num_heads=8),
+    ),
+}
+
+
+def get_preset(name: str) -> OpenVLAConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown model preset {name!r}; known presets: {sorted(PRESETS)}")
+    return PRESETS[name]
