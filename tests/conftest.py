@@ -40,8 +40,13 @@ def llama_tokenizer_path() -> pathlib.Path:
 
 
 def pytest_configure(config):
+    # triton (which torch loads lazily, e.g. through torch._dynamo when transformers is used) must be
+    # loaded before TensorFlow: loading its shared library after TensorFlow's segfaults in this stack.
+    # torch is a required test dependency; triton ships with the x86_64 torch build.
+    import torch  # noqa: F401
     try:
-        import tensorflow as tf
-        tf.config.set_visible_devices([], "GPU")
-    except Exception:  # TF absent from some minimal environments; tests that need it fail on import.
+        import triton  # noqa: F401
+    except ImportError:  # builds without triton (e.g. aarch64 CPU wheels) have nothing to load
         pass
+    import tensorflow as tf
+    tf.config.set_visible_devices([], "GPU")

@@ -1,0 +1,482 @@
+"""Llama-2 decoder (OpenVLA's LLM) in Flax, with a KV cache for prefill/decode.
+
+Numerics follow transformers' `LlamaForCausalLM`: RMSNorm normalises in fp32, casts to the compute
+dtype, then multiplies by its weight; RoPE uses the "rotate_half" layout HF stores q/k weights in;
+attention logits and softmax are fp32; the MLP is `down(silu(gate(x)) * up(x))`; no biases anywhere.
+
+Shapes: B batch, T tokens in this call, S cache slots, D hidden, H query heads, KVH key/value heads
+(== H for Llama-2-7B; fewer gives grouped-query attention), hd head dim, F MLP hidden, V vocab rows,
+L layers.
+
+The layers are one `nn.scan` over a stacked leading 'layers' axis (optionally rematerialised), and
+the KV cache's per-layer slices are scanned alongside them.
+
+Also here: the HF <-> Flax rename table (`hf_to_flax`, `flax_to_hf`, and per-tensor helpers usable
+for streaming conversion of large checkpoints).
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from typing import Any, Iterable, Iterator, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vla_jax.models.config import LlamaConfig
+
+ACT_AXES = ("act_batch", "act_len", "act_embed")
+_INIT_STD = 0.02  # transformers' default `initializer_range` for Llama
+
+Cache = dict  # {'k': [L, B, S, KVH, hd], 'v': [L, B, S, KVH, hd]} in compute dtype
+
+
+def _init(names):
+    return nn.with_logical_partitioning(nn.initializers.normal(_INIT_STD), names)
+
+
+def _is_concrete(x) -> bool:
+    """True when `x` holds real values (eager call), False while it is being traced under jit."""
+    return not isinstance(x, jax.core.Tracer)
+
+
+# ----------------------------------------------------------------------------------------------
+# Host-side input checks (values can only be checked on concrete arrays, outside jit).
+
+
+def check_token_ids(ids, vocab_size: int) -> None:
+    """Raises ValueError unless every id in `ids` ([...] integers) lies in [0, vocab_size)."""
+    ids = np.asarray(ids)
+    if not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(f"token ids must be integers, got dtype {ids.dtype}")
+    if ids.size == 0:
+        return
+    lo, hi = int(ids.min()), int(ids.max())
+    if lo < 0 or hi >= vocab_size:
+        bad = int(lo if lo < 0 else hi)
+        where = tuple(int(i) for i in np.argwhere(ids == bad)[0])
+        raise ValueError(f"token id {bad} at index {where} is outside the vocabulary [0, {vocab_size})")
+
+
+def init_cache(config: LlamaConfig, batch: int, max_len: int, dtype: Optional[str] = None) -> Cache:
+    """Zeroed KV cache: {'k', 'v'} each [L, batch, max_len, KVH, hd] in `dtype` (default cfg.dtype)."""
+    if batch < 1 or max_len < 1:
+        raise ValueError(f"init_cache needs batch >= 1 and max_len >= 1, got batch={batch}, max_len={max_len}")
+    if max_len > config.max_seq_len:
+        raise ValueError(f"cache max_len={max_len} exceeds the model's max_seq_len={config.max_seq_len}")
+    shape = (config.num_layers, batch, max_len, config.kv_heads, config.head_dim)
+    dt = jnp.dtype(dtype or config.dtype)
+    return {"k": jnp.zeros(shape, dt), "v": jnp.zeros(shape, dt)}
+
+
+# ----------------------------------------------------------------------------------------------
+# Layers
+
+
+class RMSNorm(nn.Module):
+    """x [..., D] -> [..., D]: normalise in fp32, cast to compute dtype, multiply by `scale`."""
+
+    eps: float
+    dtype: Any
+    param_dtype: Any
+
+    @nn.compact
+    def __call__(self, x):
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
+                           (x.shape[-1],), self.param_dtype)
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return scale.astype(self.dtype) * y.astype(self.dtype)
+
+
+def rope_cos_sin(positions, head_dim: int, theta: float):
+    """positions [B, T] int -> (cos, sin) each [B, T, 1, hd] fp32, HF layout (two halves repeated)."""
+    inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim))
+    freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # [B, T, hd/2]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x, cos, sin):
+    """x [B, T, n, hd] rotated by (cos, sin) [B, T, 1, hd]; `rotate_half` convention."""
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    # Like HF: cos/sin are cast to the activation dtype before the products.
+    return x * cos.astype(x.dtype) + rotated * sin.astype(x.dtype)
+
+
+def _write_rows(cache, new, starts):
+    """cache [B, S, KVH, hd] <- new [B, T, KVH, hd] written at slots starts[b] .. starts[b]+T-1."""
+    def one(c, n, s):
+        return jax.lax.dynamic_update_slice(c, n.astype(c.dtype), (s, 0, 0))
+    return jax.vmap(one)(cache, new, starts)
+
+
+class Attention(nn.Module):
+    """Causal self-attention with RoPE, optional grouped-query heads and an optional KV cache."""
+
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x, positions, layer_cache=None):
+        """x [B, T, D], positions [B, T] -> (out [B, T, D], new layer cache or None).
+
+        layer_cache: {'k','v'} [B, S, KVH, hd]. The T new keys/values of row b are written at slots
+        positions[b, 0] .. positions[b, 0] + T - 1 (positions must be contiguous within a call), and
+        the query at position p sees slots j <= p only: later slots hold stale padding.
+        Without a cache the mask is plain causal over the T tokens.
+        """
+        cfg = self.config
+        dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+        H, KVH, hd = cfg.num_heads, cfg.kv_heads, cfg.head_dim
+
+        def proj(n, name):
+            return nn.DenseGeneral((n, hd), use_bias=False, dtype=dtype, param_dtype=pdtype,
+                                   kernel_init=_init(("embed", "heads", "kv")), name=name)(x)
+
+        q, k, v = proj(H, "q_proj"), proj(KVH, "k_proj"), proj(KVH, "v_proj")  # [B, T, n, hd]
+        cos, sin = rope_cos_sin(positions, hd, cfg.rope_theta)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+        B, T = x.shape[:2]
+        if layer_cache is None:
+            new_cache = None
+            idx = jnp.arange(T)
+            mask = (idx[None, :] <= idx[:, None])[None]  # [1, T, T]
+        else:
+            k_all = _write_rows(layer_cache["k"], k, positions[:, 0])
+            v_all = _write_rows(layer_cache["v"], v, positions[:, 0])
+            new_cache = {"k": k_all, "v": v_all}
+            k, v = k_all.astype(dtype), v_all.astype(dtype)
+            slots = jnp.arange(k.shape[1])
+            mask = slots[None, None, :] <= positions[:, :, None]  # [B, T, S]
+
+        # Query heads are grouped over the shared key/value heads (G = 1 for plain MHA).
+        G = H // KVH
+        qg = q.reshape(B, T, KVH, G, hd)
+        scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * (hd ** -0.5)
+        scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
+        out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(B, T, H, hd)
+        out = nn.DenseGeneral(cfg.hidden_size, axis=(-2, -1), use_bias=False, dtype=dtype, param_dtype=pdtype,
+                              kernel_init=_init(("heads", "kv", "embed")), name="o_proj")(out)
+        return out, new_cache
+
+
+class MLP(nn.Module):
+    """SwiGLU: x [B, T, D] -> down(silu(gate(x)) * up(x)) [B, T, D]."""
+
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.config
+        kw = dict(use_bias=False, dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
+        gate = nn.Dense(cfg.intermediate_size, kernel_init=_init(("embed", "mlp")), name="gate_proj", **kw)(x)
+        up = nn.Dense(cfg.intermediate_size, kernel_init=_init(("embed", "mlp")), name="up_proj", **kw)(x)
+        return nn.Dense(cfg.hidden_size, kernel_init=_init(("mlp", "embed")), name="down_proj", **kw)(
+            nn.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    """One pre-norm Llama block; signature fits nn.scan: (carry x, broadcast positions, scanned cache)."""
+
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x, positions, layer_cache):
+        cfg = self.config
+        dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+        x = nn.with_logical_constraint(x, ACT_AXES)
+        h = RMSNorm(cfg.rms_norm_eps, dtype, pdtype, name="input_layernorm")(x)
+        h, new_cache = Attention(cfg, name="self_attn")(h, positions, layer_cache)
+        x = x + h
+        h = RMSNorm(cfg.rms_norm_eps, dtype, pdtype, name="post_attention_layernorm")(x)
+        x = x + MLP(cfg, name="mlp")(h)
+        x = nn.with_logical_constraint(x, ACT_AXES)
+        return x, new_cache
+
+
+_REMAT_POLICIES = {
+    "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
+    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class Llama(nn.Module):
+    """Llama-2 decoder. Methods: `embed`, `__call__` (layers + final norm) and `logits`.
+
+    `remat_policy` (used when config.remat): 'nothing_saveable' (least memory, what OpenVLA's
+    per-layer activation checkpointing does) or 'dots_with_no_batch_dims_saveable'.
+    """
+
+    config: LlamaConfig
+    remat_policy: str = "nothing_saveable"
+
+    def setup(self):
+        cfg = self.config
+        if cfg.hidden_size % cfg.num_heads or cfg.num_heads % cfg.kv_heads:
+            raise ValueError(f"hidden_size={cfg.hidden_size} must divide by num_heads={cfg.num_heads}, "
+                             f"and num_heads by num_kv_heads={cfg.kv_heads}")
+        dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+        self.embed_tokens = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=pdtype,
+                                     embedding_init=_init(("vocab", "embed")))
+        layer = DecoderLayer
+        if cfg.remat:
+            if self.remat_policy not in _REMAT_POLICIES:
+                raise ValueError(f"remat_policy={self.remat_policy!r}; expected one of {sorted(_REMAT_POLICIES)}")
+            # prevent_cse=False is safe (and faster) inside scan, which already blocks CSE.
+            layer = nn.remat(layer, policy=_REMAT_POLICIES[self.remat_policy], prevent_cse=False)
+        self.layers = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True},
+                              in_axes=(nn.broadcast, 0), length=cfg.num_layers,
+                              metadata_params={nn.PARTITION_NAME: "layers"})(cfg)
+        self.norm = RMSNorm(cfg.rms_norm_eps, dtype, pdtype)
+        # bf16 inputs, fp32 accumulation and output: logits feed the loss and argmax.
+        self.lm_head = nn.Dense(cfg.vocab_size, use_bias=False, dtype=dtype, param_dtype=pdtype,
+                                kernel_init=_init(("embed", "vocab")),
+                                dot_general=functools.partial(jax.lax.dot_general, preferred_element_type=jnp.float32))
+
+    def embed(self, ids):
+        """ids [B, T] int32 -> embeddings [B, T, D] in compute dtype (ids checked when concrete)."""
+        if _is_concrete(ids):
+            check_token_ids(ids, self.config.vocab_size)
+        return self.embed_tokens(ids)
+
+    def __call__(self, x, positions, cache: Optional[Cache] = None):
+        """x [B, T, D], positions [B, T] int32 -> (hidden [B, T, D] after the final norm, new cache).
+
+        cache None: training/full forward, plain causal attention over the T tokens (right padding
+        needs no mask since pads only follow real tokens); the returned cache is None.
+        cache {'k','v'} [L, B, S, KVH, hd]: row b's new keys/values go to slots positions[b, 0] ..
+        positions[b, 0] + T - 1 (positions contiguous per row within a call; prefill uses
+        arange(T), decode T=1 with each row's own position). The caller must keep
+        positions[b, -1] < S; this is checked on concrete inputs, but under jit an overflowing
+        write would be clamped by XLA, silently.
+        """
+        cfg = self.config
+        if x.ndim != 3 or x.shape[-1] != cfg.hidden_size:
+            raise ValueError(f"x must be [B, T, {cfg.hidden_size}], got shape {x.shape}")
+        B, T = x.shape[:2]
+        if positions.shape != (B, T):
+            raise ValueError(f"positions must be [B, T] = {(B, T)}, got shape {positions.shape}")
+        if T > cfg.max_seq_len:
+            raise ValueError(f"sequence length {T} exceeds max_seq_len={cfg.max_seq_len}")
+        if cache is not None:
+            self._check_cache(cache, B, T, positions)
+        x = x.astype(jnp.dtype(cfg.dtype))
+        x, new_cache = self.layers(x, positions, cache)
+        return self.norm(x), new_cache
+
+    def _check_cache(self, cache, B, T, positions):
+        cfg = self.config
+        if set(cache) != {"k", "v"}:
+            raise ValueError(f"cache must be a dict with keys 'k' and 'v', got keys {sorted(cache)}")
+        want = (cfg.num_layers, B, None, cfg.kv_heads, cfg.head_dim)
+        for name in ("k", "v"):
+            shape = cache[name].shape
+            if len(shape) != 5 or any(w is not None and w != s for w, s in zip(want, shape)):
+                raise ValueError(f"cache['{name}'] must be [L, B, S, KVH, hd] = "
+                                 f"{tuple('S' if w is None else w for w in want)}, got {shape}")
+        S = cache["k"].shape[2]
+        if T > S:
+            raise ValueError(f"cache too short: {T} new tokens but only {S} cache slots")
+        if _is_concrete(positions) and positions.size:
+            last = int(np.max(np.asarray(positions)[:, -1]))
+            if last >= S:
+                raise ValueError(f"cache too short: position {last} needs slot {last} but the cache has {S} slots")
+
+    def logits(self, hidden):
+        """hidden [B, T, D] -> logits [B, T, V] float32 (untied lm_head, accumulated in fp32)."""
+        return self.lm_head(hidden).astype(jnp.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# HF LlamaForCausalLM <-> Flax parameter conversion.
+# Linear weights are [out, in] in torch and kernels [in, out] here; q/k/v/o split heads out; the
+# per-layer tensors are stacked on a leading 'layers' axis. Rotary `inv_freq` buffers (present in
+# some older checkpoints) are recomputed from rope_theta, so they are skipped.
+
+# HF sub-key within a layer -> (Flax path within 'layers', kind)
+_LAYER_TABLE = {
+    "input_layernorm.weight": (("input_layernorm", "scale"), "norm"),
+    "post_attention_layernorm.weight": (("post_attention_layernorm", "scale"), "norm"),
+    "self_attn.q_proj.weight": (("self_attn", "q_proj", "kernel"), "q"),
+    "self_attn.k_proj.weight": (("self_attn", "k_proj", "kernel"), "kv"),
+    "self_attn.v_proj.weight": (("self_attn", "v_proj", "kernel"), "kv"),
+    "self_attn.o_proj.weight": (("self_attn", "o_proj", "kernel"), "o"),
+    "mlp.gate_proj.weight": (("mlp", "gate_proj", "kernel"), "linear"),
+    "mlp.up_proj.weight": (("mlp", "up_proj", "kernel"), "linear"),
+    "mlp.down_proj.weight": (("mlp", "down_proj", "kernel"), "linear"),
+}
+_TOP_TABLE = {
+    "model.embed_tokens.weight": (("embed_tokens", "embedding"), "copy"),
+    "model.norm.weight": (("norm", "scale"), "norm"),
+    "lm_head.weight": (("lm_head", "kernel"), "linear"),
+}
+_LAYER_RE = re.compile(r"model\.layers\.(\d+)\.(.+)$")
+
+
+def _hf_shape(hf_sub: str, cfg: LlamaConfig) -> tuple:
+    """Expected torch shape of an HF tensor (layer sub-key or top-level key)."""
+    D, F, V, hd = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.head_dim
+    return {
+        "input_layernorm.weight": (D,), "post_attention_layernorm.weight": (D,),
+        "self_attn.q_proj.weight": (cfg.num_heads * hd, D),
+        "self_attn.k_proj.weight": (cfg.kv_heads * hd, D), "self_attn.v_proj.weight": (cfg.kv_heads * hd, D),
+        "self_attn.o_proj.weight": (D, cfg.num_heads * hd),
+        "mlp.gate_proj.weight": (F, D), "mlp.up_proj.weight": (F, D), "mlp.down_proj.weight": (D, F),
+        "model.embed_tokens.weight": (V, D), "model.norm.weight": (D,), "lm_head.weight": (V, D),
+    }[hf_sub]
+
+
+def _to_flax(w: np.ndarray, kind: str, cfg: LlamaConfig) -> np.ndarray:
+    D, hd = cfg.hidden_size, cfg.head_dim
+    if kind in ("norm", "copy"):
+        return w
+    if kind == "linear":
+        return w.T
+    if kind == "q":
+        return w.T.reshape(D, cfg.num_heads, hd)
+    if kind == "kv":
+        return w.T.reshape(D, cfg.kv_heads, hd)
+    if kind == "o":
+        return w.T.reshape(cfg.num_heads, hd, D)
+    raise AssertionError(kind)
+
+
+def _to_hf(k: np.ndarray, kind: str, cfg: LlamaConfig) -> np.ndarray:
+    D = cfg.hidden_size
+    if kind in ("norm", "copy"):
+        return k
+    if kind == "linear":
+        return k.T
+    if kind in ("q", "kv"):
+        return k.reshape(D, -1).T
+    if kind == "o":
+        return k.reshape(-1, D).T
+    raise AssertionError(kind)
+
+
+def hf_keys(cfg: LlamaConfig, prefix: str = "") -> list[str]:
+    """Every HF key a LlamaForCausalLM with this geometry has (rotary buffers excluded)."""
+    keys = [prefix + "model.embed_tokens.weight"]
+    for i in range(cfg.num_layers):
+        keys += [f"{prefix}model.layers.{i}.{sub}" for sub in _LAYER_TABLE]
+    return keys + [prefix + "model.norm.weight", prefix + "lm_head.weight"]
+
+
+def convert_hf_tensor(key: str, value: np.ndarray, cfg: LlamaConfig, prefix: str = ""):
+    """One HF tensor -> (flax path tuple, layer index or None, array in Flax layout), for streaming.
+
+    Layer tensors belong at `params[path][layer]` of the stacked array. Returns None for keys that
+    carry no parameter (rotary `inv_freq` buffers). Raises ValueError on unknown keys or bad shapes.
+    """
+    if not key.startswith(prefix):
+        raise ValueError(f"HF key {key!r} lacks the expected prefix {prefix!r}")
+    sub = key[len(prefix):]
+    if sub.endswith("rotary_emb.inv_freq"):
+        return None
+    m = _LAYER_RE.fullmatch(sub)
+    if m:
+        layer, lsub = int(m.group(1)), m.group(2)
+        if lsub not in _LAYER_TABLE:
+            raise ValueError(f"unknown HF Llama key {key!r}")
+        if layer >= cfg.num_layers:
+            raise ValueError(f"HF key {key!r} has layer index {layer} but the config has {cfg.num_layers} layers")
+        path, kind = _LAYER_TABLE[lsub]
+        path, shape_key = ("layers",) + path, lsub
+    elif sub in _TOP_TABLE:
+        (path, kind), layer, shape_key = _TOP_TABLE[sub], None, sub
+    else:
+        raise ValueError(f"unknown HF Llama key {key!r}")
+    value = np.asarray(value)
+    want = _hf_shape(shape_key, cfg)
+    if value.shape != want:
+        raise ValueError(f"HF tensor {key!r} has shape {value.shape}, expected {want} for this config")
+    return path, layer, _to_flax(value, kind, cfg)
+
+
+def _set(tree: dict, path: tuple, value) -> None:
+    for p in path[:-1]:
+        tree = tree.setdefault(p, {})
+    tree[path[-1]] = value
+
+
+def hf_to_flax(state_dict: dict, cfg: LlamaConfig, prefix: str = "", dtype: Optional[str] = None) -> dict:
+    """HF LlamaForCausalLM state dict {key: [torch layout] ndarray} -> Flax params (nested dict of
+    numpy arrays in `dtype`, default cfg.param_dtype; the 'params' collection, without the wrapper).
+
+    `prefix` is prepended to every HF key (e.g. 'language_model.' inside an OpenVLA checkpoint).
+    Raises ValueError on unknown, missing, duplicated or wrongly shaped tensors.
+    """
+    return hf_items_to_flax(state_dict.items(), cfg, prefix=prefix, dtype=dtype)
+
+
+def hf_items_to_flax(items: Iterable, cfg: LlamaConfig, prefix: str = "", dtype: Optional[str] = None) -> dict:
+    """Like hf_to_flax, but consumes (key, array) pairs one at a time (e.g. lazily from safetensors),
+    writing layer tensors straight into preallocated stacked arrays."""
+    dt = np.dtype(dtype or cfg.param_dtype)
+    params: dict = {}
+    seen: set = set()
+    for key, value in items:
+        out = convert_hf_tensor(key, value, cfg, prefix)
+        if out is None:
+            continue
+        if key in seen:
+            raise ValueError(f"HF key {key!r} given twice")
+        seen.add(key)
+        path, layer, arr = out
+        if layer is None:
+            _set(params, path, np.array(arr, dtype=dt))
+            continue
+        node = params
+        for p in path[:-1]:
+            node = node.setdefault(p, {})
+        if path[-1] not in node:
+            node[path[-1]] = np.empty((cfg.num_layers,) + arr.shape, dt)
+        node[path[-1]][layer] = arr
+    missing = [k for k in hf_keys(cfg, prefix) if k not in seen]
+    if missing:
+        raise ValueError(f"{len(missing)} HF Llama tensors missing, e.g. {missing[:3]}")
+    return params
+
+
+def flax_to_hf_items(params: dict, cfg: LlamaConfig, prefix: str = "") -> Iterator[tuple]:
+    """Flax params -> (HF key, numpy array in torch layout) pairs, one tensor at a time.
+    Raises ValueError on missing or wrongly shaped parameters."""
+    params = nn.meta.unbox(params)
+
+    def get(path):
+        node = params
+        for p in path:
+            if not isinstance(node, dict) or p not in node:
+                raise ValueError(f"Flax params lack {'/'.join(path)}")
+            node = node[p]
+        return np.asarray(node)
+
+    def checked(key, shape_key, arr):
+        want = _hf_shape(shape_key, cfg)
+        if arr.shape != want:
+            raise ValueError(f"Flax params give HF tensor {key!r} shape {arr.shape}, expected {want}")
+        return key, np.ascontiguousarray(arr)
+
+    top = {sub: _to_hf(get(path), kind, cfg) for sub, (path, kind) in _TOP_TABLE.items()}
+    yield checked(prefix + "model.embed_tokens.weight", "model.embed_tokens.weight", top["model.embed_tokens.weight"])
+    stacked = {sub: get(("layers",) + path) for sub, (path, _) in _LAYER_TABLE.items()}
+    for sub, arr in stacked.items():
+        if arr.ndim == 0 or arr.shape[0] != cfg.num_layers:
+            raise ValueError(f"params layers/{'/'.join(_LAYER_TABLE[sub][0])} has shape {arr.shape}; "
+                             f"expected a leading axis of {cfg.num_layers} layers")
+    for i in range(cfg.num_layers):
+        for sub, (_, kind) in _LAYER_TABLE.items():
+            yield checked(f"{prefix}model.layers.{i}.{sub}", sub, _to_hf(stacked[sub][i], kind, cfg))
+    for sub in ("model.norm.weight", "lm_head.weight"):
+        yield checked(prefix + sub, sub, top[sub])
+
+
+def flax_to_hf(params: dict, cfg: LlamaConfig, prefix: str = "") -> dict:
+    """Flax params -> HF LlamaForCausalLM state dict {key: numpy array [torch layout]}."""
+    return dict(flax_to_hf_items(params, cfg, prefix))

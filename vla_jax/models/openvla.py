@@ -1,0 +1,136 @@
+"""The composed OpenVLA model: [DINOv2, SigLIP] patch features -> fused projector -> Llama-2.
+
+Sequence layout (OPENVLA_REFERENCE.md §1.5): the P image-patch embeddings are inserted right
+after BOS, `[BOS, patch_1..patch_P, text_1..]`, positions run 0..T+P-1 continuously and the
+attention is plain causal over the whole sequence, patches included.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vla_jax.models.config import OpenVLAConfig
+from vla_jax.models.llama import Llama
+from vla_jax.models.projector import FusedProjector
+from vla_jax.models.vit import VisionTower
+
+
+def _is_concrete(x) -> bool:
+    return not isinstance(x, jax.core.Tracer)
+
+
+def check_inputs(config: OpenVLAConfig, pixel_values, input_ids, max_text_len: Optional[int] = None) -> None:
+    """Validates model inputs; raises ValueError naming the expected and the given value.
+
+    pixel_values: uint8 (or float in [0, 255]) `[B, S, S, 3]` with S = config.image_size.
+    input_ids: int `[B, T]` with ids in [0, vocab_size) and T + num_patches <= max_seq_len.
+    Shape checks always run; value checks run only on concrete (non-traced) arrays.
+    """
+    s = config.image_size
+    shape = tuple(pixel_values.shape)
+    if len(shape) != 4:
+        raise ValueError(f"pixel_values must be [batch, {s}, {s}, 3], got shape {shape}")
+    if shape[3] != 3:
+        raise ValueError(f"pixel_values must have 3 (RGB) channels in the last axis, got {shape[3]} "
+                         f"(shape {shape}; channels-first input must be transposed to [B, H, W, 3])")
+    if shape[1:3] != (s, s):
+        raise ValueError(f"pixel_values must be {s}x{s} images (the model's image_size), got {shape[1]}x{shape[2]}; "
+                         f"resize with vla_jax.data.transforms first")
+    ids_shape = tuple(input_ids.shape)
+    if len(ids_shape) != 2 or ids_shape[0] != shape[0]:
+        raise ValueError(f"input_ids must be [batch={shape[0]}, length], got shape {ids_shape}")
+    max_len = config.llama.max_seq_len - config.num_patches if max_text_len is None else max_text_len
+    if ids_shape[1] > max_len:
+        raise ValueError(f"input_ids has {ids_shape[1]} tokens but the configured maximum is {max_len} text tokens "
+                         f"(max_seq_len {config.llama.max_seq_len} minus {config.num_patches} image patches)")
+    if not jnp.issubdtype(input_ids.dtype, jnp.integer):
+        raise ValueError(f"input_ids must be integer token ids, got dtype {input_ids.dtype}")
+    if _is_concrete(pixel_values) and not jnp.issubdtype(pixel_values.dtype, jnp.integer):
+        lo, hi = float(np.min(pixel_values)), float(np.max(pixel_values))
+        if lo < 0.0 or hi > 255.0 or not np.isfinite(lo + hi):
+            raise ValueError(f"float pixel_values must lie in [0, 255] (raw RGB, normalization happens in the model), "
+                             f"got values in [{lo}, {hi}]")
+    if _is_concrete(input_ids) and ids_shape[1] > 0:
+        lo, hi = int(np.min(input_ids)), int(np.max(input_ids))
+        if lo < 0 or hi >= config.llama.vocab_size:
+            raise ValueError(f"token ids must lie in [0, {config.llama.vocab_size}), got ids in [{lo}, {hi}]")
+
+
+class OpenVLA(nn.Module):
+    """OpenVLA: uint8 RGB images + token ids -> next-token logits over the 32064-row vocabulary."""
+
+    config: OpenVLAConfig
+
+    def setup(self):
+        cfg = self.config
+        self.dino = VisionTower(cfg.dino)
+        self.siglip = VisionTower(cfg.siglip)
+        self.projector = FusedProjector(vision_dim=cfg.vision_dim, llm_dim=cfg.llama.hidden_size,
+                                        dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+        self.llm = Llama(cfg.llama)
+
+    def encode_image(self, pixel_values):
+        """uint8 `[B, S, S, 3]` -> projected patch embeddings `[B, P, D_llm]`.
+
+        Each tower normalizes with its own mean/std (ImageNet for DINOv2, 0.5/0.5 for SigLIP);
+        the features are concatenated on channels in the order [DINOv2, SigLIP].
+        """
+        x = pixel_values.astype(jnp.float32) / 255.0
+
+        def normalized(tower_cfg):
+            mean = jnp.asarray(tower_cfg.mean, jnp.float32)
+            std = jnp.asarray(tower_cfg.std, jnp.float32)
+            return (x - mean) / std
+
+        feats = jnp.concatenate([self.dino(normalized(self.config.dino)),
+                                 self.siglip(normalized(self.config.siglip))], axis=-1)
+        return self.projector(feats)
+
+    def embed_inputs(self, pixel_values, input_ids):
+        """-> fused embeddings `[B, T + P, D]`: BOS, then the P patches, then the rest of the text."""
+        check_inputs(self.config, pixel_values, input_ids)
+        text = self.llm.embed(input_ids)
+        patches = self.encode_image(pixel_values).astype(text.dtype)
+        return jnp.concatenate([text[:, :1], patches, text[:, 1:]], axis=1)
+
+    def __call__(self, pixel_values, input_ids, logit_positions=None):
+        """Training / scoring forward.
+
+        pixel_values: uint8 `[B, S, S, 3]`; input_ids: int32 `[B, T]` (right-padded).
+        logit_positions: optional int32 `[B, K]` indices into the fused sequence (length T + P);
+        the lm_head is applied only there (the loss needs ~8 positions, not ~290).
+        Returns float32 logits `[B, K, V]`, or `[B, T + P, V]` when logit_positions is None.
+        """
+        x = self.embed_inputs(pixel_values, input_ids)
+        b, n = x.shape[:2]
+        positions = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))
+        hidden, _ = self.llm(x, positions, None)
+        if logit_positions is not None:
+            hidden = jnp.take_along_axis(hidden, logit_positions[..., None].astype(jnp.int32), axis=1)
+        return self.llm.logits(hidden)
+
+    def prefill(self, pixel_values, input_ids, lengths, cache):
+        """Runs the prompt through the model and fills the KV cache.
+
+        input_ids: int32 `[B, T]` right-padded prompts; lengths: int32 `[B]` real text tokens per row.
+        cache: from `llama.init_cache(config.llama, B, max_len)` with max_len >= T + P + new tokens.
+        Returns (logits at each row's last real position `[B, V]` float32, cache).
+        """
+        x = self.embed_inputs(pixel_values, input_ids)
+        b, n = x.shape[:2]
+        positions = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))
+        hidden, cache = self.llm(x, positions, cache)
+        last = lengths.astype(jnp.int32) + self.config.num_patches - 1
+        hidden = jnp.take_along_axis(hidden, last[:, None, None], axis=1)
+        return self.llm.logits(hidden)[:, 0], cache
+
+    def decode_step(self, token_ids, positions, cache):
+        """One greedy step: token_ids int32 `[B]` placed at positions `[B]` -> (logits `[B, V]`, cache)."""
+        x = self.llm.embed(token_ids[:, None])
+        hidden, cache = self.llm(x, positions[:, None].astype(jnp.int32), cache)
+        return self.llm.logits(hidden)[:, 0], cache

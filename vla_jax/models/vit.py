@@ -1,0 +1,398 @@
+"""The two OpenVLA vision towers (DINOv2-reg ViT-L/14 and SigLIP So400m/14) as one timm-style ViT.
+
+`VisionTower` returns what OpenVLA feeds its projector: the patch tokens after the second-to-last
+block (block index depth-2), with no final norm and the prefix tokens (CLS + registers) dropped.
+The last block, the final `norm` and SigLIP's MAP head (`attn_pool`) are never run in a normal
+apply; their parameters are still created at init so that checkpoints round-trip losslessly.
+
+`timm_to_flax` / `flax_to_timm` are the rename table between a timm `VisionTransformer`
+state_dict (numpy arrays, unprefixed keys) and this module's params.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vla_jax.models.config import ViTConfig
+
+_ACT = ("act_batch", "act_len", "act_embed")
+# timm uses trunc_normal_(std=.02) with cut-offs at +-2, i.e. 100 sigma: effectively a plain normal.
+_NORMAL_02 = nn.initializers.normal(0.02)
+# DINOv2's LayerScale init (timm init_values); pretrained weights overwrite it anyway.
+_LAYER_SCALE_INIT = 1e-5
+
+
+def _param(mod: nn.Module, name: str, init, shape: Sequence[int], names: Sequence[Any], dtype):
+    return mod.param(name, nn.with_logical_partitioning(init, tuple(names)), tuple(shape), dtype)
+
+
+class Linear(nn.Module):
+    """Affine map contracting the last `n_in` input axes: `[..., *in] @ [*in, *features] + [*features]`."""
+
+    features: tuple
+    kernel_axes: tuple
+    bias_axes: tuple
+    n_in: int = 1
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        in_shape = x.shape[x.ndim - self.n_in:]
+        kernel = _param(self, "kernel", _NORMAL_02, in_shape + tuple(self.features), self.kernel_axes,
+                        self.param_dtype)
+        bias = _param(self, "bias", nn.initializers.zeros, self.features, self.bias_axes, self.param_dtype)
+        dims = (tuple(range(x.ndim - self.n_in, x.ndim)), tuple(range(self.n_in)))
+        y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (dims, ((), ())))
+        return y + bias.astype(self.dtype)
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm over the last axis in fp32 (two-pass variance, like torch); result in the compute dtype.
+
+    Params `scale` [D], `bias` [D].
+    """
+
+    eps: float
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        d = x.shape[-1]
+        scale = _param(self, "scale", nn.initializers.ones, (d,), ("embed",), self.param_dtype)
+        bias = _param(self, "bias", nn.initializers.zeros, (d,), ("embed",), self.param_dtype)
+        x = x.astype(jnp.float32)
+        mean = x.mean(-1, keepdims=True)
+        var = jnp.square(x - mean).mean(-1, keepdims=True)
+        y = (x - mean) * jax.lax.rsqrt(var + self.eps)
+        return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(self.dtype)
+
+
+class LayerScale(nn.Module):
+    """Per-channel gain on a residual branch (DINOv2): `x * scale`, scale [D]."""
+
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        scale = _param(self, "scale", nn.initializers.constant(_LAYER_SCALE_INIT), (x.shape[-1],), ("embed",),
+                       self.param_dtype)
+        return x * scale.astype(self.dtype)
+
+
+class Mlp(nn.Module):
+    """fc1 -> exact (erf) GELU -> fc2. [..., D] -> [..., D]."""
+
+    hidden: int
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        h = Linear((self.hidden,), ("embed", "mlp"), ("mlp",), name="fc1", **kw)(x)
+        # timm uses torch's exact GELU; flax's default is the tanh approximation.
+        h = nn.gelu(h, approximate=False)
+        return Linear((x.shape[-1],), ("mlp", "embed"), ("embed",), name="fc2", **kw)(h)
+
+
+def _attend(q, k, v, dtype):
+    """q [B,Lq,H,hd], k/v [B,Lk,H,hd] -> [B,Lq,H,hd]; logits scaled and softmaxed in fp32."""
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+    probs = jax.nn.softmax(logits * (q.shape[-1] ** -0.5), axis=-1).astype(dtype)
+    return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with biased q/k/v/out. [B, L, D] -> [B, L, D]."""
+
+    num_heads: int
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        d = x.shape[-1]
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        shape = (self.num_heads, d // self.num_heads)
+        q, k, v = (Linear(shape, ("embed", "heads", "kv"), ("heads", "kv"), name=n, **kw)(x)
+                   for n in ("query", "key", "value"))
+        y = _attend(q, k, v, self.dtype)
+        return Linear((d,), ("heads", "kv", "embed"), ("embed",), n_in=2, name="out", **kw)(y)
+
+
+class Block(nn.Module):
+    """Pre-norm ViT block: `x += ls1(attn(norm1(x)))`, `x += ls2(mlp(norm2(x)))`. [B, L, D] -> [B, L, D].
+
+    Returns `(x, None)` so that it can be the body of `nn.scan`.
+    """
+
+    config: ViTConfig
+
+    @nn.compact
+    def __call__(self, x, _=None):
+        cfg = self.config
+        kw = dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
+        x = nn.with_logical_constraint(x, _ACT)
+        y = Attention(cfg.num_heads, name="attn", **kw)(LayerNorm(cfg.ln_eps, name="norm1", **kw)(x))
+        if cfg.layer_scale:
+            y = LayerScale(name="ls1", **kw)(y)
+        x = x + y
+        y = Mlp(cfg.mlp_dim, name="mlp", **kw)(LayerNorm(cfg.ln_eps, name="norm2", **kw)(x))
+        if cfg.layer_scale:
+            y = LayerScale(name="ls2", **kw)(y)
+        return nn.with_logical_constraint(x + y, _ACT), None
+
+
+class MAPHead(nn.Module):
+    """timm's `AttentionPoolLatent` (SigLIP's unused head): one latent query attends over the tokens.
+
+    [B, L, D] -> [B, D]. Parameters keep timm's flat layout (q [D, D], kv [D, 2D]).
+    """
+
+    config: ViTConfig
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.config
+        kw = dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
+        b, n, d = x.shape
+        h, hd = cfg.num_heads, cfg.head_dim
+        latent = _param(self, "latent", _NORMAL_02, (1, 1, d), (None, None, "embed"), kw["param_dtype"])
+        q = Linear((d,), ("embed", None), (None,), name="q", **kw)(latent.astype(kw["dtype"]))
+        kv = Linear((2 * d,), ("embed", None), (None,), name="kv", **kw)(x)
+        kv = kv.reshape(b, n, 2, h, hd)
+        y = _attend(jnp.broadcast_to(q.reshape(1, 1, h, hd), (b, 1, h, hd)), kv[:, :, 0], kv[:, :, 1], kw["dtype"])
+        y = Linear((d,), ("embed", None), (None,), name="proj", **kw)(y.reshape(b, 1, d))
+        y = y + Mlp(cfg.mlp_dim, name="mlp", **kw)(LayerNorm(cfg.ln_eps, name="norm", **kw)(y))
+        return y[:, 0]
+
+
+class VisionTower(nn.Module):
+    """timm-style ViT returning OpenVLA's features: the output of block depth-2, prefix tokens dropped.
+
+    `pixels`: [B, H, W, 3] float, already normalized with the tower's mean/std, H == W == image_size.
+    Returns [B, num_patches, width] in the compute dtype. Blocks 0..depth-2 are scanned (`blocks`,
+    leading 'layers' axis); `last_block`, `norm` and `attn_pool` exist only as parameters.
+    """
+
+    config: ViTConfig
+
+    @nn.compact
+    def __call__(self, pixels):
+        cfg = self.config
+        if cfg.depth < 2:
+            raise ValueError(f"ViTConfig.depth must be >= 2 (features come from block depth-2), got {cfg.depth}")
+        if pixels.ndim != 4 or pixels.shape[1:] != (cfg.image_size, cfg.image_size, 3):
+            raise ValueError(f"pixels must have shape [B, {cfg.image_size}, {cfg.image_size}, 3], "
+                             f"got {tuple(pixels.shape)}")
+        dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+        b, d, p, g = pixels.shape[0], cfg.width, cfg.patch_size, cfg.grid
+
+        # Conv with kernel == stride == patch, written as a matmul over row-major patches
+        # (token index = row * grid + col, as timm's flatten(2)). Pixels past grid * patch are
+        # dropped, as a strided conv would.
+        x = pixels[:, :g * p, :g * p].astype(dtype).reshape(b, g, p, g, p, 3).transpose(0, 1, 3, 2, 4, 5)
+        x = Linear((d,), (None, None, None, "embed"), ("embed",), n_in=3, dtype=dtype, param_dtype=pdtype,
+                   name="patch_embed")(x).reshape(b, g * g, d)
+
+        prefix = []
+        if cfg.class_token:
+            prefix.append(_param(self, "cls_token", nn.initializers.normal(1e-6), (1, 1, d), (None, None, "embed"),
+                                 pdtype))
+        if cfg.num_registers:
+            prefix.append(_param(self, "reg_token", nn.initializers.normal(1e-6), (1, cfg.num_registers, d),
+                                 (None, None, "embed"), pdtype))
+        n_pos = cfg.num_patches + (0 if cfg.no_embed_class else cfg.num_prefix_tokens)
+        pos = _param(self, "pos_embed", _NORMAL_02, (1, n_pos, d), (None, None, "embed"), pdtype).astype(dtype)
+        prefix = [jnp.broadcast_to(t.astype(dtype), (b,) + t.shape[1:]) for t in prefix]
+        if cfg.no_embed_class:  # DINOv2: positions for patches only, prefix tokens get none
+            x = jnp.concatenate(prefix + [x + pos], axis=1)
+        else:
+            x = jnp.concatenate(prefix + [x], axis=1) + pos
+        x = nn.with_logical_constraint(x, _ACT)
+
+        block = nn.remat(Block, prevent_cse=False) if cfg.remat else Block
+        x, _ = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True}, length=cfg.depth - 1,
+                       metadata_params={nn.PARTITION_NAME: "layers"})(cfg, name="blocks")(x, None)
+        feats = x[:, cfg.num_prefix_tokens:]
+
+        if self.is_initializing():
+            # Create the parameters OpenVLA never runs (checkpoint round trips need them).
+            y, _ = Block(cfg, name="last_block")(x)
+            y = LayerNorm(cfg.ln_eps, dtype=dtype, param_dtype=pdtype, name="norm")(y)
+            if cfg.map_head:
+                MAPHead(cfg, name="attn_pool")(y)  # timm pools the whole normed sequence
+        return feats
+
+
+# ---------------------------------------------------------------------------------------------
+# timm state_dict <-> Flax params. A rule is (timm key, timm shape, flax paths, to_flax, to_timm):
+# `to_flax` maps one timm array to a tuple of arrays (one per flax path), `to_timm` inverts it.
+# All maps are transposes/reshapes, so a round trip is bit-exact in any dtype.
+
+def _same(a):
+    return (a,)
+
+
+def _unsame(a):
+    return a[0]
+
+
+def _lin(a):  # torch Linear [out, in] -> kernel [in, out]
+    return (a.T,)
+
+
+def _unlin(a):
+    return a[0].T
+
+
+def _block_rules(cfg: ViTConfig, prefix: str):
+    d, f, h, hd = cfg.width, cfg.mlp_dim, cfg.num_heads, cfg.head_dim
+
+    def split_qkv_w(w):  # [3D, D] rows ordered (3, heads, head_dim) -> 3 x [D, H, hd]
+        w = w.reshape(3, h, hd, d)
+        return tuple(w[i].transpose(2, 0, 1) for i in range(3))
+
+    def join_qkv_w(ws):
+        return np.stack([w.transpose(1, 2, 0) for w in ws]).reshape(3 * d, d)
+
+    def split_qkv_b(b):
+        return tuple(b.reshape(3, h, hd))
+
+    def join_qkv_b(bs):
+        return np.stack(bs).reshape(3 * d)
+
+    qkv = tuple(("attn", n) for n in ("query", "key", "value"))
+    rules = [
+        ("norm1.weight", (d,), [("norm1", "scale")], _same, _unsame),
+        ("norm1.bias", (d,), [("norm1", "bias")], _same, _unsame),
+        ("attn.qkv.weight", (3 * d, d), [p + ("kernel",) for p in qkv], split_qkv_w, join_qkv_w),
+        ("attn.qkv.bias", (3 * d,), [p + ("bias",) for p in qkv], split_qkv_b, join_qkv_b),
+        ("attn.proj.weight", (d, d), [("attn", "out", "kernel")],
+         lambda w: (w.T.reshape(h, hd, d),), lambda ws: ws[0].reshape(d, d).T),
+        ("attn.proj.bias", (d,), [("attn", "out", "bias")], _same, _unsame),
+        ("norm2.weight", (d,), [("norm2", "scale")], _same, _unsame),
+        ("norm2.bias", (d,), [("norm2", "bias")], _same, _unsame),
+        ("mlp.fc1.weight", (f, d), [("mlp", "fc1", "kernel")], _lin, _unlin),
+        ("mlp.fc1.bias", (f,), [("mlp", "fc1", "bias")], _same, _unsame),
+        ("mlp.fc2.weight", (d, f), [("mlp", "fc2", "kernel")], _lin, _unlin),
+        ("mlp.fc2.bias", (d,), [("mlp", "fc2", "bias")], _same, _unsame),
+    ]
+    if cfg.layer_scale:
+        rules += [("ls1.gamma", (d,), [("ls1", "scale")], _same, _unsame),
+                  ("ls2.gamma", (d,), [("ls2", "scale")], _same, _unsame)]
+    return [(prefix + k, shape, paths, fwd, inv) for k, shape, paths, fwd, inv in rules]
+
+
+def _top_rules(cfg: ViTConfig):
+    """Rules for everything outside the scanned blocks (paths are from the params root)."""
+    d, p, f = cfg.width, cfg.patch_size, cfg.mlp_dim
+    n_pos = cfg.num_patches + (0 if cfg.no_embed_class else cfg.num_prefix_tokens)
+    rules = [
+        ("patch_embed.proj.weight", (d, 3, p, p), [("patch_embed", "kernel")],
+         lambda w: (w.transpose(2, 3, 1, 0),), lambda ws: ws[0].transpose(3, 2, 0, 1)),
+        ("patch_embed.proj.bias", (d,), [("patch_embed", "bias")], _same, _unsame),
+        ("pos_embed", (1, n_pos, d), [("pos_embed",)], _same, _unsame),
+        ("norm.weight", (d,), [("norm", "scale")], _same, _unsame),
+        ("norm.bias", (d,), [("norm", "bias")], _same, _unsame),
+    ]
+    if cfg.class_token:
+        rules.append(("cls_token", (1, 1, d), [("cls_token",)], _same, _unsame))
+    if cfg.num_registers:
+        rules.append(("reg_token", (1, cfg.num_registers, d), [("reg_token",)], _same, _unsame))
+    rules += [(k, s, [("last_block",) + q for q in ps], fwd, inv)
+              for k, s, ps, fwd, inv in _block_rules(cfg, f"blocks.{cfg.depth - 1}.")]
+    if cfg.map_head:
+        ap = "attn_pool"
+        for name, out in (("q", d), ("kv", 2 * d), ("proj", d), ("mlp.fc1", f), ("mlp.fc2", d)):
+            path = (ap,) + tuple(name.split("."))
+            rules.append((f"{ap}.{name}.weight", (out, f if name == "mlp.fc2" else d), [path + ("kernel",)],
+                          _lin, _unlin))
+            rules.append((f"{ap}.{name}.bias", (out,), [path + ("bias",)], _same, _unsame))
+        rules += [(f"{ap}.latent", (1, 1, d), [(ap, "latent")], _same, _unsame),
+                  (f"{ap}.norm.weight", (d,), [(ap, "norm", "scale")], _same, _unsame),
+                  (f"{ap}.norm.bias", (d,), [(ap, "norm", "bias")], _same, _unsame)]
+    return rules
+
+
+def _set(tree: dict, path: tuple, value):
+    for k in path[:-1]:
+        tree = tree.setdefault(k, {})
+    tree[path[-1]] = value
+
+
+def _get(tree: dict, path: tuple):
+    for k in path:
+        if not isinstance(tree, dict) or k not in tree:
+            raise ValueError(f"Flax params lack {'/'.join(path)} (missing {k!r})")
+        tree = tree[k]
+    return np.asarray(tree)
+
+
+def _check(key: str, arr: np.ndarray, shape: tuple) -> np.ndarray:
+    if tuple(arr.shape) != tuple(shape):
+        raise ValueError(f"{key}: expected shape {tuple(shape)}, got {tuple(arr.shape)}")
+    return arr
+
+
+def timm_to_flax(state_dict: dict, cfg: ViTConfig) -> dict:
+    """timm `VisionTransformer` state_dict (numpy, unprefixed keys) -> the params under `'params'`.
+
+    LayerScale keys may end in `.gamma` (timm) or `.scale_factor` (the HF OpenVLA export).
+    Scanned blocks 0..depth-2 are stacked on a leading axis. Dtypes are kept. Missing, unexpected
+    or misshapen keys raise ValueError.
+    """
+    sd = {(k[:-len("scale_factor")] + "gamma" if k.endswith(".scale_factor") else k): np.asarray(v)
+          for k, v in state_dict.items()}
+    used, out = set(), {}
+
+    def convert(key, shape, paths, fwd):
+        if key not in sd:
+            raise ValueError(f"timm state_dict lacks {key!r} (expected shape {shape})")
+        used.add(key)
+        return fwd(_check(key, sd[key], shape))
+
+    for key, shape, paths, fwd, _ in _top_rules(cfg):
+        for path, arr in zip(paths, convert(key, shape, paths, fwd)):
+            _set(out, path, arr)
+    per_block = [_block_rules(cfg, f"blocks.{i}.") for i in range(cfg.depth - 1)]
+    for j, (_, _, paths, _, _) in enumerate(per_block[0]):
+        parts = [convert(*rules[j][:4]) for rules in per_block]
+        for m, path in enumerate(paths):
+            _set(out, ("blocks",) + path, np.stack([p[m] for p in parts]))
+    extra = sorted(set(sd) - used)
+    if extra:
+        raise ValueError(f"timm state_dict has keys this ViTConfig does not expect: {extra[:10]}"
+                         f"{' ...' if len(extra) > 10 else ''}")
+    return out
+
+
+def flax_to_timm(params: dict, cfg: ViTConfig, layer_scale_key: str = "gamma") -> dict:
+    """Inverse of `timm_to_flax`: params (the tree under `'params'`, boxed or not) -> timm state_dict.
+
+    `layer_scale_key` names LayerScale leaves: "gamma" (timm) or "scale_factor" (HF OpenVLA).
+    """
+    if layer_scale_key not in ("gamma", "scale_factor"):
+        raise ValueError(f"layer_scale_key must be 'gamma' or 'scale_factor', got {layer_scale_key!r}")
+    params = nn.meta.unbox(params)
+    sd = {}
+    for key, shape, paths, _, inv in _top_rules(cfg):
+        sd[key] = _check(key, inv(tuple(_get(params, p) for p in paths)), shape)
+    for key, shape, paths, _, inv in _block_rules(cfg, ""):
+        stacked = [_get(params, ("blocks",) + p) for p in paths]
+        if stacked[0].shape[0] != cfg.depth - 1:
+            raise ValueError(f"params blocks/{'/'.join(paths[0])}: expected {cfg.depth - 1} stacked layers, "
+                             f"got leading axis {stacked[0].shape[0]}")
+        for i in range(cfg.depth - 1):
+            sd[f"blocks.{i}.{key}"] = _check(key, inv(tuple(s[i] for s in stacked)), shape)
+    if layer_scale_key != "gamma":
+        sd = {(k[:-len("gamma")] + layer_scale_key if k.endswith(".gamma") else k): v for k, v in sd.items()}
+    return sd
