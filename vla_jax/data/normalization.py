@@ -1,0 +1,252 @@
+"""Per-dataset action statistics and BOUNDS_Q99 normalization (OPENVLA_REFERENCE.md §4).
+
+Statistics format (one entry per dataset in OpenVLA's `dataset_statistics.json`):
+  {"action": {"mean","std","max","min","q01","q99": [A] floats, "mask": [A] bools},
+   "proprio": {same six fields, all zeros: OpenVLA loads no proprio},
+   "num_transitions": int, "num_trajectories": int}
+They are computed over every split of the *standardized* trajectories (float32 numpy, `np.quantile`
+linear), once, and cached as `dataset_statistics_{key}.json` next to the data, or in a cache
+folder when the data folder is read-only. The key hashes the dataset's structure (features,
+split sizes, file sizes; not its path) and the source of the standardize transform, so it
+changes when either changes. Trajectories with NaN/inf actions are left out and counted; so are
+trajectories that standardize to zero steps. The cache file also holds those counts under
+"vla_jax_counts" (stripped from the exported statistics).
+
+Normalization: `where(mask, clip(2 (a - q01) / (q99 - q01 + 1e-8) - 1, -1, 1), a)`, then every
+dimension whose min == max becomes 0 (even an unmasked one). Inverse for inference:
+`where(mask, 0.5 (a + 1) (q99 - q01) + q01, a)`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import logging
+import os
+import sys
+import tempfile
+from typing import Callable, Dict, Iterable, Mapping, Optional, Sequence
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+STATS_FIELDS = ("mean", "std", "max", "min", "q01", "q99")
+# Bump when the statistics computation itself changes (filters, dtype): invalidates every cache.
+STATS_VERSION = "vla_jax-stats-v1"
+COUNTS_KEY = "vla_jax_counts"
+
+
+def default_cache_dir() -> str:
+    """`$VLA_JAX_CACHE_DIR/dataset_statistics`, default `~/.cache/vla_jax/dataset_statistics`."""
+    root = os.environ.get("VLA_JAX_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "vla_jax"))
+    return os.path.join(root, "dataset_statistics")
+
+
+def compute_statistics(trajectories: Iterable[Mapping[str, np.ndarray]], mask: Sequence[bool]) -> dict:
+    """trajectories: numpy dicts with 'action' [T, A] (standardized, unnormalized).
+
+    Returns one statistics entry (format above) plus COUNTS_KEY: {"nonfinite": n, "empty": n,
+    "unlabeled": n} (unlabeled: every instruction empty; counted here, filtered by the pipeline).
+    """
+    actions, n_traj, counts = [], 0, {"nonfinite": 0, "empty": 0, "unlabeled": 0}
+    for traj in trajectories:
+        a = np.asarray(traj["action"], dtype=np.float32)
+        if a.ndim != 2 or a.shape[0] == 0:
+            counts["empty"] += 1
+            continue
+        if not np.all(np.isfinite(a)):
+            counts["nonfinite"] += 1
+            continue
+        instr = traj.get("language_instruction")
+        if instr is not None and all(len(s) == 0 for s in np.asarray(instr).reshape(-1)):
+            counts["unlabeled"] += 1  # still in the statistics, as in OpenVLA (stats come before the filter)
+        actions.append(a)
+        n_traj += 1
+    if not actions:
+        raise ValueError(f"no usable trajectories to compute statistics from (skipped: {counts})")
+    a = np.concatenate(actions, axis=0)
+    if len(mask) != a.shape[1]:
+        raise ValueError(f"normalization mask has {len(mask)} entries but actions have {a.shape[1]} dims")
+    stats = {
+        "mean": a.mean(0), "std": a.std(0), "max": a.max(0), "min": a.min(0),
+        "q01": np.quantile(a, 0.01, axis=0), "q99": np.quantile(a, 0.99, axis=0),
+    }
+    zeros = [0.0] * a.shape[1]
+    return {
+        "action": {**{k: np.asarray(v, np.float32).tolist() for k, v in stats.items()}, "mask": [bool(m) for m in mask]},
+        "proprio": {k: list(zeros) for k in STATS_FIELDS},
+        "num_transitions": int(a.shape[0]),
+        "num_trajectories": int(n_traj),
+        COUNTS_KEY: counts,
+    }
+
+
+def export_entry(entry: Mapping) -> dict:
+    """The OpenVLA-format entry (drops vla_jax's extra counts)."""
+    return {k: v for k, v in entry.items() if k != COUNTS_KEY}
+
+
+# --------------------------------------------------------------------------------------------
+# Cache key and cache files.
+
+def _module_source(module_name: str) -> str:
+    mod = sys.modules.get(module_name)
+    try:
+        return inspect.getsource(mod) if mod is not None else ""
+    except (OSError, TypeError):
+        return ""
+
+
+def transform_fingerprint(fn: Callable) -> str:
+    """Source of `fn`, of its module, and of the project modules its globals reference (helpers such
+    as the gripper conversions), so an edit to any of them changes the cache key."""
+    parts = []
+    try:
+        parts.append(inspect.getsource(fn))
+    except (OSError, TypeError):
+        parts.append(repr(fn))
+    mod = getattr(fn, "__module__", "") or ""
+    top = mod.split(".")[0]
+    names = {mod}
+    for value in getattr(fn, "__globals__", {}).values():
+        vmod = value.__name__ if inspect.ismodule(value) else getattr(value, "__module__", None)
+        if isinstance(vmod, str) and top and vmod.split(".")[0] == top:
+            names.add(vmod)
+    parts += [_module_source(n) for n in sorted(names)]
+    return "\n".join(parts)
+
+
+def data_fingerprint(builder) -> str:
+    """Structure of the stored data, independent of where it lives."""
+    info = builder.info
+    splits = []
+    for name, s in sorted(info.splits.items()):
+        files = [os.path.join(builder.data_dir, f) for f in s.filenames]
+        sizes = []
+        for f in files:
+            try:
+                sizes.append(os.path.getsize(f) if "://" not in f else -1)
+            except OSError:
+                sizes.append(-1)
+        splits.append((name, list(s.shard_lengths), int(s.num_bytes), sizes))
+    return json.dumps({"name": info.full_name, "features": str(info.features), "splits": splits})
+
+
+def statistics_key(builder, standardize_fn: Callable, dataset_cfg) -> str:
+    h = hashlib.sha256()
+    for part in (STATS_VERSION, data_fingerprint(builder), transform_fingerprint(standardize_fn), repr(dataset_cfg)):
+        h.update(part.encode("utf-8"))
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def _writable_dir(path: str) -> bool:
+    if "://" in path:
+        return True  # remote stores: try and fall back on failure
+    try:
+        st = os.stat(path)
+    except OSError:
+        return False
+    # Honour the permission bits even for root, so a read-only shared data folder stays untouched.
+    return bool(st.st_mode & 0o222) and os.access(path, os.W_OK)
+
+
+def _read_json(path: str) -> Optional[dict]:
+    import tensorflow as tf  # gfile handles local and gs:// paths alike
+
+    if not tf.io.gfile.exists(path):
+        return None
+    with tf.io.gfile.GFile(path, "r") as f:
+        return json.load(f)
+
+
+def _write_json(path: str, obj) -> None:
+    import tensorflow as tf
+
+    folder = os.path.dirname(path)
+    tf.io.gfile.makedirs(folder)
+    if "://" in path:
+        with tf.io.gfile.GFile(path, "w") as f:
+            json.dump(obj, f)
+        return
+    # Atomic: processes computing the same statistics may race; each writes identical content.
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".stats_", suffix=".json")
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f)
+    os.replace(tmp, path)
+
+
+def cached_statistics(builder, key: str, cache_dir: Optional[str], compute: Callable[[], dict]) -> dict:
+    """Loads `dataset_statistics_{key}.json` from the data folder or the cache folder, or computes
+    it with `compute()` and writes it next to the data (or to the cache folder when the data
+    folder is read-only or the write fails)."""
+    name = f"dataset_statistics_{key}.json"
+    cache_dir = cache_dir or default_cache_dir()
+    for folder in (builder.data_dir, cache_dir):
+        entry = _read_json(os.path.join(folder, name))
+        if entry is not None:
+            log.info("loaded dataset statistics %s from %s", builder.info.full_name, folder)
+            return entry
+    entry = compute()
+    targets = ([builder.data_dir] if _writable_dir(builder.data_dir) else []) + [cache_dir]
+    for folder in targets:
+        try:
+            _write_json(os.path.join(folder, name), entry)
+            log.info("wrote dataset statistics of %s to %s", builder.info.full_name, folder)
+            break
+        except Exception as e:  # noqa: BLE001 - any write failure falls through to the cache dir
+            log.warning("could not write dataset statistics to %s (%s)", folder, e)
+    return entry
+
+
+def save_dataset_statistics(statistics: Mapping[str, Mapping], path: str) -> None:
+    """Writes {dataset_name: entry} as OpenVLA's dataset_statistics.json."""
+    _write_json(path, {k: export_entry(v) for k, v in statistics.items()})
+
+
+def load_dataset_statistics(path: str) -> Dict[str, dict]:
+    stats = _read_json(path)
+    if stats is None:
+        raise ValueError(f"no dataset statistics file at {path!r}")
+    return stats
+
+
+# --------------------------------------------------------------------------------------------
+# Normalization (numpy for inference and tests; TF for the pipeline).
+
+def _arrays(entry: Mapping, dim: int):
+    a = entry["action"]
+    q01, q99 = np.asarray(a["q01"], np.float32), np.asarray(a["q99"], np.float32)
+    mask = np.asarray(a.get("mask", [True] * len(q01)), bool)
+    zero = np.asarray(a["min"], np.float32) == np.asarray(a["max"], np.float32)
+    if q01.shape != (dim,):
+        raise ValueError(f"statistics have {q01.shape[0]} action dims but actions have {dim}")
+    return q01, q99, mask, zero
+
+
+def normalize_actions(actions, entry: Mapping) -> np.ndarray:
+    """BOUNDS_Q99: actions [..., A] float -> float32 [..., A] in [-1, 1] (masked dims)."""
+    x = np.asarray(actions, np.float32)
+    q01, q99, mask, zero = _arrays(entry, x.shape[-1])
+    y = np.where(mask, np.clip(2 * (x - q01) / (q99 - q01 + np.float32(1e-8)) - 1, -1, 1), x)
+    return np.where(zero, np.float32(0), y).astype(np.float32)
+
+
+def unnormalize_actions(actions, entry: Mapping) -> np.ndarray:
+    """Inverse used at inference: actions [..., A] in [-1, 1] -> float32 raw actions.
+    Unmasked dims (the gripper) pass through unchanged; no epsilon, as in OpenVLA."""
+    x = np.asarray(actions, np.float32)
+    q01, q99, mask, _ = _arrays(entry, x.shape[-1])
+    return np.where(mask, 0.5 * (x + 1) * (q99 - q01) + q01, x).astype(np.float32)
+
+
+def normalize_actions_tf(actions, entry: Mapping):
+    """TF version of `normalize_actions` for tf.data maps: actions [T, A] float32."""
+    import tensorflow as tf
+
+    q01, q99, mask, zero = _arrays(entry, int(actions.shape[-1]))
+    x = tf.cast(actions, tf.float32)
+    y = tf.where(mask, tf.clip_by_value(2 * (x - q01) / (q99 - q01 + np.float32(1e-8)) - 1, -1.0, 1.0), x)
+    return tf.where(zero, tf.zeros_like(y), y)
