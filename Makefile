@@ -24,9 +24,7 @@ test: setup
 	$(PY) -m pytest tests $(PYTEST_ARGS)
 
 demo: setup
-	@echo "make demo: the closed-loop Meta-World demo is not implemented yet (tracked as the demo issue)." >&2
-	@echo "Nothing was run. Use 'make test' to check the installation." >&2
-	@exit 2
+	$(PY) -m vla_jax.demo
 
 bench: setup
 	@echo "make bench: the CPU comparison against PyTorch is not implemented yet (tracked as the performance issue)." >&2

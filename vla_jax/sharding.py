@@ -7,6 +7,7 @@ from the config), never the layers.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Optional, Sequence, Tuple
 
@@ -85,3 +86,61 @@ def host_batch_to_global(batch: dict, mesh: Mesh) -> dict:
     """Each process's share of the global batch (numpy) -> global jax.Arrays sharded over the batch axes."""
     return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, np.ndim(v)), np.asarray(v))
             for k, v in batch.items()}
+
+
+@contextlib.contextmanager
+def mesh_rules(mesh: Mesh, rules=LOGICAL_RULES, enabled: bool = True):
+    """Makes `mesh` the current mesh and `rules` the logical-axis rules (what Flax's
+    `nn.with_logical_constraint` needs to constrain activations). enabled=False: no-op."""
+    if not enabled:
+        yield
+        return
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        yield
+
+
+class MeshBound:
+    """A jitted function whose calls (and `.lower`) run inside `mesh_rules(mesh, rules)`.
+
+    constrain_activations=False leaves the mesh unset while tracing: the activation constraints in
+    the model become no-ops and XLA propagates shardings from the jit arguments alone.
+    """
+
+    def __init__(self, jitted, mesh: Mesh, rules=LOGICAL_RULES, constrain_activations: bool = True):
+        self.jitted, self.mesh, self.rules = jitted, mesh, rules
+        self.constrain_activations = constrain_activations
+
+    def __call__(self, *args):
+        with mesh_rules(self.mesh, self.rules, self.constrain_activations):
+            return self.jitted(*args)
+
+    def lower(self, *args):
+        with mesh_rules(self.mesh, self.rules, self.constrain_activations):
+            return self.jitted.lower(*args)
+
+
+def process_batch_rows(mesh: Mesh, global_batch: int) -> Tuple[int, int]:
+    """Rows [start, stop) of a global batch (sharded over the batch axes) that this process's devices
+    hold, i.e. what it passes to `host_batch_to_global`. Raises if they are not one contiguous range."""
+    index_map = batch_sharding(mesh, 1).addressable_devices_indices_map((global_batch,))
+    rows = sorted({(s[0].start or 0, global_batch if s[0].stop is None else s[0].stop) for s in index_map.values()})
+    start, stop = rows[0][0], rows[-1][1]
+    covered = sum(b - a for a, b in rows)
+    if covered != stop - start:
+        raise ValueError(f"process {jax.process_index()} holds non-contiguous batch rows {rows}; "
+                         f"order the mesh devices by process")
+    return start, stop
+
+
+def allgather_host_arrays(local: np.ndarray) -> list:
+    """Every process's 1-D uint8 array (lengths may differ) -> the list of all of them, on every process."""
+    local = np.asarray(local, np.uint8).ravel()
+    if jax.process_count() == 1:
+        return [local]
+    from jax.experimental import multihost_utils
+
+    sizes = np.asarray(multihost_utils.process_allgather(np.int32(local.size))).ravel()
+    padded = np.zeros(int(sizes.max()), np.uint8)
+    padded[:local.size] = local
+    rows = np.asarray(multihost_utils.process_allgather(padded))
+    return [rows[i, :int(n)] for i, n in enumerate(sizes)]

@@ -178,6 +178,18 @@ PRESETS = {
         siglip=_siglip(192, 4, 3, 768),
         llama=LlamaConfig(vocab_size=32064, hidden_size=512, intermediate_size=1376, num_layers=4, num_heads=8),
     ),
+    # `make demo` (configs/demo.py): trained from scratch on 64x64 Meta-World frames on 2 CPU cores.
+    # Towers of width 64 with 16-px patches (a 4x4 grid keeps the Llama sequence short; 8-px patches
+    # measured ~2x slower per step); depth 3 because the towers return the second-to-last block.
+    # Vocabulary: a 400-piece demo tokenizer whose last 256 ids are the action bins, plus PAD, padded
+    # to a multiple of 64 rows as OpenVLA pads 32001 -> 32064.
+    "demo": OpenVLAConfig(
+        dino=_dino(64, 3, 4, 128, image_size=64, patch=16),
+        siglip=_siglip(64, 3, 4, 128, image_size=64, patch=16),
+        llama=LlamaConfig(vocab_size=448, hidden_size=256, intermediate_size=512, num_layers=2, num_heads=4,
+                          max_seq_len=256),
+        base_vocab_size=400, pad_token_id=400,
+    ),
 }
 
 

@@ -396,3 +396,18 @@ def flax_to_timm(params: dict, cfg: ViTConfig, layer_scale_key: str = "gamma") -
     if layer_scale_key != "gamma":
         sd = {(k[:-len("gamma")] + layer_scale_key if k.endswith(".gamma") else k): v for k, v in sd.items()}
     return sd
+
+
+def tensor_rules(cfg: ViTConfig) -> list:
+    """Every timm tensor of this tower, for per-tensor (streaming) conversion.
+
+    Returns `[(timm key, timm shape, flax paths, layer, to_flax, to_timm)]`. `layer` is None for
+    unstacked leaves; otherwise the flax paths start with 'blocks' and the arrays go to index `layer`
+    of the stacked leaves. `to_flax(array)` gives one array per path (per-layer slices for stacked
+    leaves), `to_timm(tuple of arrays)` inverts it. LayerScale keys end in `.gamma` (timm names).
+    """
+    out = [(k, s, ps, None, fwd, inv) for k, s, ps, fwd, inv in _top_rules(cfg)]
+    for i in range(cfg.depth - 1):
+        out += [(k, s, [("blocks",) + p for p in ps], i, fwd, inv)
+                for k, s, ps, fwd, inv in _block_rules(cfg, f"blocks.{i}.")]
+    return out

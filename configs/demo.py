@@ -1,0 +1,58 @@
+"""`make demo`: a ~2M-parameter OpenVLA trained from scratch on the Meta-World demo dataset, on CPU.
+
+    python train.py --config=configs/demo.py --workdir=DIR \\
+        --config.tokenizer=TOK/tokenizer.model --config.data.data_dir=DATA \\
+        --config.data.dataset_configs=DATA/dataset_config.json
+
+`python -m vla_jax.demo` fills in those paths (data from vla_jax.sim.demos, tokenizer from
+vla_jax/demo.py's small SentencePiece model) and the number of steps from its time budget.
+
+Geometry: the OpenVLA architecture at demo scale (DINOv2-reg + SigLIP towers of width 64, patch 16
+on 64x64 images; Llama width 256 x 2 layers) over a 400-piece demo tokenizer whose last 256 ids are
+the action bins: the 'demo' preset of vla_jax/models/config.py.
+"""
+
+from configs.common import base_config, parse_arg
+
+DEMO_DATASET = "metaworld_demo"
+
+
+def get_config(arg=None):
+    """arg: 'steps=N' (default 3000)."""
+    args = parse_arg(arg, steps=3000)
+    c = base_config()
+
+    c.model.preset = "demo"
+    c.model.dtype = "float32"       # CPU: bf16 matmuls are emulated and slower
+    c.model.remat = False
+    c.model.image_size = 0          # the preset's 64 px
+
+    c.data_source = "rlds"
+    c.tokenizer = ""                # set by vla_jax.demo (built there, cached)
+    c.data.data_dir = ""            # set by vla_jax.demo: the generated demo dataset
+    c.data.dataset_configs = ""     # ... and its dataset_config.json
+    c.data.mixture = DEMO_DATASET
+    c.data.image_aug = True         # random crop/shift + colour jitter: closed-loop success needs it
+    c.data.shuffle_buffer = 20_000  # the whole demo dataset (~20k frames at 64 px) fits
+    c.data.max_seq_len = 40         # BOS + demo prompt (<= 30 pieces) + space, 7 actions, EOS
+    c.data.threads = 2
+    c.data.ram_budget_gb = 1.0
+
+    c.global_batch_size = 64
+    c.num_steps = args["steps"]
+    c.save_every = max(1, args["steps"] // 2)
+    c.keep_checkpoints = 1
+    c.async_checkpoints = False
+    c.log_every = 10
+
+    c.optim.learning_rate = 5e-4    # small model from scratch (measured with a prototype: 3e-4..5e-4)
+    c.optim.schedule = "warmup_cosine"
+    c.optim.warmup_steps = max(1, min(200, args["steps"] // 10))
+    c.optim.end_lr_fraction = 0.05
+    c.optim.weight_decay = 0.01
+    c.optim.grad_clip = 1.0
+
+    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = -1, 1, 1
+    c.log.tensorboard = False
+    c.log.progress = True
+    return c

@@ -1,0 +1,76 @@
+"""`make demo` wiring (vla_jax/demo.py, configs/demo.py): the config builds a demo-scale OpenVLA, the
+demo tokenizer puts the action bins on ids no text maps to, and each phase's command line names an
+existing entry point with flags it defines. No training or simulation runs here (< 30 s)."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from vla_jax import demo
+
+REPO = demo.REPO
+
+
+def test_demo_config_builds_demo_scale_model():
+    from configs import demo as demo_cfg
+    from vla_jax.training import run
+
+    c = demo_cfg.get_config("steps=120")
+    m = run.model_config(c.model)
+    assert (m.image_size, m.dino.patch_size, m.num_patches) == (64, 16, 16)
+    assert m.base_vocab_size == demo.DEMO_VOCAB == m.pad_token_id
+    assert m.llama.vocab_size > m.base_vocab_size and m.llama.vocab_size % 64 == 0
+    assert c.num_steps == 120 and c.optim.schedule == "warmup_cosine" and c.data.image_aug
+    assert c.global_batch_size == 64 and c.data.mixture == "metaworld_demo"
+
+
+def test_demo_tokenizer_reserves_action_ids(tmp_path):
+    import sentencepiece as spm
+
+    from vla_jax.sim.demos import DEMO_TASKS
+    from vla_jax.sim.instructions import INSTRUCTIONS
+    from vla_jax.tokenizer import VLATokenizer, build_prompt
+
+    path = demo.build_tokenizer(str(tmp_path / "tok" / "tokenizer.model"))
+    sp = spm.SentencePieceProcessor(model_file=path)
+    assert sp.get_piece_size() == 400
+    assert (sp.unk_id(), sp.bos_id(), sp.eos_id()) == (0, 1, 2)
+    # The 256 action ids are the last ids and are UNUSED pieces: text never encodes to them.
+    assert all(sp.is_unused(i) for i in range(400 - 256, 400))
+    tok = VLATokenizer.from_file(path, max_len=40)
+    assert tok.action_tokenizer.first_id == 400 - 256
+    for text in INSTRUCTIONS.values():
+        ids = sp.encode(build_prompt(text))
+        assert max(ids) < 400 - 256 and sp.unk_id() not in ids, text
+        assert sp.decode(ids) == build_prompt(text)
+    for task in DEMO_TASKS:  # the demo's prompts + space, 7 actions, EOS fit config.data.max_seq_len
+        assert len(tok.prompt_ids(INSTRUCTIONS[task])) + 1 + 7 + 1 <= 40, task
+    # Training sequences put the binned actions on the reserved ids (ActionTokenizer's rule).
+    batch = tok.encode_batch(["open the drawer"], np.array([[-1.0, -0.5, 0.0, 0.25, 0.5, 0.99, 1.0]]))
+    labels = batch["labels"][0]
+    act = labels[labels >= 0][:7]
+    assert np.all((act >= 400 - 256) & (act < 400)), act
+
+
+def test_phase_commands_are_wired(tmp_path):
+    d = str(tmp_path)
+    train = demo.train_command(d, d, d + "/t.model", 100)
+    assert train[1] == "train.py" and os.path.isfile(os.path.join(REPO, "train.py"))
+    assert "--config=configs/demo.py:steps=100" in train
+    for cmd in (demo.offline_command(d, d, d), demo.closed_loop_command(d, d, 3, 2)):
+        assert cmd[1] == "eval.py"
+    assert demo.export_command(d, d)[1:4] == ["-m", "vla_jax.hf", "export"]
+    assert demo.steps_for(10, 5.0) == 2700 and demo.steps_for(1, 5.0) == 150
+    with pytest.raises(ValueError, match="minutes"):
+        demo.steps_for(0, 5.0)
+
+    # eval.py defines every flag the closed-loop phase passes (absl rejects unknown flags).
+    out = subprocess.run([sys.executable, "eval.py", "--helpfull"], cwd=REPO, capture_output=True, text=True,
+                         timeout=60)
+    for flag in ("--sim_episodes", "--sim_image_size", "--sim_workers", "--dataset_configs", "--split"):
+        assert flag in out.stdout, flag
+    with open(os.path.join(REPO, "Makefile")) as f:
+        assert "-m vla_jax.demo" in f.read()

@@ -1,0 +1,258 @@
+"""`make demo`: closed-loop robot control in Meta-World with a tiny OpenVLA trained on this CPU.
+
+    python -m vla_jax.demo [--out=DIR] [--minutes=10] [--episodes=10]
+
+Phases (each a subprocess except the tokenizer, so TensorFlow and the simulator never share one):
+  1. data       Meta-World expert demonstrations -> RLDS (vla_jax.sim.demos; cached)
+  2. tokenizer  a 400-piece SentencePiece model of the instructions, last 256 ids = action bins (cached)
+  3. train      train.py --config=configs/demo.py, steps sized to --minutes
+  4. offline    eval.py on the held-out 'val' split (token accuracy, L1)
+  5. closed     eval.py --sim=metaworld on held-out configurations (success per task, GIFs)
+  6. export     python -m vla_jax.hf export (an HF-format folder)
+and prints a summary with the file locations. Re-running with the same --out resumes: the data
+and tokenizer are cached and a finished training run is kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from typing import Dict, List, Optional
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEMO_IMAGE = 64
+DEMO_VOCAB = 400
+N_ACTION_BINS = 256
+TEXT_PIECES = 144  # upper bound for the learned text pieces; the rest up to DEMO_VOCAB is filler
+
+
+def default_out_dir() -> str:
+    root = os.environ.get("VLA_JAX_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "vla_jax"))
+    return os.path.join(root, "demo_run")
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenizer
+
+
+def build_tokenizer(path: str, vocab_size: int = DEMO_VOCAB) -> str:
+    """Trains a SentencePiece BPE model on the prompts of every Meta-World instruction and pads it
+    with UNUSED pieces to exactly `vocab_size` pieces, so the last 256 ids (the action bins, as in
+    OpenVLA) never come out of text encoding. Writes `path` (kept if present); returns it.
+    Ids: unk 0, BOS 1, EOS 2; '\\n' is a user-defined piece (the prompt contains one)."""
+    if os.path.isfile(path):
+        return path
+    import sentencepiece as spm
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    from vla_jax.sim.instructions import INSTRUCTIONS
+    from vla_jax.tokenizer import build_prompt
+
+    if vocab_size < TEXT_PIECES + N_ACTION_BINS:
+        raise ValueError(f"vocab_size={vocab_size} must be >= {TEXT_PIECES + N_ACTION_BINS} "
+                         f"({TEXT_PIECES} text pieces + {N_ACTION_BINS} action ids)")
+    # Training sentences are lines, so the prompt's newline is a user-defined piece instead.
+    sentences = sorted(build_prompt(i).replace("\n", " ") for i in INSTRUCTIONS.values())
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(sentences * 4), model_writer=buf, vocab_size=TEXT_PIECES, model_type="bpe",
+        hard_vocab_limit=False, normalization_rule_name="identity", user_defined_symbols=["\n"],
+        character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=1, minloglevel=2)
+    proto = pb.ModelProto()
+    proto.ParseFromString(buf.getvalue())
+    for i in range(vocab_size - len(proto.pieces)):
+        p = proto.pieces.add()
+        p.piece, p.score, p.type = f"<unused_{i:03d}>", 0.0, pb.ModelProto.SentencePiece.UNUSED
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(proto.SerializeToString())
+    os.replace(tmp, path)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+# Phases
+
+
+def _run(cmd: List[str], log_path: str, tee: bool = True, stop_after_s: Optional[float] = None) -> None:
+    """Runs `cmd` from the repository root; output goes to the terminal (if tee) and `log_path`.
+    stop_after_s: send SIGTERM then (train.py saves a checkpoint and exits cleanly)."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+    with open(log_path, "ab") as log:
+        log.write(("$ " + " ".join(cmd) + "\n").encode())
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        timer = threading.Timer(stop_after_s, proc.send_signal, (signal.SIGTERM,)) if stop_after_s else None
+        if timer:
+            timer.daemon = True
+            timer.start()
+        for chunk in iter(lambda: proc.stdout.read1(4096), b""):
+            log.write(chunk)
+            if tee:
+                sys.stdout.buffer.write(chunk)
+                sys.stdout.flush()
+        rc = proc.wait()
+        if timer:
+            timer.cancel()
+    if rc:
+        raise RuntimeError(f"{cmd[1] if len(cmd) > 1 else cmd[0]} failed (exit {rc}); see {log_path}")
+
+
+def train_command(workdir: str, data_dir: str, tokenizer: str, steps: int) -> List[str]:
+    return [sys.executable, "train.py", f"--config=configs/demo.py:steps={steps}", f"--workdir={workdir}",
+            f"--config.tokenizer={tokenizer}", f"--config.data.data_dir={data_dir}",
+            f"--config.data.dataset_configs={os.path.join(data_dir, 'dataset_config.json')}"]
+
+
+def offline_command(ckpt: str, data_dir: str, out: str) -> List[str]:
+    return [sys.executable, "eval.py", f"--checkpoint={ckpt}", f"--data_dir={data_dir}", "--dataset=metaworld_demo",
+            "--split=val", f"--dataset_configs={os.path.join(data_dir, 'dataset_config.json')}", f"--out={out}",
+            "--progress=false"]
+
+
+def closed_loop_command(ckpt: str, out: str, episodes: int, workers: int) -> List[str]:
+    return [sys.executable, "eval.py", f"--checkpoint={ckpt}", "--sim=metaworld", f"--out={out}",
+            f"--sim_episodes={episodes}", f"--sim_image_size={DEMO_IMAGE}", f"--sim_workers={workers}",
+            "--progress=false"]
+
+
+def export_command(ckpt: str, out: str) -> List[str]:
+    # float32: the demo model is tiny and stays bit-exact; --overwrite: re-running the demo refreshes it
+    return [sys.executable, "-m", "vla_jax.hf", "export", ckpt, out, "--dtype=float32", "--overwrite"]
+
+
+def steps_for(minutes: float, steps_per_s: float) -> int:
+    """Training steps that fit `minutes` at `steps_per_s` (after ~1 minute of compilation and start-up)."""
+    if minutes <= 0:
+        raise ValueError(f"--minutes={minutes} must be positive")
+    return max(20, int(max(minutes - 1.0, minutes * 0.5) * 60 * steps_per_s) // 10 * 10)
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="python -m vla_jax.demo", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=None, help=f"output folder (default {default_out_dir()})")
+    p.add_argument("--data", default=None, help="demo dataset folder (default: the make_demo_data cache, 64 px)")
+    p.add_argument("--minutes", type=float, default=10.0, help="training time budget (sets the step count)")
+    p.add_argument("--steps", type=int, default=0, help="training steps (overrides --minutes)")
+    p.add_argument("--steps_per_s", type=float, default=1.0, help="assumed training speed for --minutes")
+    p.add_argument("--episodes", type=int, default=10, help="closed-loop episodes per task (held-out configs)")
+    p.add_argument("--workers", type=int, default=2, help="simulator worker processes")
+    p.add_argument("--skip_export", action="store_true", help="skip the HF export")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> Dict:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    from vla_jax.sim.demos import DemoSpec, generate, is_complete
+    from vla_jax.sim.make_demo_data import default_out_dir as data_root
+
+    out = os.path.abspath(args.out or default_out_dir())
+    os.makedirs(out, exist_ok=True)
+    log_path = os.path.join(out, "demo.log")
+    times: Dict[str, float] = {}
+    say = lambda m: print(f"[demo] {m}", flush=True)  # noqa: E731
+
+    t = time.perf_counter()
+    spec = DemoSpec(image_size=DEMO_IMAGE)
+    data_dir = os.path.abspath(args.data or os.path.join(data_root(), f"{spec.name}_{spec.image_size}"))
+    say(f"1/6 data: {data_dir}" + (" (cached)" if is_complete(data_dir, spec) else " (generating, ~5 min)"))
+    generate(data_dir, spec, workers=args.workers, say=say)
+    times["data"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    tok = build_tokenizer(os.path.join(out, "tokenizer", "tokenizer.model"))
+    times["tokenizer"] = time.perf_counter() - t
+    say(f"2/6 tokenizer: {tok}")
+
+    t = time.perf_counter()
+    workdir = os.path.join(out, "train")
+    steps = args.steps or steps_for(args.minutes, args.steps_per_s)
+    # The step count assumes a speed; the time limit holds whatever the machine's load (the run then
+    # stops early at a checkpoint, before its cosine schedule ends).
+    say(f"3/6 train: {steps} steps (batch 64), at most {args.minutes:g} min -> {workdir}")
+    _run(train_command(workdir, data_dir, tok, steps), log_path, stop_after_s=args.minutes * 60)
+    times["train"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    offline_dir = os.path.join(out, "eval_offline")
+    say(f"4/6 offline evaluation on the held-out 'val' split -> {offline_dir}")
+    _run(offline_command(workdir, data_dir, offline_dir), log_path)
+    times["offline_eval"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    closed_dir = os.path.join(out, "eval_closed_loop")
+    say(f"5/6 closed-loop evaluation: {args.episodes} held-out episodes per task -> {closed_dir}")
+    _run(closed_loop_command(workdir, closed_dir, args.episodes, args.workers), log_path)
+    times["closed_loop_eval"] = time.perf_counter() - t
+
+    hf_dir = os.path.join(out, "hf_export")
+    if not args.skip_export:
+        t = time.perf_counter()
+        say(f"6/6 HF export -> {hf_dir}")
+        _run(export_command(workdir, hf_dir), log_path)
+        times["export"] = time.perf_counter() - t
+    summary = summarize(out, offline_dir, closed_dir, hf_dir if not args.skip_export else None, times)
+    with open(os.path.join(out, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    print(format_summary(summary), flush=True)
+    return summary
+
+
+# ----------------------------------------------------------------------------------------------
+# Summary
+
+
+def _first_success_gif(closed_dir: str, name: str = "model") -> Optional[str]:
+    folder = os.path.join(closed_dir, "videos", name)
+    if not os.path.isdir(folder):
+        return None
+    hits = sorted(f for f in os.listdir(folder) if f.endswith("_success.gif"))
+    return os.path.join(folder, hits[0]) if hits else None
+
+
+def summarize(out: str, offline_dir: str, closed_dir: str, hf_dir: Optional[str], times: Dict[str, float]) -> Dict:
+    with open(os.path.join(offline_dir, "report.json")) as f:
+        off = json.load(f)
+    m = off.get("overall") or next(iter(off["per_dataset"].values()))
+    with open(os.path.join(closed_dir, "report.json")) as f:
+        closed = json.load(f)
+    res = closed["results"]
+    per_task = {name: {t: r["success_rate"] for t, r in rep["tasks"].items()} for name, rep in res.items()}
+    return {
+        "out": out, "times_s": {k: round(v, 1) for k, v in times.items()},
+        "offline": {"frames": m["frames"], "action_token_accuracy": m["action_token_accuracy"],
+                    "l1_normalized": m["l1_normalized"],
+                    "baseline_l1_normalized": m["baseline_mean_action"]["l1_normalized"],
+                    "report": os.path.join(offline_dir, "report.md")},
+        "closed_loop": {"mean_success": {n: rep["mean_success_rate"] for n, rep in res.items()},
+                        "per_task": per_task, "table": closed["table"],
+                        "report": os.path.join(closed_dir, "report.json"),
+                        "success_gif": _first_success_gif(closed_dir)},
+        "checkpoint": os.path.join(out, "train", "checkpoints"), "hf_export": hf_dir,
+    }
+
+
+def format_summary(s: Dict) -> str:
+    o, c = s["offline"], s["closed_loop"]
+    lines = ["", "=" * 72, "vla_jax demo: summary", "=" * 72,
+             "time per phase (s): " + ", ".join(f"{k} {v}" for k, v in s["times_s"].items()),
+             f"offline (held-out val, {o['frames']} frames): action-token accuracy {o['action_token_accuracy']:.3f}, "
+             f"L1 (normalized) {o['l1_normalized']:.3f} vs mean-action baseline {o['baseline_l1_normalized']:.3f}",
+             "closed-loop success rate (mean episode length) on held-out configurations:", c["table"],
+             f"files: checkpoint {s['checkpoint']}", f"       offline report {o['report']}",
+             f"       closed-loop report {c['report']}", f"       a success GIF {c['success_gif']}",
+             f"       HF export {s['hf_export']}", "=" * 72]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,334 @@
+"""OpenVLA as a policy: RGB image(s) + instruction(s) -> 7-DoF action(s), batched and jitted.
+
+    policy = Policy.load("runs/debug")                  # vla_jax workdir / step folder, or an HF OpenVLA folder
+    action = policy.predict_action(image, "put the carrot on the plate")      # float64 [action_dim]
+    actions = policy.predict_actions(images, instructions)                    # float64 [B, action_dim]
+
+What happens (OPENVLA_REFERENCE.md §2-§4, §9):
+1. Image: uint8 RGB [H, W, 3] -> lanczos3 antialiased squash to config.image_size, the very function
+   the training pipeline uses (`vla_jax.data.transforms.resize_image`); then, for checkpoints
+   trained with image augmentation (recorded in their config asset), the centered 0.9-area crop
+   (`transforms.center_crop`), as OpenVLA's eval scripts do.
+2. Prompt: `[BOS] + "In: What action should the robot take to {instruction.lower()}?\\nOut:" + [29871]`.
+3. Decoding: rows are padded to a batch bucket (a power of two) and prompts to a multiple of
+   `prompt_bucket` tokens; each (batch, prompt length, tokens) bucket is compiled once, ahead of
+   time, into one executable that prefills a static KV cache and runs the fixed-length greedy loop
+   (`vla_jax.models.decode`). Pad rows are copies of a real row and their outputs are dropped;
+   per-row lengths keep right-padding out of every row's attention.
+4. Tokens -> bin centers (float64) -> `where(mask, 0.5 (a + 1) (q99 - q01) + q01, a)` with the
+   statistics of `unnorm_key`; unmasked dimensions (the gripper) come back raw. Like OpenVLA's
+   `predict_action`, the result is a float64 numpy array, computed in float64.
+
+By default the argmax runs over the whole vocabulary, as OpenVLA's `generate` does;
+`action_tokens_only=True` restricts it to the action tokens.
+
+Compilation: `warmup()` compiles chosen buckets up front; the persistent XLA cache
+(`enable_compilation_cache`, opt-in via `Policy.load(compilation_cache=...)` or the
+VLA_JAX_COMPILATION_CACHE environment variable) lets later processes skip compilation.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import jax
+import numpy as np
+
+from vla_jax.models.config import OpenVLAConfig
+from vla_jax.models.decode import greedy_decode
+from vla_jax.models.openvla import OpenVLA
+from vla_jax.policy_loading import (enable_compilation_cache, is_hf_dir, load_hf_checkpoint,  # noqa: F401
+                                    load_vla_checkpoint)
+from vla_jax.tokenizer import VLATokenizer
+
+DEFAULT_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+DEFAULT_PROMPT_BUCKET = 16
+_WARMUP_INSTRUCTION = "pick up the object and put it in the bowl"
+
+
+# ----------------------------------------------------------------------------------------------
+# The policy
+
+
+def _bucket(n: int, buckets: Sequence[int]) -> int:
+    for b in buckets:
+        if b >= n:
+            return b
+    return buckets[-1]
+
+
+class Policy:
+    """A loaded OpenVLA checkpoint that maps (image, instruction) to actions. Thread-safe."""
+
+    def __init__(self, config: OpenVLAConfig, params: Any, tokenizer: VLATokenizer, norm_stats: Mapping[str, Any], *,
+                 center_crop: bool = False, action_tokens_only: bool = False,
+                 batch_buckets: Sequence[int] = DEFAULT_BATCH_BUCKETS, prompt_bucket: int = DEFAULT_PROMPT_BUCKET,
+                 source: str = ""):
+        buckets = sorted({int(b) for b in batch_buckets})
+        if not buckets or buckets[0] < 1:
+            raise ValueError(f"batch_buckets must be positive sizes, got {batch_buckets!r}")
+        if prompt_bucket < 1:
+            raise ValueError(f"prompt_bucket must be >= 1, got {prompt_bucket}")
+        t = tokenizer.tokenizer
+        if (t.vocab_size, t.bos_id, t.eos_id) != (config.base_vocab_size, config.bos_token_id, config.eos_token_id):
+            raise ValueError(f"tokenizer (vocab {t.vocab_size}, bos {t.bos_id}, eos {t.eos_id}) does not fit the model "
+                             f"(base_vocab_size {config.base_vocab_size}, bos {config.bos_token_id}, "
+                             f"eos {config.eos_token_id})")
+        if tokenizer.action_tokenizer.n_bins != config.n_action_bins:
+            raise ValueError(f"tokenizer has {tokenizer.action_tokenizer.n_bins} action bins, the model "
+                             f"{config.n_action_bins}")
+        self.config, self.params, self.tokenizer = config, params, tokenizer
+        self.norm_stats = {k: v for k, v in dict(norm_stats).items()}
+        self._center_crop, self.action_tokens_only = bool(center_crop), bool(action_tokens_only)
+        self.batch_buckets, self.prompt_bucket, self.source = tuple(buckets), int(prompt_bucket), source
+        self.model = OpenVLA(config)
+        act = tokenizer.action_tokenizer
+        self._allowed = (act.first_id, act.last_id) if action_tokens_only else None
+        self._executables: Dict[Tuple[int, int, int], Any] = {}
+        self.compile_seconds: Dict[Tuple[int, int, int], float] = {}
+        self._compile_lock = threading.Lock()
+        self._tf_image_fn = None
+
+    @property
+    def center_crop(self) -> bool:
+        """Whether images get the test-time 0.9-area center crop after resizing."""
+        return self._center_crop
+
+    @center_crop.setter
+    def center_crop(self, value: bool) -> None:
+        self._center_crop, self._tf_image_fn = bool(value), None
+
+    # -- construction ---------------------------------------------------------------------------
+
+    @classmethod
+    def load(cls, path: str, *, center_crop: Optional[bool] = None, action_tokens_only: bool = False,
+             dtype: Optional[str] = None, param_dtype: Optional[str] = None, tokenizer: Optional[str] = None,
+             compilation_cache: Union[None, bool, str] = None, device=None, **kw) -> "Policy":
+        """Loads a vla_jax checkpoint (the latest step of a workdir) or an HF OpenVLA folder.
+
+        center_crop: None = what the checkpoint records (its run config's data.image_aug).
+        dtype / param_dtype: override the compute / parameter dtypes (e.g. 'bfloat16' on accelerators).
+        tokenizer: a tokenizer.model to use instead of the checkpoint's.
+        compilation_cache: see `enable_compilation_cache` (None = the environment variable decides).
+        """
+        enable_compilation_cache(compilation_cache)
+        path = os.fspath(path)
+        if is_hf_dir(path):
+            cfg, params, stats, tok, aug = load_hf_checkpoint(path, dtype=dtype, param_dtype=param_dtype,
+                                                              tokenizer=tokenizer, device=device)
+        else:
+            cfg, params, stats, tok, aug = load_vla_checkpoint(path, dtype=dtype, param_dtype=param_dtype,
+                                                               device=device)
+            if tokenizer:
+                tok = VLATokenizer.from_file(tokenizer, n_bins=cfg.n_action_bins, action_dim=cfg.action_dim)
+        return cls(cfg, params, tok, stats, center_crop=aug if center_crop is None else center_crop,
+                   action_tokens_only=action_tokens_only, source=path, **kw)
+
+    # -- statistics -----------------------------------------------------------------------------
+
+    @property
+    def unnorm_keys(self) -> List[str]:
+        """Datasets whose action statistics the checkpoint carries."""
+        return sorted(k for k, v in self.norm_stats.items() if isinstance(v, Mapping) and "action" in v)
+
+    def resolve_unnorm_key(self, unnorm_key: Optional[str] = None) -> str:
+        """OpenVLA's rule: None is allowed only with exactly one dataset; otherwise the key must exist."""
+        keys = self.unnorm_keys
+        if not keys:
+            raise ValueError(f"the checkpoint ({self.source or 'in memory'}) carries no action statistics, so actions "
+                             f"cannot be un-normalized (dataset_statistics keys: {sorted(self.norm_stats)})")
+        if unnorm_key is None:
+            if len(keys) != 1:
+                raise ValueError(f"the checkpoint was trained on {len(keys)} datasets; pass unnorm_key, one of {keys}")
+            return keys[0]
+        if not isinstance(unnorm_key, str) or unnorm_key not in keys:
+            raise ValueError(f"unknown unnorm_key {unnorm_key!r}; the checkpoint has statistics for {keys}")
+        return unnorm_key
+
+    def action_dim(self, unnorm_key: Optional[str] = None) -> int:
+        """len(q01) of the dataset's statistics (sets how many tokens are decoded, as in OpenVLA)."""
+        return len(self.norm_stats[self.resolve_unnorm_key(unnorm_key)]["action"]["q01"])
+
+    # -- inputs ---------------------------------------------------------------------------------
+
+    def check_image(self, image, index: int = 0) -> np.ndarray:
+        """PIL image or uint8 [H, W, 3] array -> uint8 [H, W, 3]; ValueError otherwise."""
+        if hasattr(image, "convert") and hasattr(image, "size"):  # a PIL image
+            image = np.asarray(image.convert("RGB"))
+        a = np.asarray(image)
+        if a.ndim != 3 or a.shape[-1] != 3:
+            raise ValueError(f"image {index}: expected an RGB image of shape [H, W, 3], got shape {a.shape}")
+        if a.dtype != np.uint8:
+            raise ValueError(f"image {index}: expected dtype uint8 (raw RGB 0..255), got {a.dtype}")
+        if min(a.shape[:2]) < 1:
+            raise ValueError(f"image {index}: empty image of shape {a.shape}")
+        return a
+
+    def _image_fn(self):
+        """The training pipeline's resize (+ test-time crop) as one traced TF graph: same ops and
+        results as calling them eagerly, without per-op dispatch cost on every request."""
+        if self._tf_image_fn is None:
+            import tensorflow as tf  # imported only when images are processed
+
+            from vla_jax.data import transforms
+
+            size, crop = self.config.image_size, self.center_crop
+
+            def fn(batch):  # uint8 [B, H, W, 3] -> uint8 [B, S, S, 3]
+                out = transforms.resize_image(batch, size)
+                return transforms.center_crop(out) if crop else out
+
+            self._tf_image_fn = tf.function(fn, reduce_retracing=True)
+        return self._tf_image_fn
+
+    def preprocess(self, images) -> np.ndarray:
+        """B images (list or uint8 [B, H, W, 3]) -> uint8 [B, S, S, 3], exactly as training saw them."""
+        imgs = [self.check_image(im, i) for i, im in enumerate(images)]
+        if not imgs:
+            raise ValueError("no images given")
+        fn = self._image_fn()
+        out = np.empty((len(imgs), self.config.image_size, self.config.image_size, 3), np.uint8)
+        by_shape: Dict[tuple, List[int]] = {}
+        for i, im in enumerate(imgs):
+            by_shape.setdefault(im.shape, []).append(i)
+        for rows in by_shape.values():  # one call per image size
+            out[rows] = np.asarray(fn(np.stack([imgs[i] for i in rows])))
+        return out
+
+    def prompt_ids(self, instruction) -> List[int]:
+        """Instruction (str or utf-8 bytes) -> `[BOS] + prompt + [29871]`; ValueError when empty or too long."""
+        if isinstance(instruction, bytes):
+            instruction = instruction.decode("utf-8", errors="strict")
+        if not isinstance(instruction, str):
+            raise ValueError(f"instruction must be a string, got {type(instruction).__name__}")
+        if not instruction.strip():
+            raise ValueError("instruction is empty")
+        ids = self.tokenizer.inference_ids(instruction)
+        limit = self.max_prompt_len()
+        if len(ids) > limit:
+            raise ValueError(f"instruction is {len(ids)} tokens long with the prompt; the model accepts at most {limit}")
+        return ids
+
+    def max_prompt_len(self, num_tokens: Optional[int] = None) -> int:
+        """Most text tokens (BOS..29871) a prompt may have: max_seq_len - image patches - generated tokens."""
+        n = num_tokens if num_tokens is not None else self.config.action_dim
+        return self.config.llama.max_seq_len - self.config.num_patches - n
+
+    # -- decoding -------------------------------------------------------------------------------
+
+    def _executable(self, num_tokens: int, batch: int, length: int):
+        key = (num_tokens, batch, length)
+        exe = self._executables.get(key)
+        if exe is not None:
+            return exe
+        with self._compile_lock:
+            if key not in self._executables:
+                s = self.config.image_size
+                args = (self.params, jax.ShapeDtypeStruct((batch, s, s, 3), np.uint8),
+                        jax.ShapeDtypeStruct((batch, length), np.int32), jax.ShapeDtypeStruct((batch,), np.int32))
+                fn = jax.jit(lambda p, x, i, l: greedy_decode(self.model, p, x, i, l, num_tokens, self._allowed))
+                t0 = time.perf_counter()
+                self._executables[key] = fn.lower(*args).compile()
+                self.compile_seconds[key] = time.perf_counter() - t0
+            return self._executables[key]
+
+    def buckets_for(self, batch: int, prompt_len: int, num_tokens: Optional[int] = None) -> Tuple[int, int]:
+        """(padded batch, padded prompt length) a call with these sizes runs with."""
+        n = num_tokens if num_tokens is not None else self.config.action_dim
+        limit = self.max_prompt_len(n)
+        length = min(-(-prompt_len // self.prompt_bucket) * self.prompt_bucket, limit)
+        return _bucket(batch, self.batch_buckets), max(length, prompt_len)
+
+    def decode_tokens(self, pixels: np.ndarray, prompts: Sequence[Sequence[int]], num_tokens: int) -> np.ndarray:
+        """Preprocessed uint8 [B, S, S, 3] + B prompt id lists -> greedy token ids int32 [B, num_tokens].
+
+        Batches larger than the biggest bucket run in chunks of that size."""
+        b = len(prompts)
+        if pixels.shape[0] != b:
+            raise ValueError(f"{pixels.shape[0]} images but {b} prompts")
+        limit = self.max_prompt_len(num_tokens)
+        longest = max(len(p) for p in prompts)
+        if longest > limit:
+            raise ValueError(f"a prompt has {longest} tokens; at most {limit} fit next to the image and the actions")
+        out, step = [], self.batch_buckets[-1]
+        for lo in range(0, b, step):
+            rows = list(range(lo, min(b, lo + step)))
+            bb, length = self.buckets_for(len(rows), max(len(prompts[r]) for r in rows), num_tokens)
+            rows_padded = rows + [rows[0]] * (bb - len(rows))  # pad rows: copies, dropped below
+            ids = np.full((bb, length), self.tokenizer.pad_id, np.int32)
+            lengths = np.zeros((bb,), np.int32)
+            for i, r in enumerate(rows_padded):
+                ids[i, :len(prompts[r])] = prompts[r]
+                lengths[i] = len(prompts[r])
+            tokens = self._executable(num_tokens, bb, length)(self.params, pixels[rows_padded], ids, lengths)
+            out.append(np.asarray(tokens)[:len(rows)])
+        return np.concatenate(out, axis=0)
+
+    def tokens_to_normalized(self, tokens) -> np.ndarray:
+        """Action token ids [..., D] -> float64 normalized actions (OpenVLA's bin centers; non-action ids clipped)."""
+        act = self.tokenizer.action_tokenizer
+        idx = np.clip(act.vocab_size - np.asarray(tokens, np.int64) - 1, 0, act.bin_centers.shape[0] - 1)
+        return act.bin_centers[idx]
+
+    def unnormalize(self, normalized: np.ndarray, unnorm_key: Optional[str] = None) -> np.ndarray:
+        """float64 [..., D] in [-1, 1] -> raw actions with the key's q01/q99 (mask False: passed through)."""
+        a = self.norm_stats[self.resolve_unnorm_key(unnorm_key)]["action"]
+        q01, q99 = np.asarray(a["q01"], np.float64), np.asarray(a["q99"], np.float64)
+        mask = np.asarray(a.get("mask", [True] * len(q01)), bool)
+        x = np.asarray(normalized, np.float64)
+        if x.shape[-1] != q01.shape[0]:
+            raise ValueError(f"actions have {x.shape[-1]} dims but the {unnorm_key!r} statistics have {q01.shape[0]}")
+        return np.where(mask, 0.5 * (x + 1.0) * (q99 - q01) + q01, x)
+
+    # -- public prediction API ------------------------------------------------------------------
+
+    def predict_tokens(self, images, instructions, num_tokens: Optional[int] = None) -> np.ndarray:
+        """B images + B instructions (or one for all) -> int32 [B, num_tokens] (default config.action_dim)."""
+        images = list(images) if not isinstance(images, np.ndarray) or images.ndim == 4 else [images]
+        if isinstance(instructions, (str, bytes)):
+            instructions = [instructions] * len(images)
+        if len(instructions) != len(images):
+            raise ValueError(f"{len(images)} images but {len(instructions)} instructions")
+        prompts = [self.prompt_ids(s) for s in instructions]
+        n = int(num_tokens or self.config.action_dim)
+        return self.decode_tokens(self.preprocess(images), prompts, n)
+
+    def predict_normalized(self, images, instructions, unnorm_key: Optional[str] = None):
+        """-> (tokens int32 [B, D], normalized float64 [B, D]); D is the key's action dim."""
+        tokens = self.predict_tokens(images, instructions, self.action_dim(unnorm_key))
+        return tokens, self.tokens_to_normalized(tokens)
+
+    def predict_actions(self, images, instructions, unnorm_key: Optional[str] = None) -> np.ndarray:
+        """B images (uint8 [H, W, 3] each, or [B, H, W, 3]) + B instructions -> float64 [B, action_dim]."""
+        key = self.resolve_unnorm_key(unnorm_key)
+        _, normalized = self.predict_normalized(images, instructions, key)
+        return self.unnormalize(normalized, key)
+
+    def predict_action(self, image, instruction: str, unnorm_key: Optional[str] = None) -> np.ndarray:
+        """One uint8 RGB image [H, W, 3] (or PIL image) + instruction -> float64 [action_dim]."""
+        return self.predict_actions([image], [instruction], unnorm_key)[0]
+
+    def warmup(self, batch_sizes: Sequence[int] = (1,), prompt_lengths: Optional[Sequence[int]] = None,
+               num_tokens: Optional[int] = None) -> Dict[Tuple[int, int, int], float]:
+        """Compiles the buckets serving these batch sizes and prompt lengths (default: the length of a
+        typical instruction). Returns {(tokens, batch, length): compile seconds} of the new ones."""
+        n = int(num_tokens or self.config.action_dim)
+        if prompt_lengths is None:
+            prompt_lengths = [len(self.tokenizer.inference_ids(_WARMUP_INSTRUCTION))]
+        before = set(self.compile_seconds)
+        for b in batch_sizes:
+            for length in prompt_lengths:
+                bb, lb = self.buckets_for(int(b), int(length), n)
+                self._executable(n, bb, lb)
+        return {k: v for k, v in self.compile_seconds.items() if k not in before}
+
+    def describe(self) -> Dict[str, Any]:
+        """JSON-able summary (served by GET /health)."""
+        return {"source": self.source, "image_size": self.config.image_size, "action_dim": self.config.action_dim,
+                "unnorm_keys": self.unnorm_keys, "center_crop": self.center_crop,
+                "action_tokens_only": self.action_tokens_only, "batch_buckets": list(self.batch_buckets),
+                "compiled_buckets": [list(k) for k in sorted(self._executables)],
+                "dtype": self.config.dtype}

@@ -1,0 +1,191 @@
+"""Loading a policy's parts: a vla_jax checkpoint (orbax layout of `vla_jax/checkpoints.py`) or an
+HF OpenVLA folder -> (config, params, dataset statistics, tokenizer, trained-with-augmentation),
+and the opt-in persistent XLA compilation cache. Used by `vla_jax.policy.Policy.load`."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+import tempfile
+from typing import Any, Mapping, Optional, Tuple, Union
+
+import jax
+import numpy as np
+
+from vla_jax.models.config import LlamaConfig, OpenVLAConfig, ViTConfig, with_dtypes
+from vla_jax.models.openvla import OpenVLA
+from vla_jax.tokenizer import VLATokenizer
+
+CACHE_ENV = "VLA_JAX_COMPILATION_CACHE"
+
+
+# ----------------------------------------------------------------------------------------------
+# Persistent compilation cache
+
+
+def default_cache_root() -> str:
+    """`$VLA_JAX_CACHE_DIR`, default `~/.cache/vla_jax` (shared with the dataset statistics cache)."""
+    return os.environ.get("VLA_JAX_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "vla_jax"))
+
+
+def enable_compilation_cache(setting: Union[None, bool, str] = None) -> Optional[str]:
+    """Turns on JAX's persistent compilation cache; returns its folder, or None when left off.
+
+    setting: None reads $VLA_JAX_COMPILATION_CACHE ('', '0' or 'false': off; '1', 'true' or
+    'default': the default folder; anything else: that folder); True = the default folder
+    `<cache root>/jax_cache`; False = off; a string = that folder.
+    """
+    if setting is None:
+        env = os.environ.get(CACHE_ENV, "").strip()
+        setting = False if env.lower() in ("", "0", "false", "no") else (
+            True if env.lower() in ("1", "true", "yes", "default") else env)
+    if setting is False:
+        return None
+    path = os.path.join(default_cache_root(), "jax_cache") if setting is True else os.fspath(setting)
+    os.makedirs(path, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", path)
+    # The decoders of small models compile in well under JAX's default 1 s threshold.
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading
+
+
+def config_from_geometry(d: Mapping[str, Any]) -> OpenVLAConfig:
+    """`dataclasses.asdict(OpenVLAConfig)` (a checkpoint's meta['model']) -> OpenVLAConfig."""
+    def vit(x):
+        x = dict(x)
+        x["mean"], x["std"] = tuple(x["mean"]), tuple(x["std"])
+        return ViTConfig(**x)
+
+    rest = {k: v for k, v in d.items() if k not in ("dino", "siglip", "llama")}
+    return OpenVLAConfig(dino=vit(d["dino"]), siglip=vit(d["siglip"]), llama=LlamaConfig(**d["llama"]), **rest)
+
+
+def tokenizer_from_asset(asset: Mapping[str, Any], where: str) -> VLATokenizer:
+    """A checkpoint's tokenizer asset (SentencePiece model embedded as base64) -> VLATokenizer.
+
+    The model bytes are written once to `<cache root>/tokenizers/<sha256>.model` (a temporary
+    folder when that is not writable), since SentencePiece loads from a file."""
+    b64 = asset.get("sentencepiece_model_b64")
+    if asset.get("kind") != "llama-sentencepiece" or not b64:
+        raise ValueError(f"{where}: its tokenizer asset (kind {asset.get('kind')!r}) embeds no SentencePiece model; "
+                         f"a checkpoint trained on synthetic data cannot act on instructions. Pass tokenizer=PATH "
+                         f"to Policy.load to supply the Llama-2 tokenizer.model")
+    data = base64.b64decode(b64)
+    name = hashlib.sha256(data).hexdigest()[:24] + ".model"
+    for folder in (os.path.join(default_cache_root(), "tokenizers"), os.path.join(tempfile.gettempdir(), "vla_jax")):
+        path = os.path.join(folder, name)
+        try:
+            if not os.path.isfile(path):
+                os.makedirs(folder, exist_ok=True)
+                fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+                os.replace(tmp, path)
+            break
+        except OSError:
+            continue
+    act = asset.get("action_tokenizer", {})
+    return VLATokenizer.from_file(path, max_len=int(asset.get("max_seq_len", 64)), n_bins=int(act.get("n_bins", 256)),
+                                  action_dim=int(asset.get("action_dim", 7)))
+
+
+def _abstract_params(state_dir, param_dtype: Optional[str], device) -> dict:
+    """The checkpoint's params as ShapeDtypeStructs on `device` (read from orbax metadata only)."""
+    import orbax.checkpoint as ocp
+
+    from flax import traverse_util
+
+    with ocp.PyTreeCheckpointer() as ckptr:
+        tree = ckptr.metadata(state_dir).item_metadata.tree
+    if "params" not in tree:
+        raise ValueError(f"{state_dir} holds no 'params' (top-level keys {sorted(tree)})")
+
+    def plain(t):
+        return {k: plain(v) for k, v in t.items()} if hasattr(t, "items") and not hasattr(t, "shape") else t
+
+    sharding = jax.sharding.SingleDeviceSharding(device)
+    flat = traverse_util.flatten_dict(plain(tree["params"]))
+    return traverse_util.unflatten_dict({
+        p: jax.ShapeDtypeStruct(tuple(m.shape), np.dtype(param_dtype or m.dtype), sharding=sharding)
+        for p, m in flat.items()})
+
+
+def _merge_lora(params: dict, run_config: Mapping[str, Any]) -> dict:
+    """{..., 'lora': adapters} -> base params with W + (alpha/r) A @ B folded in (run config's LoRA settings)."""
+    from vla_jax.models import lora
+
+    settings = dict(run_config.get("lora") or {})
+    if "rank" not in settings:
+        raise ValueError("the checkpoint holds LoRA adapters but its config asset has no lora.rank")
+    kw = {k: settings[k] for k in ("rank", "alpha", "targets") if k in settings}
+    if isinstance(kw.get("targets"), list):
+        kw["targets"] = tuple(kw["targets"])
+    base, adapters = lora.split_lora(params)
+    return lora.merge(base, adapters, lora.LoraConfig(**kw))
+
+
+def _check_param_tree(cfg: OpenVLAConfig, params: dict, where: str) -> None:
+    from flax import traverse_util
+
+    example = (np.zeros((1, cfg.image_size, cfg.image_size, 3), np.uint8), np.ones((1, 4), np.int32))
+    want = traverse_util.flatten_dict(
+        jax.eval_shape(lambda: OpenVLA(cfg).init(jax.random.PRNGKey(0), *example))["params"])
+    have = traverse_util.flatten_dict(params)
+    want = {k: tuple(getattr(v, "value", v).shape) for k, v in want.items()}
+    bad = sorted(set(want) ^ set(have)) + [k for k in want if k in have and tuple(have[k].shape) != want[k]]
+    if bad:
+        k = bad[0]
+        raise ValueError(f"{where}: parameter {'/'.join(k)} is {tuple(have[k].shape) if k in have else 'absent'} in "
+                         f"the checkpoint but {want.get(k, 'absent')} in the model its meta describes")
+
+
+def load_vla_checkpoint(path: str, *, dtype: Optional[str] = None, param_dtype: Optional[str] = None,
+                        device=None) -> Tuple[OpenVLAConfig, dict, dict, VLATokenizer, bool]:
+    """A vla_jax checkpoint (workdir, its checkpoints/ folder or one step folder; the latest step)
+    -> (config, params on `device`, dataset statistics, tokenizer, trained_with_image_aug)."""
+    from vla_jax import checkpoints as ckpt_lib
+
+    step_dir = ckpt_lib.resolve_step_dir(path)
+    assets = ckpt_lib.load_assets(str(step_dir))
+    cfg = config_from_geometry(assets["meta"]["model"])
+    cfg = with_dtypes(cfg, dtype or cfg.dtype, param_dtype or cfg.param_dtype, remat=False)
+    device = device or jax.devices()[0]
+    params = ckpt_lib.load_params(str(step_dir), _abstract_params(step_dir / "state", param_dtype, device))
+    run_config = assets.get("config") or {}
+    if "lora" in params:
+        params = _merge_lora(params, run_config)
+    _check_param_tree(cfg, params, str(step_dir))
+    tok = tokenizer_from_asset(assets.get("tokenizer") or {}, str(step_dir))
+    image_aug = bool((run_config.get("data") or {}).get("image_aug", False))
+    return cfg, params, dict(assets.get("dataset_statistics") or {}), tok, image_aug
+
+
+def is_hf_dir(path: str) -> bool:
+    """True for an HF OpenVLA folder (False when vla_jax.hf is not installed)."""
+    try:
+        from vla_jax.hf import is_hf_dir as hf_check
+    except ImportError:  # HF support not installed in this tree: only vla_jax checkpoints load
+        return False
+    return hf_check(path)
+
+
+def load_hf_checkpoint(path: str, *, dtype: Optional[str] = None, param_dtype: Optional[str] = None,
+                       tokenizer: Optional[str] = None, device=None):
+    """An HF OpenVLA folder (`openvla/openvla-7b` layout) -> the same tuple as `load_vla_checkpoint`.
+
+    HF folders do not record whether training used image augmentation: pass center_crop=True to
+    `Policy.load` for such fine-tuned checkpoints (e.g. OpenVLA's LIBERO ones)."""
+    from vla_jax.hf import load_hf_dir
+
+    cfg, params, norm_stats, tok_path = load_hf_dir(path, dtype=dtype or "bfloat16", param_dtype=param_dtype)
+    tok_path = tokenizer or tok_path
+    if tok_path is None:
+        raise ValueError(f"{path} has no tokenizer.model; pass tokenizer=PATH (the Llama-2 SentencePiece model)")
+    params = jax.device_put(params, device or jax.devices()[0])
+    return cfg, params, dict(norm_stats or {}), VLATokenizer.from_file(tok_path, n_bins=cfg.n_action_bins,
+                                                                        action_dim=cfg.action_dim), False

@@ -1,0 +1,91 @@
+"""Serve a policy over HTTP, compatible with OpenVLA's deploy.py clients.
+
+    python -m vla_jax.serve --checkpoint=CKPT [--host=127.0.0.1] [--port=8000]
+
+CKPT is a vla_jax workdir / step folder or an HF OpenVLA folder. Clients POST OpenVLA's payload
+to /act (see vla_jax/serving/server.py); GET /health reports the model and batching state.
+Binds to localhost unless --host says otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import time
+from typing import Optional, Sequence
+
+log = logging.getLogger("vla_jax.serve")
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m vla_jax.serve", description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", required=True, help="vla_jax workdir/step folder or HF OpenVLA folder")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default localhost only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max_batch", type=int, default=8, help="most requests decoded together")
+    p.add_argument("--window_ms", type=float, default=5.0, help="how long the first request waits for company")
+    p.add_argument("--max_queue", type=int, default=256, help="waiting requests beyond this get HTTP 503")
+    p.add_argument("--timeout_s", type=float, default=60.0, help="per-request limit (HTTP 504)")
+    p.add_argument("--max_body_mb", type=float, default=32.0, help="larger request bodies get HTTP 413")
+    p.add_argument("--center_crop", choices=("auto", "true", "false"), default="auto",
+                   help="test-time 0.9-area crop; auto = as recorded in the checkpoint (image_aug)")
+    p.add_argument("--action_tokens_only", action="store_true", help="restrict argmax to the action tokens")
+    p.add_argument("--dtype", default=None, help="compute dtype override, e.g. bfloat16")
+    p.add_argument("--param_dtype", default=None, help="parameter dtype override, e.g. bfloat16")
+    p.add_argument("--tokenizer", default=None, help="tokenizer.model to use instead of the checkpoint's")
+    p.add_argument("--compilation_cache", default=None,
+                   help="persistent XLA cache folder, 'default' (~/.cache/vla_jax/jax_cache) or 'off'; "
+                        "unset: $VLA_JAX_COMPILATION_CACHE decides")
+    p.add_argument("--no_warmup", action="store_true", help="compile on first request instead of at start")
+    return p
+
+
+def _cache_setting(value: Optional[str]):
+    if value is None:
+        return None
+    return {"default": True, "off": False}.get(value.lower(), value)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from vla_jax.policy import Policy
+    from vla_jax.serving.server import PolicyService, Server
+
+    if args.host not in LOCAL_HOSTS:
+        log.warning("binding to %s: the server is reachable from other machines and has no authentication",
+                    args.host)
+    t0 = time.perf_counter()
+    crop = {"auto": None, "true": True, "false": False}[args.center_crop]
+    policy = Policy.load(args.checkpoint, center_crop=crop, action_tokens_only=args.action_tokens_only,
+                         dtype=args.dtype, param_dtype=args.param_dtype, tokenizer=args.tokenizer,
+                         compilation_cache=_cache_setting(args.compilation_cache))
+    log.info("loaded %s in %.1f s (image %d px, unnorm keys %s, center crop %s)", args.checkpoint,
+             time.perf_counter() - t0, policy.config.image_size, policy.unnorm_keys, policy.center_crop)
+    if not args.no_warmup:
+        sizes = [b for b in policy.batch_buckets if b <= args.max_batch] or [1]
+        compiled = policy.warmup(batch_sizes=sizes)
+        log.info("compiled %d decoder bucket(s) in %.1f s", len(compiled), sum(compiled.values()))
+    service = PolicyService(policy, max_batch=args.max_batch, window_ms=args.window_ms, max_queue=args.max_queue,
+                            timeout_s=args.timeout_s, max_body=int(args.max_body_mb * 1024 * 1024))
+    server = Server(service, args.host, args.port)
+    log.info("serving on %s (POST /act, GET /health)", server.url)
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        log.info("shutting down")
+    finally:
+        server.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

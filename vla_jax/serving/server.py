@@ -1,0 +1,281 @@
+"""HTTP front end compatible with OpenVLA's `vla-scripts/deploy.py` clients (stdlib only).
+
+POST /act  body: {"image": <json_numpy uint8 [H, W, 3]>, "instruction": str, "unnorm_key": str (optional)}
+           or {"encoded": "<that object as a JSON string>"}.
+           -> the action as a json_numpy float64 [action_dim] object; for the "encoded" form, that
+              object serialised into a JSON string (exactly what deploy.py returns).
+GET /health -> {"status": "ok", ...model and batching details}.
+
+Unlike deploy.py (which answers "error" with status 200), every failure is an HTTP error with a
+JSON body {"error": message, "status": code}: 400 malformed or invalid payload (bad JSON, missing field, image
+shape/dtype, empty instruction, unknown unnorm_key), 404 unknown path, 405 wrong method, 411 no
+Content-Length, 413 body over the limit, 503 queue full, 504 timed out, 500 model failure. The
+request threads parse and validate; a single batching worker resizes and runs the model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import threading
+import time
+from concurrent.futures import TimeoutError as FutureTimeout
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Dict, Optional, Sequence, Tuple
+
+import numpy as np
+
+from vla_jax.serving import json_numpy
+from vla_jax.serving.batcher import Batcher, Example, QueueFull
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_BODY = 32 * 1024 * 1024  # a 2048x2048 RGB image is 12 MiB raw, 16 MiB as base64
+MAX_IMAGE_SIDE = 4096
+DRAIN_FACTOR = 4  # over-limit bodies up to this many times the limit are read (and dropped) before the 413
+
+
+class RequestError(Exception):
+    """Client error: sent back as `status` with {"error": message}."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status, self.message = int(status), message
+
+
+def _as_image(value: Any, max_bytes: int) -> np.ndarray:
+    """json_numpy object (or an already-decoded array / nested list of ints) -> uint8 [H, W, 3]."""
+    if isinstance(value, dict):
+        try:
+            value = json_numpy.decode_array(value, max_bytes=max_bytes)
+        except ValueError as e:
+            raise RequestError(400, f"field 'image': {e}") from None
+    elif isinstance(value, list):  # clients without json_numpy may send plain nested lists
+        try:
+            arr = np.asarray(value)
+        except ValueError:
+            raise RequestError(400, "field 'image': a nested list must be rectangular [H, W, 3]") from None
+        if arr.dtype.kind not in "iu" or arr.size == 0 or arr.min() < 0 or arr.max() > 255:
+            raise RequestError(400, f"field 'image': a nested list must hold integers in [0, 255] (got dtype "
+                                    f"{arr.dtype}, shape {arr.shape})")
+        value = arr.astype(np.uint8)
+    if not isinstance(value, np.ndarray):
+        raise RequestError(400, f"field 'image' must be a json_numpy array, got {type(value).__name__}")
+    if value.ndim != 3 or value.shape[-1] != 3:
+        raise RequestError(400, f"field 'image' must have shape [H, W, 3] (RGB), got {list(value.shape)}")
+    if value.dtype != np.uint8:
+        raise RequestError(400, f"field 'image' must have dtype uint8 ('|u1'), got {value.dtype.str!r}")
+    h, w = value.shape[:2]
+    if not (1 <= h <= MAX_IMAGE_SIDE and 1 <= w <= MAX_IMAGE_SIDE):
+        raise RequestError(400, f"field 'image' is {h}x{w}; each side must be in [1, {MAX_IMAGE_SIDE}]")
+    return value
+
+
+def parse_payload(body: bytes, max_bytes: int) -> Tuple[np.ndarray, str, Optional[str], bool]:
+    """Request body -> (image, instruction, unnorm_key, encoded_form). Raises RequestError(400)."""
+    try:
+        payload = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise RequestError(400, f"body is not valid JSON: {e}") from None
+    encoded = isinstance(payload, dict) and "encoded" in payload
+    if encoded:
+        if len(payload) != 1:
+            raise RequestError(400, f"the 'encoded' form must be the only key; got keys {sorted(payload)}")
+        if not isinstance(payload["encoded"], str):
+            raise RequestError(400, "field 'encoded' must be a JSON string")
+        try:
+            payload = json.loads(payload["encoded"])
+        except json.JSONDecodeError as e:
+            raise RequestError(400, f"field 'encoded' is not valid JSON: {e}") from None
+    if not isinstance(payload, dict):
+        raise RequestError(400, f"payload must be a JSON object, got {type(payload).__name__}")
+    missing = [k for k in ("image", "instruction") if k not in payload]
+    if missing:
+        raise RequestError(400, f"payload is missing field(s) {missing}; it has {sorted(payload)}")
+    instruction = payload["instruction"]
+    if not isinstance(instruction, str):
+        raise RequestError(400, f"field 'instruction' must be a string, got {type(instruction).__name__}")
+    if not instruction.strip():
+        raise RequestError(400, "field 'instruction' is empty")
+    key = payload.get("unnorm_key")
+    if key is not None and not isinstance(key, str):
+        raise RequestError(400, f"field 'unnorm_key' must be a string or null, got {type(key).__name__}")
+    return _as_image(payload["image"], max_bytes), instruction, key, encoded
+
+
+class PolicyService:
+    """Validation, preprocessing and batching around a `vla_jax.policy.Policy`."""
+
+    def __init__(self, policy, max_batch: int = 8, window_ms: float = 5.0, max_queue: int = 256,
+                 timeout_s: float = 60.0, max_body: int = DEFAULT_MAX_BODY):
+        self.policy, self.timeout_s, self.max_body = policy, float(timeout_s), int(max_body)
+        self.batcher = Batcher(self._run_batch, max_batch=max_batch, window_ms=window_ms, max_queue=max_queue)
+        self.started = time.time()
+        self.errors = 0
+        self._errors_lock = threading.Lock()
+
+    def count_error(self) -> None:
+        with self._errors_lock:
+            self.errors += 1
+
+    def _run_batch(self, examples: Sequence[Example]):
+        p = self.policy
+        dims = [p.action_dim(ex.unnorm_key) for ex in examples]
+        # Resizing here, batched, costs far less CPU than per request in the handler threads, and keeps
+        # the handlers quick so concurrent requests reach the queue close together (fuller batches).
+        pixels = p.preprocess([ex.image for ex in examples])
+        # Greedy decoding is causal: the first d of max(dims) tokens equal a d-token decode.
+        tokens = p.decode_tokens(pixels, [ex.prompt for ex in examples], max(dims))
+        normalized = p.tokens_to_normalized(tokens)
+        return [p.unnormalize(normalized[i, :d], ex.unnorm_key) for i, (ex, d) in enumerate(zip(examples, dims))]
+
+    def act(self, body: bytes) -> Tuple[Any, bool]:
+        """Request body -> (float64 action, encoded_form). Raises RequestError."""
+        image, instruction, key, encoded = parse_payload(body, self.max_body)
+        p = self.policy
+        try:
+            key = p.resolve_unnorm_key(key)
+            prompt = p.prompt_ids(instruction)
+            image = p.check_image(image)
+        except ValueError as e:
+            raise RequestError(400, str(e)) from None
+        try:
+            future = self.batcher.submit(Example(image, prompt, key))
+        except QueueFull as e:
+            raise RequestError(503, str(e)) from None
+        except RuntimeError as e:
+            raise RequestError(503, str(e)) from None
+        try:
+            return future.result(timeout=self.timeout_s), encoded
+        except FutureTimeout:
+            future.cancel()
+            raise RequestError(504, f"no result within {self.timeout_s} s") from None
+        except Exception as e:  # noqa: BLE001 - model failure: reported, server stays up
+            raise RequestError(500, f"inference failed: {type(e).__name__}: {e}") from None
+
+    def health(self) -> Dict[str, Any]:
+        b = self.batcher
+        return {"status": "ok", "uptime_s": round(time.time() - self.started, 1), "model": self.policy.describe(),
+                "batching": {"max_batch": b.max_batch, "window_ms": b.window * 1e3, "waiting": b.waiting,
+                             "batches": b.batches, "requests": b.examples,
+                             "mean_batch": round(b.examples / b.batches, 3) if b.batches else 0.0},
+                "errors": self.errors}
+
+    def close(self) -> None:
+        self.batcher.close()
+
+
+def _handler_class(service: PolicyService):
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"  # keep-alive: robots reuse their connection
+        server_version = "vla_jax"
+
+        def log_message(self, fmt, *args):  # route through logging instead of stderr
+            log.debug("%s - " + fmt, self.address_string(), *args)
+
+        def setup(self):
+            super().setup()
+            # Small request/response pairs on a kept-alive connection: without TCP_NODELAY, Nagle's
+            # algorithm and delayed ACKs add ~40 ms stalls.
+            self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+        def _send(self, status: int, text: str) -> None:
+            data = text.encode("utf-8")
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self._headers_buffer.append(b"\r\n" + data)  # headers and body leave in one write
+            self.flush_headers()
+
+        def _error(self, status: int, message: str, close: bool = False) -> None:
+            service.count_error()
+            if close:
+                self.close_connection = True
+            self._send(status, json.dumps({"error": message, "status": status}))
+
+        def do_GET(self):
+            if self.path.split("?")[0] == "/health":
+                self._send(200, json.dumps(service.health()))
+            elif self.path.split("?")[0] == "/act":
+                self._error(405, "use POST /act")
+            else:
+                self._error(404, f"unknown path {self.path!r}; use POST /act or GET /health")
+
+        def _drain(self, n: int) -> None:
+            """Reads and drops an over-limit body (up to DRAIN_FACTOR x the limit), so the client finishes
+            sending and can read the 413 instead of failing with a broken pipe."""
+            left = n if n <= DRAIN_FACTOR * service.max_body else 0
+            while left > 0:
+                chunk = self.rfile.read(min(left, 1 << 20))
+                if not chunk:
+                    break
+                left -= len(chunk)
+
+        def do_POST(self):
+            path = self.path.split("?")[0]
+            length = self.headers.get("Content-Length")
+            if length is None or not length.strip().isdigit():
+                return self._error(411, "POST needs a Content-Length header", close=True)
+            n = int(length)
+            if n > service.max_body:
+                self._drain(n)
+                return self._error(413, f"body of {n} bytes exceeds the {service.max_body}-byte limit", close=True)
+            body = self.rfile.read(n)
+            if len(body) != n:
+                return self._error(400, f"body ended after {len(body)} of {n} bytes", close=True)
+            if path == "/health":
+                return self._error(405, "use GET /health")
+            if path != "/act":
+                return self._error(404, f"unknown path {self.path!r}; use POST /act")
+            try:
+                action, encoded = service.act(body)
+            except RequestError as e:
+                return self._error(e.status, e.message)
+            except Exception as e:  # noqa: BLE001 - never let a request take the server down
+                log.exception("unexpected error")
+                return self._error(500, f"{type(e).__name__}: {e}")
+            out = json_numpy.dumps(action)
+            self._send(200, json.dumps(out) if encoded else out)
+
+        def do_PUT(self):
+            self._error(405, "use POST /act or GET /health", close=True)
+
+        do_DELETE = do_PATCH = do_PUT
+
+    return Handler
+
+
+class Server:
+    """ThreadingHTTPServer on (host, port) serving `service`; port 0 picks a free port."""
+
+    def __init__(self, service: PolicyService, host: str = "127.0.0.1", port: int = 8000):
+        self.service = service
+        self.httpd = ThreadingHTTPServer((host, port), _handler_class(service))
+        self.httpd.daemon_threads = True
+        self._thread: Optional[threading.Thread] = None
+
+    @property
+    def address(self) -> Tuple[str, int]:
+        return self.httpd.server_address[:2]
+
+    @property
+    def url(self) -> str:
+        host, port = self.address
+        return f"http://{host}:{port}"
+
+    def start(self) -> "Server":
+        """Serves in a background thread (tests, notebooks)."""
+        self._thread = threading.Thread(target=self.httpd.serve_forever, name="vla-http", daemon=True)
+        self._thread.start()
+        return self
+
+    def serve_forever(self) -> None:
+        self.httpd.serve_forever()
+
+    def shutdown(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.service.close()
+        if self._thread is not None:
+            self._thread.join(10)

@@ -1,0 +1,273 @@
+"""The train step: action-token loss, metrics, gradient accumulation, one jitted sharded update.
+
+Loss (OPENVLA_REFERENCE.md §1.5, §7): HF's shifted causal-LM cross-entropy restricted to the
+supervised positions (7 action tokens + EOS per example), softmax over the full vocabulary in
+fp32, mean over every supervised token of the global batch. With the image patches inserted after
+BOS (fused = [t_0, p_1..p_P, t_1, t_2, ...]), text token t >= 1 sits at fused index t + P and is
+predicted by the logit at fused index t + P - 1; the lm_head runs only there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any, Callable, Dict, Optional, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec
+
+from vla_jax import sharding as shd
+from vla_jax.tokenizer import IGNORE_INDEX, ActionTokenizer
+from vla_jax.training.state import ParamHooks, TrainState, merge, select
+
+BATCH_KEYS = ("pixel_values", "input_ids", "labels", "dataset_index")
+
+# The model's activation constraints (nn.with_logical_constraint at block boundaries) act only when the
+# step is traced under the mesh and the rules; without them XLA may keep activations replicated over
+# the FSDP axis (the 7B plan at 64 devices then needs ~400 GB of temporaries per device instead of
+# ~18 GB). None = use them when the model supports tracing under a mesh (see
+# `activation_constraints_supported`); True/False force it.
+CONSTRAIN_ACTIVATIONS: Optional[bool] = None
+SUM_KEYS = ("ce_sum", "tokens", "correct", "l1_sum", "actions", "ds_correct", "ds_l1_sum", "ds_actions")
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    """num_patches: image patches P inserted after BOS; num_supervised: K labelled tokens per example
+    (action_dim + 1: the actions and EOS); base_vocab_size / n_bins: the action-id range (the last
+    n_bins ids of the base vocabulary) and its decoding; num_datasets: mixture size for per-dataset metrics."""
+
+    num_patches: int
+    num_supervised: int
+    base_vocab_size: int = 32000
+    n_bins: int = 256
+    num_datasets: int = 1
+
+    @classmethod
+    def for_model(cls, model_config, num_datasets: int = 1) -> "LossConfig":
+        return cls(num_patches=model_config.num_patches, num_supervised=model_config.action_dim + 1,
+                   base_vocab_size=model_config.base_vocab_size, n_bins=model_config.n_action_bins,
+                   num_datasets=num_datasets)
+
+
+def supervised_positions(labels, num_patches: int, k: int):
+    """labels int32 [B, L] (-100 = unsupervised) -> (logit positions [B, K] into the fused sequence,
+    targets [B, K], valid [B, K] bool). The first K supervised tokens of each row, in order; rows with
+    fewer than K are padded with invalid entries (the host-side check rejects rows with more)."""
+    supervised = labels != IGNORE_INDEX
+    # Stable argsort of "not supervised" lists the supervised indices first, in sequence order.
+    order = jnp.argsort(~supervised, axis=1, stable=True)[:, :k].astype(jnp.int32)
+    targets = jnp.take_along_axis(labels, order, axis=1)
+    valid = targets != IGNORE_INDEX
+    # Label index 0 (BOS) is never supervised, so order >= 1 wherever valid.
+    positions = jnp.maximum(order + num_patches - 1, 0)
+    return positions, jnp.where(valid, targets, 0), valid
+
+
+def _metric_sums(logits, targets, valid, dataset_index, cfg: LossConfig) -> Dict[str, jax.Array]:
+    """Per-micro-batch sums (summable across micro-batches): CE, token count, action-token correct
+    count, |decoded pred - decoded label| sum, action count, and the same per dataset [D]."""
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    ce = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+    validf = valid.astype(jnp.float32)
+    first = cfg.base_vocab_size - cfg.n_bins
+    is_action = valid & (targets >= first) & (targets < cfg.base_vocab_size)
+    actf = is_action.astype(jnp.float32)
+    pred = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    centers = jnp.asarray(ActionTokenizer(cfg.base_vocab_size, cfg.n_bins).bin_centers, jnp.float32)
+
+    def decode(ids):  # OpenVLA's ActionTokenizer.decode: non-action ids decode after clipping
+        return centers[jnp.clip(cfg.base_vocab_size - ids - 1, 0, centers.shape[0] - 1)]
+
+    correct = (pred == targets).astype(jnp.float32) * actf
+    l1 = jnp.abs(decode(pred) - decode(targets)) * actf
+    onehot = jax.nn.one_hot(dataset_index, cfg.num_datasets, dtype=jnp.float32)  # [B, D]
+    return {
+        "ce_sum": jnp.sum(ce * validf), "tokens": jnp.sum(validf),
+        "correct": jnp.sum(correct), "l1_sum": jnp.sum(l1), "actions": jnp.sum(actf),
+        "ds_correct": onehot.T @ jnp.sum(correct, axis=1), "ds_l1_sum": onehot.T @ jnp.sum(l1, axis=1),
+        "ds_actions": onehot.T @ jnp.sum(actf, axis=1),
+    }
+
+
+def make_loss_fn(model: nn.Module, cfg: LossConfig, hooks: ParamHooks = ParamHooks()):
+    """-> loss_fn(params, micro_batch, total_tokens, rng) -> (CE sum / total_tokens, metric sums).
+
+    Dividing each micro-batch's CE sum by the global supervised-token count makes the sum over
+    micro-batches exactly the mean over the global batch.
+    """
+
+    def loss_fn(params, batch, total_tokens, rng):
+        if hooks.apply_params is not None:
+            params = hooks.apply_params(params)
+        positions, targets, valid = supervised_positions(batch["labels"], cfg.num_patches, cfg.num_supervised)
+        logits = model.apply({"params": params}, batch["pixel_values"], batch["input_ids"], positions,
+                             rngs={"dropout": rng})
+        sums = _metric_sums(logits, targets, valid, batch["dataset_index"], cfg)
+        return sums["ce_sum"] / total_tokens, sums
+
+    return loss_fn
+
+
+def _split_micro(x, n: int, mesh=None):
+    """[B, ...] -> [n, B/n, ...] with micro-batch m = rows m, m+n, m+2n, ...: each device's contiguous
+    block of rows contributes equally to every micro-batch, so no data moves between devices."""
+    y = x.reshape((x.shape[0] // n, n) + x.shape[1:])
+    y = jnp.swapaxes(y, 0, 1)
+    if mesh is None:
+        return y
+    spec = PartitionSpec(None, shd.BATCH_AXES, *([None] * (x.ndim - 1)))
+    return jax.lax.with_sharding_constraint(y, NamedSharding(mesh, spec))
+
+
+def finalize_metrics(sums: Dict[str, jax.Array]) -> Dict[str, jax.Array]:
+    """Sums -> ratios (loss, accuracy, l1, per-dataset arrays)."""
+    safe = lambda n: jnp.maximum(n, 1.0)
+    return {
+        "loss": sums["ce_sum"] / safe(sums["tokens"]),
+        "action_accuracy": sums["correct"] / safe(sums["actions"]),
+        "l1_loss": sums["l1_sum"] / safe(sums["actions"]),
+        "supervised_tokens": sums["tokens"],
+        "ds_action_accuracy": sums["ds_correct"] / safe(sums["ds_actions"]),
+        "ds_l1_loss": sums["ds_l1_sum"] / safe(sums["ds_actions"]),
+        "ds_actions": sums["ds_actions"],
+    }
+
+
+def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule: optax.Schedule,
+                    loss_cfg: LossConfig, mask: Any, grad_accum_steps: int = 1,
+                    hooks: ParamHooks = ParamHooks(), mesh=None, return_grads: bool = False) -> Callable:
+    """-> train_step(state, batch) -> (new state, metrics) (not jitted; see `jit_train_step`).
+
+    batch: pixel_values uint8 [B, S, S, 3], input_ids/labels int32 [B, L], dataset_index int32 [B]
+    (other keys are ignored). Gradients flow only into the trainable subtree of `mask`. mesh: keeps
+    each micro-batch spread over the data-parallel devices (grad_accum_steps > 1). return_grads: add
+    the trainable gradients to the metrics as metrics['grads'] (tests, debugging).
+    """
+    loss_fn = make_loss_fn(model, loss_cfg, hooks)
+    n_micro = int(grad_accum_steps)
+    if n_micro < 1:
+        raise ValueError(f"grad_accum_steps must be >= 1, got {grad_accum_steps}")
+
+    def train_step(state: TrainState, batch: Dict[str, jax.Array]):
+        batch = {k: batch[k] for k in BATCH_KEYS}
+        trainable, frozen = select(state.params, mask, True), select(state.params, mask, False)
+        total = jnp.maximum(jnp.sum((batch["labels"] != IGNORE_INDEX).astype(jnp.float32)), 1.0)
+        # A fresh key per step (and micro-batch) derived from the state's key: a resumed run draws
+        # the same numbers. (The OpenVLA model has no dropout; the key is there for any that is added.)
+        step_rng = jax.random.fold_in(state.rng, state.step)
+
+        def grad_of(mb, rng):
+            fn = lambda t: loss_fn(merge(mask, t, frozen), mb, total, rng)
+            return jax.value_and_grad(fn, has_aux=True)(trainable)
+
+        if n_micro == 1:
+            (_, sums), grads = grad_of(batch, step_rng)
+        else:
+            micro = jax.tree.map(lambda x: _split_micro(x, n_micro, mesh), batch)
+
+            def body(carry, xs):
+                g_acc, s_acc = carry
+                mb, i = xs
+                (_, sums), g = grad_of(mb, jax.random.fold_in(step_rng, i))
+                return (jax.tree.map(jnp.add, g_acc, g), jax.tree.map(jnp.add, s_acc, sums)), None
+
+            d = loss_cfg.num_datasets
+            zero_sums = {k: jnp.zeros((d,) if k.startswith("ds_") else (), jnp.float32) for k in SUM_KEYS}
+            init = (jax.tree.map(jnp.zeros_like, trainable), zero_sums)
+            (grads, sums), _ = jax.lax.scan(body, init, (micro, jnp.arange(n_micro)))
+
+        updates, opt_state = tx.update(grads, state.opt_state, trainable)
+        new_params = merge(mask, optax.apply_updates(trainable, updates), frozen)
+        metrics = finalize_metrics(sums)
+        metrics["grad_norm"] = optax.tree.norm(grads)
+        metrics["param_norm"] = optax.tree.norm(trainable)
+        metrics["learning_rate"] = jnp.asarray(schedule(state.step), jnp.float32)
+        if return_grads:
+            metrics["grads"] = grads
+        new_state = state.replace(step=state.step + 1, params=new_params, opt_state=opt_state)
+        return new_state, metrics
+
+    return train_step
+
+
+_SUPPORTED: Dict[str, bool] = {}
+
+
+def activation_constraints_supported() -> bool:
+    """Whether the model's layers trace under a mesh + rules context (cached; ~0.1 s once).
+
+    Flax's nn.DenseGeneral with a multi-axis kernel and logical names fails there: while checking an
+    existing parameter's shape, Flax re-runs its kernel_init on the flattened 2-D kernel and applies
+    the 3 logical names to it. A one-layer Llama is traced to find out; other errors propagate.
+    """
+    if "llama" not in _SUPPORTED:
+        from vla_jax.models.config import LlamaConfig
+        from vla_jax.models.llama import Llama
+
+        cfg = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2,
+                          dtype="float32")
+        model = Llama(cfg)
+        x = jax.ShapeDtypeStruct((1, 2, 16), jnp.float32)
+        pos = jax.ShapeDtypeStruct((1, 2), jnp.int32)
+        mesh = shd.make_mesh((1, 1, 1), jax.devices()[:1])
+        try:
+            with shd.mesh_rules(mesh):
+                params = jax.eval_shape(model.init, jax.random.PRNGKey(0), x, pos)
+                jax.eval_shape(model.apply, params, x, pos)
+            _SUPPORTED["llama"] = True
+        except ValueError as e:
+            if "with_sharding_constraint" not in str(e) and "only valid for values of rank" not in str(e):
+                raise
+            logging.getLogger(__name__).warning(
+                "the model cannot be traced under a mesh (nn.DenseGeneral with logical axis names in "
+                "vla_jax/models/llama.py); training without activation sharding constraints")
+            _SUPPORTED["llama"] = False
+    return _SUPPORTED["llama"]
+
+
+def jit_train_step(train_step: Callable, mesh, state_shardings, batch_shapes: Dict[str, Tuple[int, ...]],
+                   rules=shd.LOGICAL_RULES, constrain_activations: Optional[bool] = None):
+    """Jits `train_step` with explicit shardings and the state donated; calls run under `mesh` and
+    `rules` (Flax's activation constraints are no-ops without them); constrain_activations None: the
+    module default CONSTRAIN_ACTIVATIONS (itself None: whenever the model supports it).
+
+    batch_shapes: {key: global shape}; each batch key is sharded on its leading axis over the data axes.
+    Returns a callable (state, batch) -> (state, metrics) that also has `.lower(state, batch)`.
+    """
+    batch_shardings = {k: shd.batch_sharding(mesh, len(s)) for k, s in batch_shapes.items()}
+    replicated = NamedSharding(mesh, PartitionSpec())
+    jitted = jax.jit(train_step, in_shardings=(state_shardings, batch_shardings),
+                     out_shardings=(state_shardings, replicated), donate_argnums=(0,))
+    if constrain_activations is None:
+        constrain_activations = CONSTRAIN_ACTIVATIONS
+    if constrain_activations is None:
+        constrain_activations = activation_constraints_supported()
+    return shd.MeshBound(jitted, mesh, rules, constrain_activations)
+
+
+def check_batch(batch: Dict[str, np.ndarray], loss_cfg: LossConfig, image_size: int) -> None:
+    """Host-side checks of one process's numpy batch; ValueError names the key, shape or value."""
+    missing = [k for k in BATCH_KEYS if k not in batch]
+    if missing:
+        raise ValueError(f"batch is missing keys {missing}; got {sorted(batch)}")
+    b = batch["input_ids"].shape[0]
+    px = batch["pixel_values"]
+    if px.shape != (b, image_size, image_size, 3) or px.dtype != np.uint8:
+        raise ValueError(f"batch['pixel_values'] must be uint8 [{b}, {image_size}, {image_size}, 3], "
+                         f"got {px.dtype} {px.shape}")
+    if batch["labels"].shape != batch["input_ids"].shape:
+        raise ValueError(f"batch['labels'] shape {batch['labels'].shape} != input_ids shape {batch['input_ids'].shape}")
+    n_sup = (np.asarray(batch["labels"]) != IGNORE_INDEX).sum(axis=1)
+    if n_sup.max(initial=0) > loss_cfg.num_supervised:
+        row = int(np.argmax(n_sup))
+        raise ValueError(f"batch row {row} has {int(n_sup[row])} supervised labels; the loss expects at most "
+                         f"{loss_cfg.num_supervised} (action_dim + EOS)")
+    di = np.asarray(batch["dataset_index"])
+    if di.shape != (b,) or di.min(initial=0) < 0 or di.max(initial=0) >= loss_cfg.num_datasets:
+        raise ValueError(f"batch['dataset_index'] must be int [{b}] in [0, {loss_cfg.num_datasets}), "
+                         f"got shape {di.shape}, range [{di.min(initial=0)}, {di.max(initial=0)}]")
