@@ -115,6 +115,25 @@ def _write_rows(cache, new, starts):
     return jax.vmap(one)(cache, new, starts)
 
 
+class EinsumKernel(nn.Module):
+    """A bias-free projection `einsum(equation, x, kernel)` with a multi-axis `kernel` parameter.
+
+    Used instead of nn.DenseGeneral: under a mesh with logical rules, DenseGeneral re-runs the
+    initializer on a flattened 2-D kernel, which its 3 logical axis names do not fit.
+    """
+
+    equation: str
+    shape: tuple
+    names: tuple
+    dtype: Any
+    param_dtype: Any
+
+    @nn.compact
+    def __call__(self, x):
+        kernel = self.param("kernel", _init(self.names), self.shape, self.param_dtype)
+        return jnp.einsum(self.equation, x.astype(self.dtype), jnp.asarray(kernel, self.dtype))
+
+
 class Attention(nn.Module):
     """Causal self-attention with RoPE, optional grouped-query heads and an optional KV cache."""
 
@@ -134,8 +153,8 @@ class Attention(nn.Module):
         H, KVH, hd = cfg.num_heads, cfg.kv_heads, cfg.head_dim
 
         def proj(n, name):
-            return nn.DenseGeneral((n, hd), use_bias=False, dtype=dtype, param_dtype=pdtype,
-                                   kernel_init=_init(("embed", "heads", "kv")), name=name)(x)
+            return EinsumKernel("btd,dnh->btnh", (cfg.hidden_size, n, hd), ("embed", "heads", "kv"),
+                                dtype, pdtype, name=name)(x)
 
         q, k, v = proj(H, "q_proj"), proj(KVH, "k_proj"), proj(KVH, "v_proj")  # [B, T, n, hd]
         cos, sin = rope_cos_sin(positions, hd, cfg.rope_theta)
@@ -161,8 +180,8 @@ class Attention(nn.Module):
         scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
         out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(B, T, H, hd)
-        out = nn.DenseGeneral(cfg.hidden_size, axis=(-2, -1), use_bias=False, dtype=dtype, param_dtype=pdtype,
-                              kernel_init=_init(("heads", "kv", "embed")), name="o_proj")(out)
+        out = EinsumKernel("btnh,nhd->btd", (H, hd, cfg.hidden_size), ("heads", "kv", "embed"),
+                           dtype, pdtype, name="o_proj")(out)
         return out, new_cache
 
 
