@@ -31,6 +31,8 @@ flags.DEFINE_integer("sim_image_size", 64, "Rendered image side: the demo datase
 flags.DEFINE_integer("sim_max_steps", 200, "Episode step limit.")
 flags.DEFINE_integer("sim_workers", 2, "Simulator worker processes.")
 flags.DEFINE_integer("sim_videos", 2, "GIF rollouts per task and policy.")
+flags.DEFINE_string("sim_reference_cache", "", "Folder that keeps the expert/random reference lines between "
+                    "evaluations with the same settings (they do not depend on the checkpoint); '' = always run them.")
 flags.mark_flags_as_required(["checkpoint", "out"])
 FLAGS = flags.FLAGS
 
@@ -47,7 +49,7 @@ def run_sim(policy):
     rep = run_evaluation(lambda images, instructions: policy.predict_actions(images, instructions, FLAGS.unnorm_key),
                          FLAGS.sim_tasks, FLAGS.sim_episodes, FLAGS.out, name="model",
                          image_size=FLAGS.sim_image_size, max_steps=FLAGS.sim_max_steps, workers=FLAGS.sim_workers,
-                         videos_per_task=FLAGS.sim_videos)
+                         videos_per_task=FLAGS.sim_videos, reference_cache=FLAGS.sim_reference_cache or None)
     print(json.dumps({n: round(r["mean_success_rate"], 4) for n, r in rep["results"].items()}
                      | {"report": f"{FLAGS.out}/report.json"}))
 

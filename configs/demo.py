@@ -8,7 +8,7 @@
 vla_jax/demo.py's small SentencePiece model) and the number of steps from its time budget.
 
 Geometry: the OpenVLA architecture at demo scale (DINOv2-reg + SigLIP towers of width 64, patch 16
-on 64x64 images; Llama width 256 x 2 layers) over a 400-piece demo tokenizer whose last 256 ids are
+on 64x64 images; Llama width 256 x 2 layers) over a 512-piece demo tokenizer whose last 256 ids are
 the action bins: the 'demo' preset of vla_jax/models/config.py.
 """
 
@@ -18,8 +18,8 @@ DEMO_DATASET = "metaworld_demo"
 
 
 def get_config(arg=None):
-    """arg: 'steps=N' (default 3000)."""
-    args = parse_arg(arg, steps=3000)
+    """arg: 'steps=N,batch=B' (defaults 3000, 64)."""
+    args = parse_arg(arg, steps=3000, batch=64)
     c = base_config()
 
     c.model.preset = "demo"
@@ -34,11 +34,13 @@ def get_config(arg=None):
     c.data.mixture = DEMO_DATASET
     c.data.image_aug = True         # random crop/shift + colour jitter: closed-loop success needs it
     c.data.shuffle_buffer = 20_000  # the whole demo dataset (~20k frames at 64 px) fits
-    c.data.max_seq_len = 40         # BOS + demo prompt (<= 30 pieces) + space, 7 actions, EOS
+    # BOS + prompt + space + 7 actions + EOS: the demo tokenizer makes the prompt template two pieces,
+    # so the six demo tasks' prompts are 5-9 pieces (16 at most over all 50 Meta-World tasks).
+    c.data.max_seq_len = 20
     c.data.threads = 2
     c.data.ram_budget_gb = 1.0
 
-    c.global_batch_size = 64
+    c.global_batch_size = args["batch"]
     c.num_steps = args["steps"]
     c.save_every = max(1, args["steps"] // 2)
     c.keep_checkpoints = 1

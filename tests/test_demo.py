@@ -34,25 +34,30 @@ def test_demo_tokenizer_reserves_action_ids(tmp_path):
     from vla_jax.sim.instructions import INSTRUCTIONS
     from vla_jax.tokenizer import VLATokenizer, build_prompt
 
-    path = demo.build_tokenizer(str(tmp_path / "tok" / "tokenizer.model"))
+    path = demo.build_tokenizer(demo.tokenizer_path(str(tmp_path)))
     sp = spm.SentencePieceProcessor(model_file=path)
-    assert sp.get_piece_size() == 400
+    assert sp.get_piece_size() == 512
     assert (sp.unk_id(), sp.bos_id(), sp.eos_id()) == (0, 1, 2)
     # The 256 action ids are the last ids and are UNUSED pieces: text never encodes to them.
-    assert all(sp.is_unused(i) for i in range(400 - 256, 400))
-    tok = VLATokenizer.from_file(path, max_len=40)
-    assert tok.action_tokenizer.first_id == 400 - 256
+    assert all(sp.is_unused(i) for i in range(512 - 256, 512))
+    from configs import demo as demo_config
+
+    max_len = demo_config.get_config().data.max_seq_len
+    tok = VLATokenizer.from_file(path, max_len=max_len)
+    assert tok.action_tokenizer.first_id == 512 - 256
     for text in INSTRUCTIONS.values():
         ids = sp.encode(build_prompt(text))
-        assert max(ids) < 400 - 256 and sp.unk_id() not in ids, text
+        assert max(ids) < 512 - 256 and sp.unk_id() not in ids, text
         assert sp.decode(ids) == build_prompt(text)
+        # The template is two pieces, so a prompt is at most 2 pieces + one per instruction word.
+        assert len(ids) <= 2 + len(text.split()), (text, sp.encode(build_prompt(text), out_type=str))
     for task in DEMO_TASKS:  # the demo's prompts + space, 7 actions, EOS fit config.data.max_seq_len
-        assert len(tok.prompt_ids(INSTRUCTIONS[task])) + 1 + 7 + 1 <= 40, task
+        assert len(tok.prompt_ids(INSTRUCTIONS[task])) + 1 + 7 + 1 <= max_len, task
     # Training sequences put the binned actions on the reserved ids (ActionTokenizer's rule).
     batch = tok.encode_batch(["open the drawer"], np.array([[-1.0, -0.5, 0.0, 0.25, 0.5, 0.99, 1.0]]))
     labels = batch["labels"][0]
     act = labels[labels >= 0][:7]
-    assert np.all((act >= 400 - 256) & (act < 400)), act
+    assert np.all((act >= 512 - 256) & (act < 512)), act
 
 
 def test_phase_commands_are_wired(tmp_path):
@@ -70,7 +75,7 @@ def test_phase_commands_are_wired(tmp_path):
     # eval.py defines every flag the closed-loop phase passes (absl rejects unknown flags).
     out = subprocess.run([sys.executable, "eval.py", "--helpfull"], cwd=REPO, capture_output=True, text=True,
                          timeout=60)
-    for flag in ("--sim_episodes", "--sim_image_size", "--sim_workers", "--dataset_configs", "--split"):
+    for flag in ("--sim_episodes", "--sim_image_size", "--sim_workers", "--sim_reference_cache", "--dataset_configs", "--split"):
         assert flag in out.stdout, flag
     with open(os.path.join(REPO, "Makefile")) as f:
         assert "-m vla_jax.demo" in f.read()

@@ -91,3 +91,24 @@ def test_bad_policy_output_is_named(sim):
                  say=lambda m: None)
     with pytest.raises(ValueError, match="50 held-out configurations"):
         evaluate(ExpertPolicy(), TASKS, 51, sim, say=lambda m: None)
+
+
+def test_reference_lines_are_cached(sim, tmp_path):
+    """The expert/random lines do not depend on the evaluated policy: the second evaluation takes them
+    from the cache (same numbers, GIFs copied into its own folder) and still evaluates the policy."""
+    cache = str(tmp_path / "refs")
+    kw = dict(videos_per_task=1, references=("expert", "random"), sim=sim, reference_cache=cache, say=lambda m: None)
+    first = run_evaluation(ZeroPolicy(), ["reach"], 1, str(tmp_path / "a"), name="zero", **kw)
+    assert sorted(d.split("-")[0] for d in os.listdir(cache)) == ["expert", "random"]
+    policy = ZeroPolicy()
+    second = run_evaluation(policy, ["reach"], 1, str(tmp_path / "b"), name="zero", **kw)
+    assert len(policy.calls) == MAX_STEPS  # the policy itself ran again
+    for ref in ("expert", "random"):
+        a, b = first["results"][ref], second["results"][ref]
+        assert "cached_from" not in a and b["cached_from"].startswith(cache)
+        assert a["tasks"] == b["tasks"] and a["mean_success_rate"] == b["mean_success_rate"]
+        assert len(b["videos"]) == 1 and b["videos"][0].startswith(str(tmp_path / "b" / "videos" / ref))
+        assert os.path.isfile(b["videos"][0])
+    # Other settings (more episodes) are a different key: evaluated, not taken from the cache.
+    third = run_evaluation(None, ["reach"], 2, str(tmp_path / "c"), **kw)
+    assert "cached_from" not in third["results"]["expert"] and third["results"]["expert"]["tasks"]["reach-v3"]["episodes"] == 2

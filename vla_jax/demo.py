@@ -4,7 +4,7 @@
 
 Phases (each a subprocess except the tokenizer, so TensorFlow and the simulator never share one):
   1. data       Meta-World expert demonstrations -> RLDS (vla_jax.sim.demos; cached)
-  2. tokenizer  a 400-piece SentencePiece model of the instructions, last 256 ids = action bins (cached)
+  2. tokenizer  a 512-piece SentencePiece model of the instructions, last 256 ids = action bins (cached)
   3. train      train.py --config=configs/demo.py, steps sized to --minutes
   4. offline    eval.py on the held-out 'val' split (token accuracy, L1)
   5. closed     eval.py --sim=metaworld on held-out configurations (success per task, GIFs)
@@ -16,6 +16,7 @@ and tokenizer are cached and a finished training run is kept.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import io
 import json
 import os
@@ -28,9 +29,9 @@ from typing import Dict, List, Optional
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO_IMAGE = 64
-DEMO_VOCAB = 400
+DEMO_VOCAB = 512
 N_ACTION_BINS = 256
-TEXT_PIECES = 144  # upper bound for the learned text pieces; the rest up to DEMO_VOCAB is filler
+TEXT_PIECES = 256  # upper bound for the learned text pieces; the rest up to DEMO_VOCAB is filler
 
 
 def default_out_dir() -> str:
@@ -42,28 +43,45 @@ def default_out_dir() -> str:
 # Tokenizer
 
 
+def _tokenizer_sentences():
+    """(training sentences, user-defined pieces) of the demo tokenizer."""
+    from vla_jax.sim.instructions import INSTRUCTIONS
+    from vla_jax.tokenizer import build_prompt
+
+    # Training sentences are lines, so the prompt's newline is a user-defined piece instead.
+    sentences = sorted(build_prompt(i).replace("\n", " ") for i in INSTRUCTIONS.values())
+    # User-defined pieces match the normalized text, where spaces are SentencePiece's "\u2581".
+    head, tail = build_prompt("{}").split("{}")
+    return sentences, ["\n", (" " + head.rstrip()).replace(" ", "\u2581"), tail]
+
+
+def tokenizer_path(out: str, vocab_size: int = DEMO_VOCAB) -> str:
+    """out/tokenizer/<fingerprint>/tokenizer.model: a changed recipe never reuses a stale model."""
+    sentences, symbols = _tokenizer_sentences()
+    key = json.dumps([sentences, symbols, vocab_size, TEXT_PIECES, N_ACTION_BINS]).encode()
+    return os.path.join(out, "tokenizer", hashlib.sha256(key).hexdigest()[:12], "tokenizer.model")
+
+
 def build_tokenizer(path: str, vocab_size: int = DEMO_VOCAB) -> str:
     """Trains a SentencePiece BPE model on the prompts of every Meta-World instruction and pads it
     with UNUSED pieces to exactly `vocab_size` pieces, so the last 256 ids (the action bins, as in
     OpenVLA) never come out of text encoding. Writes `path` (kept if present); returns it.
-    Ids: unk 0, BOS 1, EOS 2; '\\n' is a user-defined piece (the prompt contains one)."""
+    Ids: unk 0, BOS 1, EOS 2. The prompt template's fixed parts ('In: What action should the robot
+    take to' and '?\\nOut:') are user-defined pieces: every prompt is then 3-9 pieces instead of
+    ~20-35, which halves the sequence the Llama trains on (the template carries no information)."""
     if os.path.isfile(path):
         return path
     import sentencepiece as spm
     from sentencepiece import sentencepiece_model_pb2 as pb
 
-    from vla_jax.sim.instructions import INSTRUCTIONS
-    from vla_jax.tokenizer import build_prompt
-
     if vocab_size < TEXT_PIECES + N_ACTION_BINS:
         raise ValueError(f"vocab_size={vocab_size} must be >= {TEXT_PIECES + N_ACTION_BINS} "
                          f"({TEXT_PIECES} text pieces + {N_ACTION_BINS} action ids)")
-    # Training sentences are lines, so the prompt's newline is a user-defined piece instead.
-    sentences = sorted(build_prompt(i).replace("\n", " ") for i in INSTRUCTIONS.values())
+    sentences, symbols = _tokenizer_sentences()
     buf = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(sentences * 4), model_writer=buf, vocab_size=TEXT_PIECES, model_type="bpe",
-        hard_vocab_limit=False, normalization_rule_name="identity", user_defined_symbols=["\n"],
+        hard_vocab_limit=False, normalization_rule_name="identity", user_defined_symbols=symbols,
         character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=1, minloglevel=2)
     proto = pb.ModelProto()
     proto.ParseFromString(buf.getvalue())
@@ -106,8 +124,9 @@ def _run(cmd: List[str], log_path: str, tee: bool = True, stop_after_s: Optional
         raise RuntimeError(f"{cmd[1] if len(cmd) > 1 else cmd[0]} failed (exit {rc}); see {log_path}")
 
 
-def train_command(workdir: str, data_dir: str, tokenizer: str, steps: int) -> List[str]:
-    return [sys.executable, "train.py", f"--config=configs/demo.py:steps={steps}", f"--workdir={workdir}",
+def train_command(workdir: str, data_dir: str, tokenizer: str, steps: int, batch: int = 0) -> List[str]:
+    return [sys.executable, "train.py", f"--config=configs/demo.py:steps={steps}" + (f",batch={batch}" if batch else ""),
+            f"--workdir={workdir}",
             f"--config.tokenizer={tokenizer}", f"--config.data.data_dir={data_dir}",
             f"--config.data.dataset_configs={os.path.join(data_dir, 'dataset_config.json')}"]
 
@@ -118,10 +137,10 @@ def offline_command(ckpt: str, data_dir: str, out: str) -> List[str]:
             "--progress=false"]
 
 
-def closed_loop_command(ckpt: str, out: str, episodes: int, workers: int) -> List[str]:
+def closed_loop_command(ckpt: str, out: str, episodes: int, workers: int, reference_cache: str = "") -> List[str]:
     return [sys.executable, "eval.py", f"--checkpoint={ckpt}", "--sim=metaworld", f"--out={out}",
             f"--sim_episodes={episodes}", f"--sim_image_size={DEMO_IMAGE}", f"--sim_workers={workers}",
-            "--progress=false"]
+            f"--sim_reference_cache={reference_cache}", "--progress=false"]
 
 
 def export_command(ckpt: str, out: str) -> List[str]:
@@ -144,6 +163,7 @@ def parse_args(argv):
     p.add_argument("--minutes", type=float, default=10.0, help="training time budget (sets the step count)")
     p.add_argument("--steps", type=int, default=0, help="training steps (overrides --minutes)")
     p.add_argument("--steps_per_s", type=float, default=1.0, help="assumed training speed for --minutes")
+    p.add_argument("--batch", type=int, default=0, help="global batch size (default: configs/demo.py's)")
     p.add_argument("--episodes", type=int, default=10, help="closed-loop episodes per task (held-out configs)")
     p.add_argument("--workers", type=int, default=2, help="simulator worker processes")
     p.add_argument("--skip_export", action="store_true", help="skip the HF export")
@@ -169,7 +189,7 @@ def main(argv=None) -> Dict:
     times["data"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    tok = build_tokenizer(os.path.join(out, "tokenizer", "tokenizer.model"))
+    tok = build_tokenizer(tokenizer_path(out))
     times["tokenizer"] = time.perf_counter() - t
     say(f"2/6 tokenizer: {tok}")
 
@@ -178,8 +198,8 @@ def main(argv=None) -> Dict:
     steps = args.steps or steps_for(args.minutes, args.steps_per_s)
     # The step count assumes a speed; the time limit holds whatever the machine's load (the run then
     # stops early at a checkpoint, before its cosine schedule ends).
-    say(f"3/6 train: {steps} steps (batch 64), at most {args.minutes:g} min -> {workdir}")
-    _run(train_command(workdir, data_dir, tok, steps), log_path, stop_after_s=args.minutes * 60)
+    say(f"3/6 train: {steps} steps (batch {args.batch or 'from configs/demo.py'}), at most {args.minutes:g} min -> {workdir}")
+    _run(train_command(workdir, data_dir, tok, steps, args.batch), log_path, stop_after_s=args.minutes * 60)
     times["train"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -191,7 +211,9 @@ def main(argv=None) -> Dict:
     t = time.perf_counter()
     closed_dir = os.path.join(out, "eval_closed_loop")
     say(f"5/6 closed-loop evaluation: {args.episodes} held-out episodes per task -> {closed_dir}")
-    _run(closed_loop_command(workdir, closed_dir, args.episodes, args.workers), log_path)
+    # The expert and random reference lines are kept next to the demo data: they are the same every run.
+    refs = os.path.join(os.path.dirname(data_dir), "reference_lines")
+    _run(closed_loop_command(workdir, closed_dir, args.episodes, args.workers, refs), log_path)
     times["closed_loop_eval"] = time.perf_counter() - t
 
     hf_dir = os.path.join(out, "hf_export")

@@ -13,7 +13,7 @@ from typing import Any, Mapping, Optional, Tuple, Union
 import jax
 import numpy as np
 
-from vla_jax.models.config import LlamaConfig, OpenVLAConfig, ViTConfig, with_dtypes
+from vla_jax.models.config import OpenVLAConfig, config_from_dict, with_dtypes
 from vla_jax.models.openvla import OpenVLA
 from vla_jax.tokenizer import VLATokenizer
 
@@ -52,17 +52,6 @@ def enable_compilation_cache(setting: Union[None, bool, str] = None) -> Optional
 
 # ----------------------------------------------------------------------------------------------
 # Loading
-
-
-def config_from_geometry(d: Mapping[str, Any]) -> OpenVLAConfig:
-    """`dataclasses.asdict(OpenVLAConfig)` (a checkpoint's meta['model']) -> OpenVLAConfig."""
-    def vit(x):
-        x = dict(x)
-        x["mean"], x["std"] = tuple(x["mean"]), tuple(x["std"])
-        return ViTConfig(**x)
-
-    rest = {k: v for k, v in d.items() if k not in ("dino", "siglip", "llama")}
-    return OpenVLAConfig(dino=vit(d["dino"]), siglip=vit(d["siglip"]), llama=LlamaConfig(**d["llama"]), **rest)
 
 
 def tokenizer_from_asset(asset: Mapping[str, Any], where: str) -> VLATokenizer:
@@ -152,7 +141,7 @@ def load_vla_checkpoint(path: str, *, dtype: Optional[str] = None, param_dtype: 
 
     step_dir = ckpt_lib.resolve_step_dir(path)
     assets = ckpt_lib.load_assets(str(step_dir))
-    cfg = config_from_geometry(assets["meta"]["model"])
+    cfg = config_from_dict(assets["meta"]["model"])
     cfg = with_dtypes(cfg, dtype or cfg.dtype, param_dtype or cfg.param_dtype, remat=False)
     device = device or jax.devices()[0]
     params = ckpt_lib.load_params(str(step_dir), _abstract_params(step_dir / "state", param_dtype, device))

@@ -285,14 +285,3 @@ def preprocessor_config(cfg: OpenVLAConfig) -> Dict[str, Any]:
 
 def config_to_dict(cfg: OpenVLAConfig) -> Dict[str, Any]:
     return json.loads(json.dumps(dataclasses.asdict(cfg)))
-
-
-def config_from_dict(d: Mapping[str, Any]) -> OpenVLAConfig:
-    """Inverse of `dataclasses.asdict(OpenVLAConfig)` (as stored in a checkpoint's meta["model"])."""
-    def vit(x):
-        x = dict(x)
-        x["mean"], x["std"] = tuple(x["mean"]), tuple(x["std"])
-        return ViTConfig(**x)
-
-    rest = {k: v for k, v in d.items() if k not in ("dino", "siglip", "llama")}
-    return OpenVLAConfig(dino=vit(d["dino"]), siglip=vit(d["siglip"]), llama=LlamaConfig(**d["llama"]), **rest)

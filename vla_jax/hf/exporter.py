@@ -31,7 +31,7 @@ from vla_jax.hf import safetensors_io as sio
 from vla_jax.hf import tokenizer_files
 from vla_jax.hf.outdir import atomic_dir
 from vla_jax.models import hf_keys
-from vla_jax.models.config import OpenVLAConfig
+from vla_jax.models.config import OpenVLAConfig, config_from_dict
 
 log = logging.getLogger(__name__)
 
@@ -242,7 +242,7 @@ def export_checkpoint(ckpt_path: str, out_dir: str, *, dtype: str = "bfloat16",
     from vla_jax.hf.checkpoint_io import ParamsReader
 
     reader = ParamsReader(ckpt_path)
-    cfg = hfc.config_from_dict(reader.assets["meta"]["model"])
+    cfg = config_from_dict(reader.assets["meta"]["model"])
     merger = None
     if any(p[0] == "lora" for p in reader.shapes):
         base = {k: v for k, v in reader.abstract().items() if k != "lora"}

@@ -181,16 +181,27 @@ PRESETS = {
     # `make demo` (configs/demo.py): trained from scratch on 64x64 Meta-World frames on 2 CPU cores.
     # Towers of width 64 with 16-px patches (a 4x4 grid keeps the Llama sequence short; 8-px patches
     # measured ~2x slower per step); depth 3 because the towers return the second-to-last block.
-    # Vocabulary: a 400-piece demo tokenizer whose last 256 ids are the action bins, plus PAD, padded
+    # Vocabulary: a 512-piece demo tokenizer whose last 256 ids are the action bins, plus PAD, padded
     # to a multiple of 64 rows as OpenVLA pads 32001 -> 32064.
     "demo": OpenVLAConfig(
         dino=_dino(64, 3, 4, 128, image_size=64, patch=16),
         siglip=_siglip(64, 3, 4, 128, image_size=64, patch=16),
-        llama=LlamaConfig(vocab_size=448, hidden_size=256, intermediate_size=512, num_layers=2, num_heads=4,
+        llama=LlamaConfig(vocab_size=576, hidden_size=256, intermediate_size=512, num_layers=2, num_heads=4,
                           max_seq_len=256),
-        base_vocab_size=400, pad_token_id=400,
+        base_vocab_size=512, pad_token_id=512,
     ),
 }
+
+
+def config_from_dict(d) -> OpenVLAConfig:
+    """Inverse of `dataclasses.asdict(OpenVLAConfig)` (as stored in a checkpoint's meta['model'])."""
+    def vit(x):
+        x = dict(x)
+        x["mean"], x["std"] = tuple(x["mean"]), tuple(x["std"])
+        return ViTConfig(**x)
+
+    rest = {k: v for k, v in d.items() if k not in ("dino", "siglip", "llama")}
+    return OpenVLAConfig(dino=vit(d["dino"]), siglip=vit(d["siglip"]), llama=LlamaConfig(**d["llama"]), **rest)
 
 
 def get_preset(name: str) -> OpenVLAConfig:

@@ -23,8 +23,11 @@ Episodes end at the first success or after `max_steps` steps.
 from __future__ import annotations
 
 import collections
+import hashlib
 import json
 import os
+import shutil
+import tempfile
 import time
 from typing import Callable, Dict, List, Optional, Sequence
 
@@ -234,19 +237,57 @@ def format_table(results: Dict[str, dict]) -> str:
     return "\n".join(rows)
 
 
+def _reference_dir(cache_dir: str, name: str, key: dict) -> str:
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return os.path.join(cache_dir, f"{name}-{digest}")
+
+
+def _load_reference(folder: str, out_dir: str, name: str) -> Optional[dict]:
+    """A cached reference report with its GIFs copied into out_dir/videos/{name}/, or None."""
+    path = os.path.join(folder, "report.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        report = json.load(f)
+    video_dir = os.path.join(out_dir, "videos", name)
+    os.makedirs(video_dir, exist_ok=True)
+    report["videos"] = [shutil.copy2(os.path.join(folder, v), os.path.join(video_dir, v)) for v in report["videos"]]
+    report["cached_from"] = folder
+    return report
+
+
+def _store_reference(folder: str, report: dict, key: dict) -> None:
+    """Writes the report (GIF paths made relative) and its GIFs; a complete folder or nothing."""
+    parent = os.path.dirname(folder)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
+    stored = dict(report, videos=[os.path.basename(v) for v in report["videos"]], key=key)
+    for v in report["videos"]:
+        shutil.copy2(v, tmp)
+    with open(os.path.join(tmp, "report.json"), "w") as f:
+        json.dump(stored, f, indent=1)
+    try:
+        os.replace(tmp, folder)
+    except OSError:  # another run stored it first
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def run_evaluation(policy: Optional[Callable], tasks: Sequence[str], episodes_per_task: int, out_dir: str, *,
                    name: str = "model", image_size: int = 128, max_steps: int = 200, workers: int = 2,
                    batch_size: Optional[int] = None, videos_per_task: int = 2,
                    references: Sequence[str] = ("expert", "random"), seed: int = 0, camera: str = "corner",
                    goal_marker_scale: float = 2.5, sim: Optional[SimWorkers] = None,
-                   say: Callable[[str], None] = print) -> dict:
+                   reference_cache: Optional[str] = None, say: Callable[[str], None] = print) -> dict:
     """Evaluate `policy` (None: only the references) and the reference lines on the same held-out
     configurations; writes out_dir/report.json and GIFs under out_dir/videos/{policy}/. Returns the report:
     {'settings': {...}, 'results': {policy name: evaluate(...) report}, 'table': str}.
 
     image_size must be the demo dataset's stored image size (see its generation.json); the policy
     resizes like the training pipeline. `sim`: running SimWorkers to reuse (their image_size,
-    max_steps, camera and goal_marker_scale then apply); else `workers` new ones are started."""
+    max_steps, camera and goal_marker_scale then apply); else `workers` new ones are started.
+    reference_cache: a folder where the reference lines' reports are kept, keyed by everything that
+    determines them (tasks, episodes, simulator settings, seed, batch size, videos): they do not
+    depend on the evaluated policy, so a re-evaluation (e.g. each `make demo`) reuses them."""
     unknown = sorted(set(references) - {"expert", "random"})
     if unknown:
         raise ValueError(f"unknown reference policies {unknown}; available: ['expert', 'random']")
@@ -265,9 +306,22 @@ def run_evaluation(policy: Optional[Callable], tasks: Sequence[str], episodes_pe
     results = {}
     try:
         for pname, pol in policies:
+            is_ref = pname in references and (policy is None or pname != name)
+            folder = None
+            if reference_cache and is_ref:
+                key = {"policy": pname, "seed": int(seed), "batch_size": batch_size, "videos": int(videos_per_task),
+                       "version": 1, **settings}
+                folder = _reference_dir(reference_cache, pname, key)
+                cached = _load_reference(folder, out_dir, pname)
+                if cached is not None:
+                    results[pname] = cached
+                    say(f"{pname}: mean success {cached['mean_success_rate']:.2f} (cached in {folder})")
+                    continue
             results[pname] = evaluate(pol, tasks, episodes_per_task, sim, name=pname, batch_size=batch_size,
                                       videos_per_task=videos_per_task, video_dir=os.path.join(out_dir, "videos"),
                                       say=say)
+            if folder:
+                _store_reference(folder, results[pname], key)
     finally:
         if own:
             sim.close()
