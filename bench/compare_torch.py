@@ -144,7 +144,7 @@ def main(argv=None) -> int:
     reps = ["--train-reps", str(a.train_reps), "--infer-reps", str(a.infer_reps), "--batch-reps", str(a.batch_reps)]
     torch_env = {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
     report = {"benchmark": "compare_torch", "machine": machine(), "cores": a.cores,
-              "loadavg_start": [round(x, 2) for x in os.getloadavg()], "reps": vars(a),
+              "loadavg_start": [round(x, 2) for x in os.getloadavg()], "reps": {k: v for k, v in vars(a).items() if k != "out"},
               "torch_env": torch_env, "results": []}
     t_all = time.perf_counter()
     for setup in setups:
