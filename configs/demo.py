@@ -1,4 +1,4 @@
-"""`make demo`: a ~2M-parameter OpenVLA trained from scratch on the Meta-World demo dataset, on CPU.
+"""`make demo`: a ~3.2M-parameter OpenVLA trained from scratch on the Meta-World demo dataset, on CPU.
 
     python train.py --config=configs/demo.py --workdir=DIR \\
         --config.tokenizer=TOK/tokenizer.model --config.data.data_dir=DATA \\
@@ -7,7 +7,7 @@
 `python -m vla_jax.demo` fills in those paths (data from vla_jax.sim.demos, tokenizer from
 vla_jax/demo.py's small SentencePiece model) and the number of steps from its time budget.
 
-Geometry: the OpenVLA architecture at demo scale (DINOv2-reg + SigLIP towers of width 64, patch 16
+Geometry: the OpenVLA architecture at demo scale (DINOv2-reg + SigLIP towers of width 128, patch 16
 on 64x64 images; Llama width 256 x 2 layers) over a 512-piece demo tokenizer whose last 256 ids are
 the action bins: the 'demo' preset of vla_jax/models/config.py.
 """

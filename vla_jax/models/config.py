@@ -179,13 +179,15 @@ PRESETS = {
         llama=LlamaConfig(vocab_size=32064, hidden_size=512, intermediate_size=1376, num_layers=4, num_heads=8),
     ),
     # `make demo` (configs/demo.py): trained from scratch on 64x64 Meta-World frames on 2 CPU cores.
-    # Towers of width 64 with 16-px patches (a 4x4 grid keeps the Llama sequence short; 8-px patches
+    # Towers of width 128 with 16-px patches (a 4x4 grid keeps the Llama sequence short; 8-px patches
     # measured ~2x slower per step); depth 3 because the towers return the second-to-last block.
+    # Width 128 instead of 64 costs ~nothing per step (the Llama dominates) and learned faster
+    # (held-out L1 0.038 vs 0.081-0.17, closed-loop 40% vs 0-18% at similar step counts).
     # Vocabulary: a 512-piece demo tokenizer whose last 256 ids are the action bins, plus PAD, padded
     # to a multiple of 64 rows as OpenVLA pads 32001 -> 32064.
     "demo": OpenVLAConfig(
-        dino=_dino(64, 3, 4, 128, image_size=64, patch=16),
-        siglip=_siglip(64, 3, 4, 128, image_size=64, patch=16),
+        dino=_dino(128, 3, 4, 512, image_size=64, patch=16),
+        siglip=_siglip(128, 3, 4, 512, image_size=64, patch=16),
         llama=LlamaConfig(vocab_size=576, hidden_size=256, intermediate_size=512, num_layers=2, num_heads=4,
                           max_seq_len=256),
         base_vocab_size=512, pad_token_id=512,
