@@ -17,7 +17,6 @@ for streaming conversion of large checkpoints).
 
 from __future__ import annotations
 
-import functools
 import re
 from typing import Any, Iterable, Iterator, Optional
 
@@ -27,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vla_jax.models.config import LlamaConfig
+from vla_jax.models.dense import Linear
 
 ACT_AXES = ("act_batch", "act_len", "act_embed")
 _INIT_STD = 0.02  # transformers' default `initializer_range` for Llama
@@ -34,8 +34,11 @@ _INIT_STD = 0.02  # transformers' default `initializer_range` for Llama
 Cache = dict  # {'k': [L, B, S, KVH, hd], 'v': [L, B, S, KVH, hd]} in compute dtype
 
 
+_INIT = nn.initializers.normal(_INIT_STD)
+
+
 def _init(names):
-    return nn.with_logical_partitioning(nn.initializers.normal(_INIT_STD), names)
+    return nn.with_logical_partitioning(_INIT, names)
 
 
 def _is_concrete(x) -> bool:
@@ -115,25 +118,6 @@ def _write_rows(cache, new, starts):
     return jax.vmap(one)(cache, new, starts)
 
 
-class EinsumKernel(nn.Module):
-    """A bias-free projection `einsum(equation, x, kernel)` with a multi-axis `kernel` parameter.
-
-    Used instead of nn.DenseGeneral: under a mesh with logical rules, DenseGeneral re-runs the
-    initializer on a flattened 2-D kernel, which its 3 logical axis names do not fit.
-    """
-
-    equation: str
-    shape: tuple
-    names: tuple
-    dtype: Any
-    param_dtype: Any
-
-    @nn.compact
-    def __call__(self, x):
-        kernel = self.param("kernel", _init(self.names), self.shape, self.param_dtype)
-        return jnp.einsum(self.equation, x.astype(self.dtype), jnp.asarray(kernel, self.dtype))
-
-
 class Attention(nn.Module):
     """Causal self-attention with RoPE, optional grouped-query heads and an optional KV cache."""
 
@@ -153,8 +137,8 @@ class Attention(nn.Module):
         H, KVH, hd = cfg.num_heads, cfg.kv_heads, cfg.head_dim
 
         def proj(n, name):
-            return EinsumKernel("btd,dnh->btnh", (cfg.hidden_size, n, hd), ("embed", "heads", "kv"),
-                                dtype, pdtype, name=name)(x)
+            return Linear((n, hd), ("embed", "heads", "kv"), kernel_init=_INIT, dtype=dtype, param_dtype=pdtype,
+                          name=name)(x)
 
         q, k, v = proj(H, "q_proj"), proj(KVH, "k_proj"), proj(KVH, "v_proj")  # [B, T, n, hd]
         cos, sin = rope_cos_sin(positions, hd, cfg.rope_theta)
@@ -180,8 +164,8 @@ class Attention(nn.Module):
         scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
         out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(B, T, H, hd)
-        out = EinsumKernel("btnh,nhd->btd", (H, hd, cfg.hidden_size), ("heads", "kv", "embed"),
-                           dtype, pdtype, name="o_proj")(out)
+        out = Linear((cfg.hidden_size,), ("heads", "kv", "embed"), n_in=2, kernel_init=_INIT, dtype=dtype,
+                     param_dtype=pdtype, name="o_proj")(out)
         return out, new_cache
 
 
@@ -193,11 +177,10 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x):
         cfg = self.config
-        kw = dict(use_bias=False, dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
-        gate = nn.Dense(cfg.intermediate_size, kernel_init=_init(("embed", "mlp")), name="gate_proj", **kw)(x)
-        up = nn.Dense(cfg.intermediate_size, kernel_init=_init(("embed", "mlp")), name="up_proj", **kw)(x)
-        return nn.Dense(cfg.hidden_size, kernel_init=_init(("mlp", "embed")), name="down_proj", **kw)(
-            nn.silu(gate) * up)
+        kw = dict(kernel_init=_INIT, dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
+        gate = Linear((cfg.intermediate_size,), ("embed", "mlp"), name="gate_proj", **kw)(x)
+        up = Linear((cfg.intermediate_size,), ("embed", "mlp"), name="up_proj", **kw)(x)
+        return Linear((cfg.hidden_size,), ("mlp", "embed"), name="down_proj", **kw)(nn.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -254,9 +237,8 @@ class Llama(nn.Module):
                               metadata_params={nn.PARTITION_NAME: "layers"})(cfg)
         self.norm = RMSNorm(cfg.rms_norm_eps, dtype, pdtype)
         # bf16 inputs, fp32 accumulation and output: logits feed the loss and argmax.
-        self.lm_head = nn.Dense(cfg.vocab_size, use_bias=False, dtype=dtype, param_dtype=pdtype,
-                                kernel_init=_init(("embed", "vocab")),
-                                dot_general=functools.partial(jax.lax.dot_general, preferred_element_type=jnp.float32))
+        self.lm_head = Linear((cfg.vocab_size,), ("embed", "vocab"), kernel_init=_INIT, accumulate_fp32=True,
+                              dtype=dtype, param_dtype=pdtype)
 
     def embed(self, ids):
         """ids [B, T] int32 -> embeddings [B, T, D] in compute dtype (ids checked when concrete)."""

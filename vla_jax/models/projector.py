@@ -3,6 +3,8 @@
 import flax.linen as nn
 import jax.numpy as jnp
 
+from vla_jax.models.dense import Linear
+
 
 class FusedProjector(nn.Module):
     """fc1 (vision_dim -> 4*vision_dim) -> GELU -> fc2 (-> llm_dim) -> GELU -> fc3 (-> llm_dim).
@@ -19,10 +21,8 @@ class FusedProjector(nn.Module):
     param_dtype: str = "float32"
 
     def _dense(self, features, in_axis, out_axis, name):
-        return nn.Dense(
-            features, use_bias=True, dtype=jnp.dtype(self.dtype), param_dtype=jnp.dtype(self.param_dtype),
-            kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), (in_axis, out_axis)),
-            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (out_axis,)), name=name)
+        return Linear((features,), (in_axis, out_axis), (out_axis,), kernel_init=nn.initializers.lecun_normal(),
+                      dtype=jnp.dtype(self.dtype), param_dtype=jnp.dtype(self.param_dtype), name=name)
 
     @nn.compact
     def __call__(self, x):

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vla_jax.models.config import ViTConfig
+from vla_jax.models.dense import Linear
 
 _ACT = ("act_batch", "act_len", "act_embed")
 # timm uses trunc_normal_(std=.02) with cut-offs at +-2, i.e. 100 sigma: effectively a plain normal.
@@ -29,27 +30,6 @@ _LAYER_SCALE_INIT = 1e-5
 
 def _param(mod: nn.Module, name: str, init, shape: Sequence[int], names: Sequence[Any], dtype):
     return mod.param(name, nn.with_logical_partitioning(init, tuple(names)), tuple(shape), dtype)
-
-
-class Linear(nn.Module):
-    """Affine map contracting the last `n_in` input axes: `[..., *in] @ [*in, *features] + [*features]`."""
-
-    features: tuple
-    kernel_axes: tuple
-    bias_axes: tuple
-    n_in: int = 1
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x):
-        in_shape = x.shape[x.ndim - self.n_in:]
-        kernel = _param(self, "kernel", _NORMAL_02, in_shape + tuple(self.features), self.kernel_axes,
-                        self.param_dtype)
-        bias = _param(self, "bias", nn.initializers.zeros, self.features, self.bias_axes, self.param_dtype)
-        dims = (tuple(range(x.ndim - self.n_in, x.ndim)), tuple(range(self.n_in)))
-        y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (dims, ((), ())))
-        return y + bias.astype(self.dtype)
 
 
 class LayerNorm(nn.Module):

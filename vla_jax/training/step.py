@@ -10,7 +10,6 @@ predicted by the logit at fused index t + P - 1; the lm_head runs only there.
 from __future__ import annotations
 
 import dataclasses
-import logging
 from typing import Any, Callable, Dict, Optional, Tuple
 
 import flax.linen as nn
@@ -29,9 +28,8 @@ BATCH_KEYS = ("pixel_values", "input_ids", "labels", "dataset_index")
 # The model's activation constraints (nn.with_logical_constraint at block boundaries) act only when the
 # step is traced under the mesh and the rules; without them XLA may keep activations replicated over
 # the FSDP axis (the 7B plan at 64 devices then needs ~400 GB of temporaries per device instead of
-# ~18 GB). None = use them when the model supports tracing under a mesh (see
-# `activation_constraints_supported`); True/False force it.
-CONSTRAIN_ACTIVATIONS: Optional[bool] = None
+# ~18 GB). A test or benchmark may set False to compare.
+CONSTRAIN_ACTIVATIONS: bool = True
 SUM_KEYS = ("ce_sum", "tokens", "correct", "l1_sum", "actions", "ds_correct", "ds_l1_sum", "ds_actions")
 
 
@@ -195,46 +193,11 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule
     return train_step
 
 
-_SUPPORTED: Dict[str, bool] = {}
-
-
-def activation_constraints_supported() -> bool:
-    """Whether the model's layers trace under a mesh + rules context (cached; ~0.1 s once).
-
-    Flax's nn.DenseGeneral with a multi-axis kernel and logical names fails there: while checking an
-    existing parameter's shape, Flax re-runs its kernel_init on the flattened 2-D kernel and applies
-    the 3 logical names to it. A one-layer Llama is traced to find out; other errors propagate.
-    """
-    if "llama" not in _SUPPORTED:
-        from vla_jax.models.config import LlamaConfig
-        from vla_jax.models.llama import Llama
-
-        cfg = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2,
-                          dtype="float32")
-        model = Llama(cfg)
-        x = jax.ShapeDtypeStruct((1, 2, 16), jnp.float32)
-        pos = jax.ShapeDtypeStruct((1, 2), jnp.int32)
-        mesh = shd.make_mesh((1, 1, 1), jax.devices()[:1])
-        try:
-            with shd.mesh_rules(mesh):
-                params = jax.eval_shape(model.init, jax.random.PRNGKey(0), x, pos)
-                jax.eval_shape(model.apply, params, x, pos)
-            _SUPPORTED["llama"] = True
-        except ValueError as e:
-            if "with_sharding_constraint" not in str(e) and "only valid for values of rank" not in str(e):
-                raise
-            logging.getLogger(__name__).warning(
-                "the model cannot be traced under a mesh (nn.DenseGeneral with logical axis names in "
-                "vla_jax/models/llama.py); training without activation sharding constraints")
-            _SUPPORTED["llama"] = False
-    return _SUPPORTED["llama"]
-
-
 def jit_train_step(train_step: Callable, mesh, state_shardings, batch_shapes: Dict[str, Tuple[int, ...]],
                    rules=shd.LOGICAL_RULES, constrain_activations: Optional[bool] = None):
     """Jits `train_step` with explicit shardings and the state donated; calls run under `mesh` and
     `rules` (Flax's activation constraints are no-ops without them); constrain_activations None: the
-    module default CONSTRAIN_ACTIVATIONS (itself None: whenever the model supports it).
+    module default CONSTRAIN_ACTIVATIONS.
 
     batch_shapes: {key: global shape}; each batch key is sharded on its leading axis over the data axes.
     Returns a callable (state, batch) -> (state, metrics) that also has `.lower(state, batch)`.
@@ -245,8 +208,6 @@ def jit_train_step(train_step: Callable, mesh, state_shardings, batch_shapes: Di
                      out_shardings=(state_shardings, replicated), donate_argnums=(0,))
     if constrain_activations is None:
         constrain_activations = CONSTRAIN_ACTIVATIONS
-    if constrain_activations is None:
-        constrain_activations = activation_constraints_supported()
     return shd.MeshBound(jitted, mesh, rules, constrain_activations)
 
 
