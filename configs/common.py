@@ -29,6 +29,9 @@ def base_config() -> ml_collections.ConfigDict:
         mixture="",             # a mixture name (vla_jax/data/oxe/mixtures.py) or one dataset name
         split="train",
         image_aug=False,
+        # OpenVLA's augmentation ops, in its order (image_aug=True applies these; a subset skips the rest).
+        image_aug_ops=("random_resized_crop", "random_brightness", "random_contrast", "random_saturation",
+                       "random_hue"),
         shuffle_buffer=256_000,  # frames per host (still JPEG-encoded)
         max_seq_len=64,         # text tokens per example (BOS..EOS + padding), image patches not counted
         threads=config_dict.placeholder(int),           # tf.data thread pool (None: TF's default)

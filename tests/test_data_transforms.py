@@ -129,3 +129,36 @@ def test_frame_seeds_differ_by_frame_and_process():
     s = [tuple(transforms.frame_seed(0, p, i).numpy()) for p in (0, 1) for i in (0, 1)]
     assert len(set(s)) == 4
     assert tuple(transforms.frame_seed(0, 1, 1).numpy()) == s[3]
+
+
+def test_crop_only_augmentation_shifts_but_keeps_colours():
+    """image_aug_ops=('random_resized_crop',): a flat colour stays exactly that colour (no jitter),
+    a gradient image moves (the crop), and the crop is the one the full recipe draws for that frame."""
+    flat = tf.io.encode_png(np.full((64, 64, 3), (200, 40, 90), np.uint8))
+    ramp = np.tile(np.arange(64, dtype=np.uint8)[None, :, None] * 4, (64, 1, 3))
+    crop_only, full = ("random_resized_crop",), transforms.AUGMENT_ORDER
+    for i in range(5):
+        out = transforms.decode_resize_augment({"image": flat}, 64, True, 0, 0, tf.constant(i), crop_only)
+        assert (out["image"].numpy() == (200, 40, 90)).all()
+        changed = transforms.decode_resize_augment({"image": flat}, 64, True, 0, 0, tf.constant(i), full)
+        assert (changed["image"].numpy() != (200, 40, 90)).any()
+    ramp_png = tf.io.encode_png(ramp)
+    out = transforms.decode_resize_augment({"image": ramp_png}, 64, True, 0, 0, tf.constant(3), crop_only)["image"]
+    # Same seed for the crop as in the full recipe: op 0 of a 5-way split of the frame seed.
+    seed = tf.random.experimental.stateless_split(tf.cast(transforms.frame_seed(0, 0, tf.constant(3)), tf.int64), 5)[0]
+    want = transforms.random_resized_crop(tf.image.convert_image_dtype(ramp, tf.float32), seed, (0.9, 0.9), (1.0, 1.0))
+    want = tf.image.convert_image_dtype(tf.clip_by_value(want, 0.0, 1.0), tf.uint8, saturate=True)
+    np.testing.assert_array_equal(out.numpy(), want.numpy())
+    assert not np.array_equal(out.numpy(), ramp)
+
+
+def test_unknown_or_empty_augmentation_ops_are_named():
+    with pytest.raises(ValueError, match=r"unknown \['blur'\].*random_resized_crop"):
+        transforms.check_augment_ops(("random_resized_crop", "blur"))
+    with pytest.raises(ValueError, match="empty"):
+        transforms.check_augment_ops(())
+    from vla_jax.data.pipeline import DataConfig
+
+    assert DataConfig(image_aug_ops=["random_hue"]).image_aug_ops == ("random_hue",)
+    with pytest.raises(ValueError, match="blur"):
+        DataConfig(image_aug_ops=("blur",))

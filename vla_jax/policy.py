@@ -109,7 +109,7 @@ class Policy:
              compilation_cache: Union[None, bool, str] = None, device=None, **kw) -> "Policy":
         """Loads a vla_jax checkpoint (the latest step of a workdir) or an HF OpenVLA folder.
 
-        center_crop: None = what the checkpoint records (its run config's data.image_aug).
+        center_crop: None = what the checkpoint records (its run config's data.image_aug with the random crop).
         dtype / param_dtype: override the compute / parameter dtypes (e.g. 'bfloat16' on accelerators).
         tokenizer: a tokenizer.model to use instead of the checkpoint's.
         compilation_cache: see `enable_compilation_cache` (None = the environment variable decides).

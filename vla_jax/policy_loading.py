@@ -136,7 +136,7 @@ def _check_param_tree(cfg: OpenVLAConfig, params: dict, where: str) -> None:
 def load_vla_checkpoint(path: str, *, dtype: Optional[str] = None, param_dtype: Optional[str] = None,
                         device=None) -> Tuple[OpenVLAConfig, dict, dict, VLATokenizer, bool]:
     """A vla_jax checkpoint (workdir, its checkpoints/ folder or one step folder; the latest step)
-    -> (config, params on `device`, dataset statistics, tokenizer, trained_with_image_aug)."""
+    -> (config, params on `device`, dataset statistics, tokenizer, trained_with_random_crop)."""
     from vla_jax import checkpoints as ckpt_lib
 
     step_dir = ckpt_lib.resolve_step_dir(path)
@@ -150,7 +150,10 @@ def load_vla_checkpoint(path: str, *, dtype: Optional[str] = None, param_dtype: 
         params = _merge_lora(params, run_config)
     _check_param_tree(cfg, params, str(step_dir))
     tok = tokenizer_from_asset(assets.get("tokenizer") or {}, str(step_dir))
-    image_aug = bool((run_config.get("data") or {}).get("image_aug", False))
+    data = run_config.get("data") or {}
+    # OpenVLA's test-time centre crop undoes the training-time random crop; colour ops need nothing.
+    image_aug = bool(data.get("image_aug", False)) and "random_resized_crop" in data.get("image_aug_ops",
+                                                                                      ("random_resized_crop",))
     return cfg, params, dict(assets.get("dataset_statistics") or {}), tok, image_aug
 
 

@@ -38,7 +38,7 @@ import json
 import logging
 import os
 import warnings
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import tensorflow as tf
@@ -63,6 +63,7 @@ class DataConfig:
     batch_size: frames per batch *on this host*.
     resize_size: side of the square uint8 images (224 for OpenVLA; smaller for demo models).
     image_aug: OpenVLA's augmentation (random crop, brightness, contrast, saturation, hue).
+    image_aug_ops: which of those ops image_aug applies (default all, in OpenVLA's order).
     shuffle_buffer: frames (still encoded) in the shuffle buffer (OpenVLA: 256,000).
     seed: makes the stream reproducible (file order, mixture draws, shuffle, augmentation).
     max_seq_len: fixed text length of input_ids/labels (BOS included, image patches not).
@@ -82,6 +83,7 @@ class DataConfig:
     batch_size: int = 8
     resize_size: int = 224
     image_aug: bool = False
+    image_aug_ops: Tuple[str, ...] = transforms.AUGMENT_ORDER
     shuffle_buffer: int = 256_000
     seed: int = 0
     max_seq_len: int = 64
@@ -109,6 +111,8 @@ class DataConfig:
                 raise ValueError(f"DataConfig.{f} must be > 0, got {getattr(self, f)!r}")
         if self.shuffle_buffer < 0:
             raise ValueError(f"DataConfig.shuffle_buffer must be >= 0, got {self.shuffle_buffer}")
+        # A list from a config file becomes a tuple: the config stays hashable.
+        object.__setattr__(self, "image_aug_ops", transforms.check_augment_ops(self.image_aug_ops))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -292,7 +296,7 @@ def make_dataset(data_cfg: DataConfig, process_index: int = 0, process_count: in
     size, aug = int(data_cfg.resize_size), bool(data_cfg.image_aug)
 
     def frame(i, f):
-        return transforms.decode_resize_augment(f, size, aug, data_cfg.seed, process_index, i)
+        return transforms.decode_resize_augment(f, size, aug, data_cfg.seed, process_index, i, data_cfg.image_aug_ops)
 
     ds = rlds.frame_map(ds, frame, num_parallel_calls=tf.data.AUTOTUNE, deterministic=data_cfg.deterministic)
     ds = ds.batch(data_cfg.batch_size, drop_remainder=data_cfg.repeat,

@@ -16,7 +16,7 @@ never reads it) and action chunking (window 1, no future actions: a no-op on val
 
 from __future__ import annotations
 
-from typing import Mapping, Optional, Sequence
+from typing import Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import tensorflow as tf
@@ -183,11 +183,27 @@ def frame_seed(base_seed: int, process_index: int, frame_index: tf.Tensor) -> tf
     return tf.random.experimental.stateless_fold_in(base, tf.cast(frame_index, tf.int64))
 
 
+def check_augment_ops(ops: Sequence[str]) -> Tuple[str, ...]:
+    """-> ops as a tuple; ValueError naming an op that is not one of OpenVLA's (AUGMENT_ORDER)."""
+    ops = tuple(ops)
+    unknown = [op for op in ops if op not in AUGMENT_ORDER]
+    if unknown:
+        raise ValueError(f"image augmentation ops {list(ops)}: unknown {unknown}; choose from {list(AUGMENT_ORDER)}")
+    if not ops:
+        raise ValueError(f"image augmentation ops are empty (set image_aug=False instead); "
+                         f"choose from {list(AUGMENT_ORDER)}")
+    return ops
+
+
 def decode_resize_augment(frame: Mapping, size: int, augment: bool, base_seed: int, process_index: int,
-                          frame_index: tf.Tensor) -> dict:
-    """Frame with encoded 'image' -> frame with uint8 'image' [size, size, 3]."""
+                          frame_index: tf.Tensor, ops: Sequence[str] = AUGMENT_ORDER) -> dict:
+    """Frame with encoded 'image' -> frame with uint8 'image' [size, size, 3].
+
+    ops: the subset of OpenVLA's augmentation to apply (always in OpenVLA's order, each op with the
+    seed it has in the full recipe)."""
     img = resize_image(decode_image(frame["image"], size), size)
     if augment:
-        img = augment_image(img, frame_seed(base_seed, process_index, frame_index))
+        params = {op: OPENVLA_AUGMENT[op] for op in check_augment_ops(ops)}
+        img = augment_image(img, frame_seed(base_seed, process_index, frame_index), params)
     img.set_shape([size, size, 3])
     return {**frame, "image": img}
