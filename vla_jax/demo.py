@@ -161,11 +161,11 @@ def parse_args(argv):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=None, help=f"output folder (default {default_out_dir()})")
     p.add_argument("--data", default=None, help="demo dataset folder (default: the make_demo_data cache, 64 px)")
-    # Defaults sized for ~20 minutes in all on 2 cores: ~15 min of training at the measured ~1.6 steps/s
+    # Defaults sized for ~20 minutes in all on 2 cores: ~15 min of training at the measured ~2.0 steps/s
     # (batch 64, start-up and compilation included), then ~5 min of evaluation and export.
     p.add_argument("--minutes", type=float, default=15.0, help="training time budget (sets the step count)")
     p.add_argument("--steps", type=int, default=0, help="training steps (overrides --minutes)")
-    p.add_argument("--steps_per_s", type=float, default=1.6, help="assumed training speed for --minutes")
+    p.add_argument("--steps_per_s", type=float, default=2.0, help="assumed training speed for --minutes")
     p.add_argument("--batch", type=int, default=0, help="global batch size (default: configs/demo.py's)")
     p.add_argument("--episodes", type=int, default=10, help="closed-loop episodes per task (held-out configs)")
     p.add_argument("--workers", type=int, default=2, help="simulator worker processes")
