@@ -32,10 +32,7 @@ def get_config(arg=None):
     c.data.data_dir = ""            # set by vla_jax.demo: the generated demo dataset
     c.data.dataset_configs = ""     # ... and its dataset_config.json
     c.data.mixture = DEMO_DATASET
-    c.data.image_aug = True         # random crop (a shift of up to 3 px): closed-loop success needs it
-    # No colour jitter: the simulator's lighting never changes, and the TF colour ops cost CPU time
-    # that the train step needs on 2 cores.
-    c.data.image_aug_ops = ("random_resized_crop",)
+    c.data.image_aug = True         # OpenVLA's random crop + colour jitter: closed-loop success needs it
     c.data.shuffle_buffer = 20_000  # the whole demo dataset (~20k frames at 64 px) fits
     # BOS + prompt + space + 7 actions + EOS: the demo tokenizer makes the prompt template two pieces,
     # so the six demo tasks' prompts are 5-9 pieces (16 at most over all 50 Meta-World tasks).
