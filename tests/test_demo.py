@@ -79,3 +79,15 @@ def test_phase_commands_are_wired(tmp_path):
         assert flag in out.stdout, flag
     with open(os.path.join(REPO, "Makefile")) as f:
         assert "-m vla_jax.demo" in f.read()
+
+
+def test_time_limit_stop_is_not_a_failure(tmp_path):
+    """The demo's time limit SIGTERMs training; a process that dies of that signal (it can land after
+    train.py's last checkpoint, once its handler is gone) is a stop, while a real failure still raises."""
+    log = str(tmp_path / "log")
+    sleeper = [sys.executable, "-c", "import time; time.sleep(30)"]
+    assert demo._run(sleeper, log, tee=False, stop_after_s=0.5) is True
+    assert demo._run([sys.executable, "-c", "pass"], log, tee=False, stop_after_s=30) is False
+    with pytest.raises(RuntimeError, match="failed \\(exit 3\\)"):
+        demo._run([sys.executable, "-c", "raise SystemExit(3)"], log, tee=False, stop_after_s=30)
+    assert demo.latest_step(str(tmp_path)) is None

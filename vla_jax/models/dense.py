@@ -10,9 +10,9 @@ Why: JAX's derived rule computes the kernel gradient as `(g . x)` in [*out, *in]
 a transpose. XLA:CPU folds that transpose into the dot and then materialises a transposed copy of
 the [tokens, out] cotangent; the copy is fused into the elementwise producer (e.g. SwiGLU's
 backward), which then reads its inputs with a stride of a whole row. At the 'mid' preset those
-copies took ~20% of a train step; a 4-layer SwiGLU stack ran forward+backward in 1.35 s instead of
-2.0 s with this rule (bench in BENCHMARKS.md). The values are the same dots, so results match the
-derived gradient to float rounding (tests/test_dense.py checks both against each other).
+copies took ~20% of a train step (`bench/dense_backward.py`, BENCHMARKS.md). The values are the
+same dots, so results match the derived gradient to float rounding (tests/test_dense.py checks the
+rule against torch autograd).
 
 Mixed precision: x and kernel arrive in the compute dtype; `accumulate_fp32` makes the forward
 output float32 (logits), and the backward then contracts the cotangent in the compute dtype with
@@ -61,7 +61,7 @@ def _dense_bwd(n_in, accumulate_fp32, res, g):
     # The kernel gradient as [in, N] @ [N, out] on 2-D views, with the transpose of x explicit and x
     # behind a barrier: XLA:CPU's GEMMs take the contracted axis last on the left, so x^T must be
     # materialised; as its own op that is a tiled transpose, whereas fused into x's producer (what
-    # XLA does otherwise) it reads every input with a row-sized stride (~25% slower step at 'demo').
+    # XLA does otherwise) it reads every input with a row-sized stride (~15-20% of the 'demo' step).
     k_in, k_out = kernel.shape[:n_in], kernel.shape[n_in:]
     x2 = jax.lax.optimization_barrier(x.reshape(-1, math.prod(k_in)))
     dk = _contract(x2.T, g.reshape(-1, math.prod(k_out)), (1,), (0,), acc).reshape(kernel.shape)
