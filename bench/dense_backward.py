@@ -16,8 +16,11 @@ import os
 import pathlib
 import platform
 import statistics
+import sys
 import time
 
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 os.environ["XLA_FLAGS"] = " ".join(
     [f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f]
     + ["--xla_force_host_platform_device_count=1"])
@@ -27,8 +30,6 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from vla_jax.models.dense import dense  # noqa: E402
-
-REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def derived(x, kernel):
