@@ -27,7 +27,6 @@ os.environ["XLA_FLAGS"] = " ".join(
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 
 from vla_jax.models.dense import dense  # noqa: E402
 
