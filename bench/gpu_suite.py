@@ -38,8 +38,11 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)
+for _p in (REPO, os.path.join(REPO, "bench")):
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
+
+from compare_setup import summarize, time_calls  # noqa: E402  (timing statistics shared by the benches)
 
 H100_BF16_FLOPS = 989e12
 H100_HBM_BYTES_PER_S = 3.35e12
@@ -129,18 +132,6 @@ def memory(part: str) -> dict:
             "host_peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)}
 
 
-def timed(fn, reps: int) -> dict:
-    fn()
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    ts.sort()
-    return {"median_ms": round(float(np.median(ts)) * 1e3, 3),
-            "p90_ms": round(ts[min(len(ts) - 1, int(round(0.9 * (len(ts) - 1))))] * 1e3, 3), "n": reps}
-
-
 def hardware_limit(cfg, prompt_len: int, peak_flops: float, bandwidth: float) -> dict:
     """Batch-1 lower bound: prefill at peak FLOP/s + each cached step reading the LLM weights once."""
     from vla_jax.training import metrics as mlib
@@ -191,7 +182,7 @@ def inference_part(a) -> dict:
     out["compile_s_all_buckets"] = round(time.perf_counter() - t0, 1)
     for b in batches:
         fn = lambda: np.asarray(compiled[b](params, *inputs[b]))  # noqa: E731 (tokens on the host)
-        t = timed(fn, a.infer_reps if b == batches[0] else a.batch_reps)
+        t = time_calls(fn, a.infer_reps if b == batches[0] else a.batch_reps)
         t.update(ms_per_action=round(t["median_ms"] / b, 3), actions_per_s=round(1e3 * b / t["median_ms"], 2))
         out[f"batch{b}"] = t
     first = out[f"batch{batches[0]}"]
@@ -248,14 +239,14 @@ def train_part(a, lora: bool) -> dict:
         losses.append(float(np.asarray(metrics["loss"])))  # the host sync ends the step
         if i >= 2:
             times.append(time.perf_counter() - t0)
-    med = float(np.median(times))
+    stats = summarize(times)
+    med = stats["median_ms"] / 1e3
     tokens = batch_size * (a.text_len + cfg.num_patches)
     flops = batch_size * mlib.train_flops_per_example(cfg, a.text_len, NUM_SUPERVISED, mlib.parts_trainable(mask))
     out = {"llama_layers": cfg.llama.num_layers, "lora": lora, "params": count(state.params),
            "trainable": st.param_summary(state.params, mask)["trainable"], "batch": batch_size,
            "tokens_per_example": a.text_len + cfg.num_patches, "init_s": round(init_s, 1),
-           "compile_s": round(compile_s, 1), "step_median_ms": round(med * 1e3, 2),
-           "step_p90_ms": round(sorted(times)[min(len(times) - 1, int(round(0.9 * (len(times) - 1))))] * 1e3, 2),
+           "compile_s": round(compile_s, 1), "step_median_ms": stats["median_ms"], "step_p90_ms": stats["p90_ms"],
            "tokens_per_s": round(tokens / med, 1), "model_tflop_per_step": round(flops / 1e12, 6),
            "achieved_tflops": round(flops / med / 1e12, 6), "mfu": round(flops / med / (a.peak_tflops * 1e12), 8),
            "loss_first": losses[0], "loss_last": losses[-1], "finite": bool(np.all(np.isfinite(losses)))}

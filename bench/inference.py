@@ -17,7 +17,6 @@ import dataclasses
 import json
 import os
 import platform
-import statistics
 import sys
 import time
 
@@ -25,6 +24,7 @@ import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+from compare_setup import time_calls  # noqa: E402  (bench/: timing shared by the benches)
 
 # preset -> image size: 'debug' as configs/debug.py trains it, 'mid' at OpenVLA's 224 px.
 CONFIGS = {"debug": 112, "mid": 224, "tiny": 224}
@@ -63,16 +63,6 @@ def make_policy(preset: str, tokenizer: str):
     return Policy(cfg, random_params(cfg), VLATokenizer.from_file(tokenizer), stats, source=f"random {preset}")
 
 
-def _median_ms(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
-
-
 def bench_preset(preset: str, tokenizer: str, repeats: int, batches=(1, 8, 32), camera: int = 256) -> dict:
     from vla_jax.models.openvla import OpenVLA  # noqa: F401 (import cost outside the timings)
 
@@ -90,8 +80,8 @@ def bench_preset(preset: str, tokenizer: str, repeats: int, batches=(1, 8, 32), 
         images = [rng.integers(0, 256, (camera, camera, 3), dtype=np.uint8) for _ in range(b)]
         pixels = policy.preprocess(images)
         prompts = [policy.prompt_ids(INSTRUCTION)] * b
-        e2e = _median_ms(lambda: policy.predict_actions(images, [INSTRUCTION] * b), repeats)
-        dec = _median_ms(lambda: policy.decode_tokens(pixels, prompts, 7), max(5, repeats // 4))
+        e2e = time_calls(lambda: policy.predict_actions(images, [INSTRUCTION] * b), repeats)["median_ms"]
+        dec = time_calls(lambda: policy.decode_tokens(pixels, prompts, 7), max(5, repeats // 4))["median_ms"]
         out["batches"][b] = {"ms_per_call": round(e2e, 2), "ms_per_action": round(e2e / b, 2),
                              "actions_per_s": round(1e3 * b / e2e, 1), "decode_only_ms": round(dec, 2),
                              "decode_only_actions_per_s": round(1e3 * b / dec, 1)}

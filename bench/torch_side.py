@@ -54,20 +54,6 @@ def build_model(cfg, attn: str) -> TorchOpenVLA:
     return model
 
 
-def load_hf_weights(model: TorchOpenVLA, sd: dict) -> None:
-    """Inverse of TorchOpenVLA.hf_state_dict (released key names -> module names); strict."""
-    out = {}
-    for k, v in sd.items():
-        if k.startswith("vision_backbone.featurizer."):
-            k = k[len("vision_backbone."):]
-            if k.endswith(".scale_factor"):
-                k = k[: -len("scale_factor")] + "gamma"
-        elif k.startswith("vision_backbone.fused_featurizer."):
-            k = k[len("vision_backbone."):]
-        out[k] = torch.from_numpy(np.asarray(v))
-    model.load_state_dict(out, strict=True)
-
-
 def multimodal_embeds(model: TorchOpenVLA, pixels: np.ndarray, input_ids: torch.Tensor) -> torch.Tensor:
     """uint8 [B, S, S, 3] + ids [B, T] -> [B, T + P, D]: BOS, the P projected patches, the rest."""
     x = torch.from_numpy(pixels).permute(0, 3, 1, 2).float().div(255.0)
@@ -169,7 +155,7 @@ def time_side(setup: str, run_dir: str, train_reps: int, infer_reps: int, batch_
         ref = json.load(f)
     batch = dict(np.load(os.path.join(run_dir, "batch.npz")))
     model = build_model(cfg, attn)
-    load_hf_weights(model, dict(np.load(os.path.join(run_dir, "weights.npz"))))
+    model.load_hf_state_dict(dict(np.load(os.path.join(run_dir, "weights.npz"))))
     out = {"side": "torch", "setup": setup, "torch": torch.__version__, "threads": torch.get_num_threads(),
            "attn_implementation": attn, "start": info, "rss_after_setup_mb": cs.rss_mb()}
 

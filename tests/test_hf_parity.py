@@ -27,18 +27,6 @@ PROMPT = [1, 512, 29901, 1724, 3158, 881, 278, 19964, 2125, 304, 5839, 701, 278,
           29871]
 
 
-def _torch_names(sd):
-    """Released HF key -> TorchOpenVLA module key (its towers sit at the top level, timm `gamma`)."""
-    out = {}
-    for k, v in sd.items():
-        if k.startswith("vision_backbone."):
-            k = k[len("vision_backbone."):]
-            if k.endswith(".scale_factor"):
-                k = k[: -len("scale_factor")] + "gamma"
-        out[k] = v
-    return out
-
-
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     ref = TorchOpenVLA(CFG).randomize(seed=5)
@@ -50,7 +38,7 @@ def exported(tmp_path_factory):
     sd = {}
     for fn in sorted(set(json.loads((out / sio.INDEX_FILE).read_text())["weight_map"].values())):
         sd.update(safetensors.torch.load_file(str(out / fn)))
-    result = torch_model.load_state_dict(_torch_names(sd), strict=True)
+    result = torch_model.load_hf_state_dict(sd)
     assert not result.missing_keys and not result.unexpected_keys
     cfg, params, _, _ = hf.load_hf_dir(str(out), dtype="float32")
     return out, torch_model.eval(), cfg, params

@@ -83,6 +83,18 @@ class TorchOpenVLA(torch.nn.Module):
             out[k] = v.detach().numpy().copy()
         return out
 
+    def load_hf_state_dict(self, sd: dict):
+        """Inverse of `hf_state_dict`: arrays/tensors under the released key names -> this module,
+        strict (a missing or unexpected key raises). Returns torch's load result."""
+        out = {}
+        for k, v in sd.items():
+            if k.startswith("vision_backbone."):
+                k = k[len("vision_backbone."):]
+                if k.endswith(".scale_factor"):
+                    k = k[: -len("scale_factor")] + "gamma"
+            out[k] = v if isinstance(v, torch.Tensor) else torch.from_numpy(np.asarray(v))
+        return self.load_state_dict(out, strict=True)
+
     def _normalized(self, x, tower_cfg):
         mean = torch.tensor(tower_cfg.mean).view(1, 3, 1, 1)
         std = torch.tensor(tower_cfg.std).view(1, 3, 1, 1)
