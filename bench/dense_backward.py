@@ -6,7 +6,8 @@
 Workload: forward + backward of a scanned 4-layer SwiGLU stack at the 'mid' shapes (batch 8 x 320
 tokens, width 512, MLP 1376) and of a 3-layer GELU MLP at the 'demo' shapes (batch 64 x 36 tokens,
 width 256, MLP 1024), fp32, one CPU device. Both variants run alternately in one process; the
-gradients are checked equal first. Prints one JSON line and writes bench/results/dense_backward.json.
+gradients are checked equal first. Also the fp32 GFLOP/s of one GEMM of the mid MLP's shape, XLA vs torch.
+Prints one JSON line and writes bench/results/dense_backward.json.
 """
 
 import argparse
@@ -27,6 +28,7 @@ os.environ["XLA_FLAGS"] = " ".join(
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
 
 from vla_jax.models.dense import dense  # noqa: E402
 
@@ -57,6 +59,29 @@ def workloads():
     return {"mid_swiglu_4x": (swiglu_stack, mid), "demo_gelu_mlp_3x": (gelu_mlp, demo)}
 
 
+def gemm_rates(reps: int) -> dict:
+    """fp32 GFLOP/s of one [2560, 512] x [512, 1376] GEMM (the mid MLP's shape): XLA, and torch with
+    its CPU BLAS on the same threads (torch is a benchmark dependency only)."""
+    import torch
+
+    m, k, n = 2560, 512, 1376
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((m, k), np.float32), rng.standard_normal((k, n), np.float32)
+    mm = jax.jit(jnp.matmul)
+    ja, jb, ta, tb = jnp.asarray(a), jnp.asarray(b), torch.from_numpy(a), torch.from_numpy(b)
+    torch.set_num_threads(os.cpu_count())
+    fns = {"xla": lambda: mm(ja, jb).block_until_ready(), "torch": lambda: ta @ tb}
+    times = {v: [] for v in fns}
+    for f in fns.values():
+        f()
+    for _ in range(max(reps, 10)):
+        for v, f in fns.items():
+            t0 = time.perf_counter()
+            f()
+            times[v].append(time.perf_counter() - t0)
+    return {f"{v}_gflop_per_s": round(2 * m * k * n / statistics.median(t) / 1e9, 1) for v, t in times.items()}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--reps", type=int, default=10)
@@ -80,6 +105,7 @@ def main() -> None:
         med = {v: statistics.median(t) * 1e3 for v, t in times.items()}
         results[name] = {"derived_ms": round(med["derived"], 1), "vla_jax_ms": round(med["vla_jax"], 1),
                          "speedup": round(med["derived"] / med["vla_jax"], 2), "max_rel_grad_diff": diff}
+    results["gemm_2560x512x1376"] = gemm_rates(a.reps)
     out = {"benchmark": "dense_backward", "reps": a.reps, "jax": jax.__version__,
            "machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "loadavg_start": load_start,
            "results": results}

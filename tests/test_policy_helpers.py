@@ -69,13 +69,16 @@ def random_params(cfg, seed: int = 0) -> dict:
 
 
 def write_checkpoint(workdir: str, cfg, params: dict, stats: dict, tokenizer_path: str, image_aug: bool = False,
-                     step: int = 1) -> str:
-    """Saves params + assets as training does (`Checkpointer.save`); returns `workdir`."""
+                     step: int = 1, image_aug_ops=None) -> str:
+    """Saves params + assets as training does (`Checkpointer.save`); returns `workdir`.
+    image_aug_ops: recorded in the run config's data section when given (else absent, as in old runs)."""
     from vla_jax.checkpoints import Checkpointer, encode_data_states, tokenizer_asset
     from vla_jax.tokenizer import VLATokenizer
 
     tok = VLATokenizer.from_file(tokenizer_path, max_len=40)
-    assets = {"config": {"data": {"image_aug": image_aug}, "lora": {"enabled": False}},
+    data = {"image_aug": image_aug} if image_aug_ops is None else {"image_aug": image_aug,
+                                                                    "image_aug_ops": list(image_aug_ops)}
+    assets = {"config": {"data": data, "lora": {"enabled": False}},
               "dataset_statistics": stats, "tokenizer": tokenizer_asset(tok, cfg.action_dim)}
     ck = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=None, async_save=False)
     ck.save(step, {"params": params}, encode_data_states([]), assets, dataclasses.asdict(cfg), force=True)

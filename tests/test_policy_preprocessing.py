@@ -4,7 +4,8 @@ pipeline), and the test-time center crop follows the checkpoint's recorded augme
 import numpy as np
 import pytest
 
-from tests.test_policy_helpers import IMAGE_SIZE, cached_policy, random_checkpoint, random_images
+from tests.test_policy_helpers import (IMAGE_SIZE, cached_policy, model_config, random_checkpoint, random_images,
+                                      random_params, stats_entry, write_checkpoint)
 
 
 @pytest.fixture(scope="module")
@@ -65,6 +66,18 @@ def test_center_crop_follows_the_checkpoint(llama_tokenizer_path, policy):
     want = _numpy_center_crop(resized)
     assert np.abs(got - want).max() <= 1.0  # uint8 rounding of the float result
     assert np.abs(got - resized).mean() > 10  # the crop really zooms in (random pixels change)
+
+
+def test_center_crop_only_when_the_random_crop_was_trained(llama_tokenizer_path, tmp_path):
+    """data.image_aug_ops: colour ops alone need no test-time crop; with the random crop they do."""
+    from vla_jax.policy import Policy
+
+    cfg = model_config()
+    stats = {"bridge_dataset": stats_entry(0.01)}
+    for ops, want in ((["random_brightness", "random_hue"], False), (["random_resized_crop"], True)):
+        d = write_checkpoint(str(tmp_path / ops[0]), cfg, random_params(cfg), stats, str(llama_tokenizer_path),
+                             image_aug=True, image_aug_ops=ops)
+        assert Policy.load(d, compilation_cache=False).center_crop is want, ops
 
 
 def test_pil_images_are_accepted(policy):

@@ -152,9 +152,9 @@ def load_vla_checkpoint(path: str, *, dtype: Optional[str] = None, param_dtype: 
     tok = tokenizer_from_asset(assets.get("tokenizer") or {}, str(step_dir))
     data = run_config.get("data") or {}
     # OpenVLA's test-time centre crop undoes the training-time random crop; colour ops need nothing.
-    image_aug = bool(data.get("image_aug", False)) and "random_resized_crop" in data.get("image_aug_ops",
-                                                                                      ("random_resized_crop",))
-    return cfg, params, dict(assets.get("dataset_statistics") or {}), tok, image_aug
+    random_crop = bool(data.get("image_aug", False)) and "random_resized_crop" in data.get("image_aug_ops",
+                                                                                        ("random_resized_crop",))
+    return cfg, params, dict(assets.get("dataset_statistics") or {}), tok, random_crop
 
 
 def is_hf_dir(path: str) -> bool:
