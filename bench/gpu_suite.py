@@ -17,6 +17,11 @@ such) once --budget-s seconds have passed, so the whole run fits a lent machine'
    supervised positions, remat not counted) against --peak-tflops.
 3. train_lora: the full 32-layer 7B with LoRA r=32 on bf16 base weights (OpenVLA's fine-tuning
    recipe): tokens/s and MFU the same way.
+4. torch_generate: the baseline on the same device: what OpenVLA users run today (timm towers +
+   transformers `LlamaForCausalLM.generate` with KV cache and SDPA attention, `bench/torch_side.py`'s
+   code), the same geometry, dtype, prompt length and batch sizes. It runs in a child process so that
+   JAX's and torch's GPU memory pools never share one process. `speedup_vs_torch` divides torch's
+   batch-1 ms/action by vla_jax's.
 
 Memory: the device's peak bytes in use after each part (`device.memory_stats()`; None on CPU) and
 the host's peak RSS. The JSON goes to stdout (and --out if given).
@@ -64,12 +69,13 @@ def parse(argv=None):
     p.add_argument("--lora-batch", type=int, default=8)
     p.add_argument("--text-len", type=int, default=64, help="text tokens per training example")
     p.add_argument("--train-steps", type=int, default=10)
-    p.add_argument("--parts", default="inference,train_full,train_lora")
+    p.add_argument("--parts", default="inference,train_full,train_lora,torch_generate")
     p.add_argument("--peak-tflops", type=float, default=H100_BF16_FLOPS / 1e12)
     p.add_argument("--peak-tbps", type=float, default=H100_HBM_BYTES_PER_S / 1e12, help="memory bandwidth, TB/s")
     p.add_argument("--budget-s", type=float, default=420.0, help="start no part after this many seconds")
     p.add_argument("--quick", action="store_true", help="CPU smoke run: 2 reps, 2 steps, batches 1,2")
     p.add_argument("--out", default="")
+    p.add_argument("--torch-child", action="store_true", help=argparse.SUPPRESS)  # set by torch_generate
     a = p.parse_args(argv)
     if a.quick:
         a.batches, a.infer_reps, a.batch_reps, a.train_steps = "1,2", 2, 1, 2
@@ -256,21 +262,70 @@ def train_part(a, lora: bool) -> dict:
     return out
 
 
+def torch_part(a) -> dict:
+    """Runs in the child process (--torch-child): the PyTorch generate baseline, no JAX imported."""
+    import torch
+    from torch_side import build_model, generate_tokens
+
+    cfg = model_config(a.preset, a.dtype, a.dtype, remat=False)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    t0 = time.perf_counter()
+    with torch.device(dev):  # default inits (random) made on the device, then cast: values do not matter
+        model = build_model(cfg, "sdpa").to(getattr(torch, a.dtype)).eval()
+    out = {"device": torch.cuda.get_device_name() if dev == "cuda" else "cpu", "torch": torch.__version__,
+           "params": sum(p.numel() for p in model.parameters()), "init_s": round(time.perf_counter() - t0, 1)}
+    rng = np.random.default_rng(0)
+    prompt = [cfg.bos_token_id] + rng.integers(3, cfg.base_vocab_size, a.prompt_len - 1).tolist()
+    batches = [int(b) for b in a.batches.split(",")]
+    for b in batches:
+        px = rng.integers(0, 256, (b, cfg.image_size, cfg.image_size, 3), dtype=np.uint8)
+        t = time_calls(lambda: generate_tokens(model, px, prompt), a.infer_reps if b == batches[0] else a.batch_reps)
+        t.update(ms_per_action=round(t["median_ms"] / b, 3), actions_per_s=round(1e3 * b / t["median_ms"], 2))
+        out[f"batch{b}"] = t
+    out["ms_per_action_batch1"] = out[f"batch{batches[0]}"]["median_ms"]
+    if dev == "cuda":
+        out["device_peak_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    return out
+
+
+def torch_in_child(a) -> dict:
+    """torch_part in a fresh process (JAX already holds this process's GPU memory pool)."""
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "torch.json")
+        argv = [sys.executable, os.path.abspath(__file__), "--torch-child", f"--out={path}", f"--preset={a.preset}",
+                f"--dtype={a.dtype}", f"--batches={a.batches}", f"--prompt-len={a.prompt_len}",
+                f"--infer-reps={a.infer_reps}", f"--batch-reps={a.batch_reps}"]
+        proc = subprocess.run(argv, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"torch child exited {proc.returncode}: {proc.stderr[-800:]}")
+        with open(path) as f:
+            return json.load(f)
+
+
 def main(argv=None) -> dict:
     a = parse(argv)
+    if a.torch_child:
+        return json.loads(save(torch_part(a), a.out))
     t_start = time.perf_counter()
     import jax
+
+    import flax
+    import optax
 
     dev = jax.devices()[0]
     from vla_jax.training.metrics import device_peak_flops
 
     report = {"benchmark": "gpu_suite", "preset": a.preset, "dtype": a.dtype, "device": dev.device_kind,
-              "platform": dev.platform, "jax": jax.__version__, "device_count": jax.device_count(),
+              "platform": dev.platform, "jax": jax.__version__, "flax": flax.__version__, "optax": optax.__version__, "device_count": jax.device_count(),
               "peak_tflops_used": a.peak_tflops, "peak_tbps_used": a.peak_tbps,
               "device_table_peak_tflops": (device_peak_flops(dev.device_kind) or 0) / 1e12 or None,
               "reference_hz": {"openvla_pytorch_rtx4090": 6.0, "openvla_pytorch_a100": 4.2}, "skipped": []}
     parts = {"inference": lambda: inference_part(a), "train_full": lambda: train_part(a, lora=False),
-             "train_lora": lambda: train_part(a, lora=True)}
+             "train_lora": lambda: train_part(a, lora=True), "torch_generate": lambda: torch_in_child(a)}
     for name in a.parts.split(","):
         if time.perf_counter() - t_start > a.budget_s:
             report["skipped"].append(name)
@@ -281,13 +336,23 @@ def main(argv=None) -> dict:
         except Exception as e:  # one failing part (e.g. out of memory) must not lose the others
             report[name] = {"error": f"{type(e).__name__}: {str(e)[:800]}"}
         report[name]["wall_s"] = round(time.perf_counter() - t0, 1)
+        save(report, a.out)  # a lease that ends mid-run still leaves the parts measured so far
+    ours, theirs = report.get("inference", {}), report.get("torch_generate", {})
+    if "ms_per_action_batch1" in ours and "ms_per_action_batch1" in theirs:
+        report["speedup_vs_torch"] = round(theirs["ms_per_action_batch1"] / ours["ms_per_action_batch1"], 3)
     report["wall_s"] = round(time.perf_counter() - t_start, 1)
-    text = json.dumps(report, indent=2)
-    print(text, flush=True)
-    if a.out:
-        with open(a.out, "w") as f:
-            f.write(text)
+    print(save(report, a.out), flush=True)
     return report
+
+
+def save(report: dict, path: str) -> str:
+    """Writes the report as JSON to path (if any) through a temporary file; returns the text."""
+    text = json.dumps(report, indent=2)
+    if path:
+        with open(path + ".tmp", "w") as f:
+            f.write(text)
+        os.replace(path + ".tmp", path)
+    return text
 
 
 if __name__ == "__main__":

@@ -56,7 +56,8 @@ def build_model(cfg, attn: str) -> TorchOpenVLA:
 
 def multimodal_embeds(model: TorchOpenVLA, pixels: np.ndarray, input_ids: torch.Tensor) -> torch.Tensor:
     """uint8 [B, S, S, 3] + ids [B, T] -> [B, T + P, D]: BOS, the P projected patches, the rest."""
-    x = torch.from_numpy(pixels).permute(0, 3, 1, 2).float().div(255.0)
+    w = model.projector["fc1"].weight  # the model's device and dtype (CPU fp32 here, bf16 on a GPU in gpu_suite)
+    x = torch.from_numpy(pixels).to(w.device).permute(0, 3, 1, 2).float().div(255.0).to(w.dtype)
     feats = torch.cat([penultimate_features(model.featurizer, model._normalized(x, model.cfg.dino)),
                        penultimate_features(model.fused_featurizer, model._normalized(x, model.cfg.siglip))], dim=2)
     p = model.projector
@@ -98,13 +99,13 @@ def train_step(model: TorchOpenVLA, opt: torch.optim.Optimizer, batch: dict) -> 
 @torch.inference_mode()
 def generate_tokens(model: TorchOpenVLA, pixels: np.ndarray, prompt: list) -> np.ndarray:
     """uint8 [B, S, S, 3] + one prompt for every row -> greedy tokens int64 [B, 7] (KV-cached generate)."""
-    ids = torch.tensor([prompt] * pixels.shape[0], dtype=torch.int64)
+    ids = torch.tensor([prompt] * pixels.shape[0], dtype=torch.int64, device=model.projector["fc1"].weight.device)
     embeds = multimodal_embeds(model, pixels, ids)
     out = model.language_model.generate(
-        inputs_embeds=embeds, attention_mask=torch.ones(embeds.shape[:2], dtype=torch.int64),
+        inputs_embeds=embeds, attention_mask=torch.ones(embeds.shape[:2], dtype=torch.int64, device=ids.device),
         max_new_tokens=cs.NUM_TOKENS, min_new_tokens=cs.NUM_TOKENS, do_sample=False, use_cache=True,
         eos_token_id=None, pad_token_id=model.cfg.pad_token_id)
-    return out[:, -cs.NUM_TOKENS:].numpy()
+    return out[:, -cs.NUM_TOKENS:].cpu().numpy()
 
 
 def tokens_to_actions(tokens: np.ndarray, cfg) -> np.ndarray:

@@ -31,7 +31,7 @@ def report():
 
 def test_every_part_ran(report):
     assert report["skipped"] == []
-    for part in ("inference", "train_full", "train_lora"):
+    for part in ("inference", "train_full", "train_lora", "torch_generate"):
         assert "error" not in report[part], report[part].get("error")
         assert _positive(report[part]["wall_s"])
 
@@ -68,3 +68,13 @@ def test_hardware_limit_matches_the_issue_numbers():
     assert abs(lim["prefill_tflop"] - 4.1) < 0.2, lim
     assert abs(lim["decode_step_gb"] - 13.2) < 0.1, lim
     assert 26.0 < lim["limit_ms_per_action"] < 30.0, lim
+
+
+def test_torch_baseline_fields(report):
+    """The PyTorch generate baseline ran in its child process at every batch size, and the ratio is
+    the quotient of the two batch-1 latencies."""
+    t = report["torch_generate"]
+    assert t["params"] == report["inference"]["params"], (t["params"], report["inference"]["params"])
+    for b in ("batch1", "batch2"):
+        assert _positive(t[b]["median_ms"]) and _positive(t[b]["actions_per_s"]) and t[b]["n"] >= 1
+    assert report["speedup_vs_torch"] == round(t["ms_per_action_batch1"] / report["inference"]["ms_per_action_batch1"], 3)

@@ -96,8 +96,8 @@ class TorchOpenVLA(torch.nn.Module):
         return self.load_state_dict(out, strict=True)
 
     def _normalized(self, x, tower_cfg):
-        mean = torch.tensor(tower_cfg.mean).view(1, 3, 1, 1)
-        std = torch.tensor(tower_cfg.std).view(1, 3, 1, 1)
+        mean = torch.tensor(tower_cfg.mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+        std = torch.tensor(tower_cfg.std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
         return (x - mean) / std
 
     def forward(self, pixel_values: np.ndarray, input_ids: torch.Tensor) -> torch.Tensor:
