@@ -7,7 +7,8 @@ Random weights (speed does not depend on the values). Three parts, each skipped 
 such) once --budget-s seconds have passed, so the whole run fits a lent machine's time:
 
 1. inference: `vla_jax.models.decode.greedy_decode` (jitted prefill into a static KV cache + 6
-   cached greedy steps = 7 action tokens) with bf16 weights, as OpenVLA serves them. ms/action at
+   cached greedy steps = 7 action tokens; per-layer weight layout, as Policy holds it) with bf16
+   weights, as OpenVLA serves them. ms/action at
    batch 1, actions/s at batch 8 and 32 (each call ends with the tokens on the host). The batch-1
    hardware limit: prefill FLOPs / peak FLOP/s + 6 x (LLM weight bytes without the embedding table)
    / memory bandwidth (H100 SXM: 989 TFLOP/s, 3.35 TB/s: ~4.1 TFLOP + 6 x 13.2 GB = ~28 ms).
@@ -162,13 +163,13 @@ def jax_dtype(name: str):
 def inference_part(a) -> dict:
     import jax
 
-    from vla_jax.models.decode import make_greedy_decoder
+    from vla_jax.models.decode import make_greedy_decoder, split_layers
     from vla_jax.models.openvla import OpenVLA
 
     cfg = model_config(a.preset, a.dtype, a.dtype, remat=False)
     model = OpenVLA(cfg)
     t0 = time.perf_counter()
-    params = random_params(model, cfg)
+    params = split_layers(random_params(model, cfg), consume=True)  # the decoding layout, as Policy holds it
     jax.block_until_ready(params)
     out = {"params": count(params), "param_dtype": a.dtype, "init_s": round(time.perf_counter() - t0, 1),
            "limit": hardware_limit(cfg, a.prompt_len, a.peak_tflops * 1e12, a.peak_tbps * 1e12)}

@@ -73,7 +73,7 @@ def bench_preset(preset: str, tokenizer: str, repeats: int, batches=(1, 8, 32), 
     compiled = policy.warmup(batch_sizes=batches, prompt_lengths=(prompt_len,))
     rng = np.random.default_rng(0)
     out = {"preset": preset, "image_size": policy.config.image_size, "camera_image": [camera, camera, 3],
-           "params": int(sum(np.prod(x.shape) for x in __import__("jax").tree.leaves(policy.params))),
+           "params": int(sum(np.prod(x.shape) for x in __import__("jax").tree.leaves(policy.decode_params))),
            "setup_s": round(setup_s, 2), "prompt_tokens": prompt_len,
            "compile_s": {f"batch{k[1]}_len{k[2]}": round(v, 2) for k, v in compiled.items()}, "batches": {}}
     for b in batches:

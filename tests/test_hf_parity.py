@@ -16,7 +16,7 @@ from vla_jax import hf
 from vla_jax.hf import safetensors_io as sio
 from vla_jax.models import hf_keys
 from vla_jax.models.config import get_preset, with_dtypes
-from vla_jax.models.decode import make_greedy_decoder
+from vla_jax.models.decode import make_greedy_decoder, split_layers
 from vla_jax.models.openvla import OpenVLA
 
 # fp32 on both sides; differences come only from summation order. Same bound as the model's parity test.
@@ -76,5 +76,5 @@ def test_greedy_action_tokens_match_the_pytorch_reference(exported):
     ids = np.array([PROMPT, PROMPT], np.int32)
     expected = torch_model.greedy(images, torch.from_numpy(ids).long(), 7)
     decoder = make_greedy_decoder(OpenVLA(cfg), num_tokens=7)
-    got = np.asarray(decoder(params, images, ids, np.full((2,), len(PROMPT), np.int32)))
+    got = np.asarray(decoder(split_layers(params), images, ids, np.full((2,), len(PROMPT), np.int32)))
     np.testing.assert_array_equal(got, expected)

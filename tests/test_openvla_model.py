@@ -12,7 +12,7 @@ import torch
 from tests.torch_reference import TorchOpenVLA
 from vla_jax.models import hf_keys
 from vla_jax.models.config import get_preset, with_dtypes
-from vla_jax.models.decode import make_greedy_decoder
+from vla_jax.models.decode import make_greedy_decoder, split_layers, stack_layers
 from vla_jax.models.openvla import OpenVLA
 
 # fp32 on both sides; differences come only from summation order. Fixed, never loosened.
@@ -65,13 +65,13 @@ def test_greedy_tokens_match_reference(reference):
     ids = np.array([PROMPT, PROMPT], np.int32)
     expected = ref.greedy(images, torch.from_numpy(ids).long(), 7)
     decoder = make_greedy_decoder(OpenVLA(CFG), num_tokens=7)
-    got = np.asarray(decoder(params, images, ids, np.full((2,), len(PROMPT), np.int32)))
+    got = np.asarray(decoder(split_layers(params), images, ids, np.full((2,), len(PROMPT), np.int32)))
     np.testing.assert_array_equal(got, expected)
 
 
 def test_batched_decode_with_different_prompt_lengths(reference):
     """Right-padded rows of different lengths decode exactly as each row alone (no leak through pads)."""
-    _, params = reference
+    params = split_layers(reference[1])
     images = _images(3)
     short = PROMPT[:12] + [29871]
     decoder = make_greedy_decoder(OpenVLA(CFG), num_tokens=7)
@@ -86,8 +86,36 @@ def test_restricting_argmax_to_action_tokens(reference):
     _, params = reference
     lo, hi = CFG.base_vocab_size - CFG.n_action_bins, CFG.base_vocab_size - 1
     decoder = make_greedy_decoder(OpenVLA(CFG), num_tokens=7, allowed_range=(lo, hi))
-    tokens = np.asarray(decoder(params, _images(4), np.array([PROMPT] * 2, np.int32), np.full((2,), len(PROMPT), np.int32)))
+    tokens = np.asarray(decoder(split_layers(params), _images(4), np.array([PROMPT] * 2, np.int32), np.full((2,), len(PROMPT), np.int32)))
     assert tokens.min() >= lo and tokens.max() <= hi
+
+
+def test_split_layout_round_trip(reference):
+    """split_layers gives layer i its slice [i] of every stacked tensor; stack_layers restores the
+    stacked tree exactly; consume=True frees the stacked arrays and keeps the split ones."""
+    params = reference[1]
+    split = split_layers(params)
+    stacked = params["llm"]["layers"]
+    assert len(split["layers"]) == CFG.llama.num_layers and "layers" not in split["shared"]["llm"]
+    for i, layer in enumerate(split["layers"]):
+        jax.tree.map(lambda s, x: np.testing.assert_array_equal(np.asarray(s), np.asarray(x)[i]), layer, stacked)
+    back = stack_layers(split)
+    assert jax.tree.structure(back) == jax.tree.structure(params)
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), back, params)
+
+    own = jax.tree.map(jnp.array, params)  # a copy nobody else holds
+    own_split = split_layers(own, consume=True)
+    assert all(x.is_deleted() for x in jax.tree.leaves(own["llm"]["layers"]))
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+                 stack_layers(own_split), params)
+
+
+def test_decoding_names_the_layout_it_needs(reference):
+    decoder = make_greedy_decoder(OpenVLA(CFG), num_tokens=7)
+    with pytest.raises(ValueError, match=r"split_layers\(params\).*got \['dino', 'llm', 'projector', 'siglip'\]"):
+        decoder(reference[1], _images(4), np.array([PROMPT], np.int32), np.array([len(PROMPT)], np.int32))
+    with pytest.raises(ValueError, match=r"stacked 'llm/layers' subtree, got \['dino', 'projector'\]"):
+        split_layers({"dino": {}, "projector": {}})
 
 
 def test_output_depends_on_the_image():

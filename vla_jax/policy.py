@@ -38,7 +38,7 @@ import jax
 import numpy as np
 
 from vla_jax.models.config import OpenVLAConfig
-from vla_jax.models.decode import greedy_decode
+from vla_jax.models.decode import greedy_decode, is_split, split_layers, stack_layers
 from vla_jax.models.openvla import OpenVLA
 from vla_jax.policy_loading import (enable_compilation_cache, is_hf_dir, load_hf_checkpoint,  # noqa: F401
                                     load_vla_checkpoint)
@@ -80,7 +80,10 @@ class Policy:
         if tokenizer.action_tokenizer.n_bins != config.n_action_bins:
             raise ValueError(f"tokenizer has {tokenizer.action_tokenizer.n_bins} action bins, the model "
                              f"{config.n_action_bins}")
-        self.config, self.params, self.tokenizer = config, params, tokenizer
+        self.config, self.tokenizer = config, tokenizer
+        # The decoding layout (one array per layer: decode.split_layers); params in the stacked
+        # training layout are split here (a copy; Policy.load splits and frees its freshly loaded ones).
+        self.decode_params = params if is_split(params) else split_layers(params)
         self.norm_stats = {k: v for k, v in dict(norm_stats).items()}
         self._center_crop, self.action_tokens_only = bool(center_crop), bool(action_tokens_only)
         self.batch_buckets, self.prompt_bucket, self.source = tuple(buckets), int(prompt_bucket), source
@@ -91,6 +94,11 @@ class Policy:
         self.compile_seconds: Dict[Tuple[int, int, int], float] = {}
         self._compile_lock = threading.Lock()
         self._tf_image_fn = None
+
+    @property
+    def params(self):
+        """The parameters in the stacked training/checkpoint layout (a new copy of the layer weights)."""
+        return stack_layers(self.decode_params)
 
     @property
     def center_crop(self) -> bool:
@@ -124,6 +132,7 @@ class Policy:
                                                                device=device)
             if tokenizer:
                 tok = VLATokenizer.from_file(tokenizer, n_bins=cfg.n_action_bins, action_dim=cfg.action_dim)
+        params = split_layers(params, consume=True)  # freshly loaded: no second copy of the layers
         return cls(cfg, params, tok, stats, center_crop=aug if center_crop is None else center_crop,
                    action_tokens_only=action_tokens_only, source=path, **kw)
 
@@ -232,7 +241,7 @@ class Policy:
         with self._compile_lock:
             if key not in self._executables:
                 s = self.config.image_size
-                args = (self.params, jax.ShapeDtypeStruct((batch, s, s, 3), np.uint8),
+                args = (self.decode_params, jax.ShapeDtypeStruct((batch, s, s, 3), np.uint8),
                         jax.ShapeDtypeStruct((batch, length), np.int32), jax.ShapeDtypeStruct((batch,), np.int32))
                 fn = jax.jit(lambda p, x, i, l: greedy_decode(self.model, p, x, i, l, num_tokens, self._allowed))
                 t0 = time.perf_counter()
@@ -268,7 +277,7 @@ class Policy:
             for i, r in enumerate(rows_padded):
                 ids[i, :len(prompts[r])] = prompts[r]
                 lengths[i] = len(prompts[r])
-            tokens = self._executable(num_tokens, bb, length)(self.params, pixels[rows_padded], ids, lengths)
+            tokens = self._executable(num_tokens, bb, length)(self.decode_params, pixels[rows_padded], ids, lengths)
             out.append(np.asarray(tokens)[:len(rows)])
         return np.concatenate(out, axis=0)
 

@@ -2,33 +2,126 @@
 
 No Python loop per token and static shapes throughout, so a decoder compiled for one
 (batch, prompt length) bucket is reused by every later call with that bucket.
+
+Decoding runs on its own parameter layout (`split_layers`): each Llama layer's weights and KV cache
+are separate arrays and the layers are unrolled in the program. Training and checkpoints keep the
+stacked layout (one `nn.scan` over [L, ...] tensors), whose per-step layer weights are dynamic
+slices of the stacked arrays. Measured on an H200 at the 7B geometry, batch 1 (BENCHMARKS.md,
+`bench/gpu_decode_probe.py`): a cached step took 11.8 ms stacked and 3.7 ms split (the latter reads
+the 13.2 GB of weights at 3.6 TB/s); the gap is about what copying each layer's slice before its
+matmuls would cost (not profiled). Same tokens; on CPU the two layouts time alike.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from vla_jax.models.llama import init_cache
+from vla_jax.models.llama import DecoderLayer
 from vla_jax.models.openvla import OpenVLA
+
+_SPLIT_KEYS = {"shared", "layers"}
+
+
+def split_layers(params, *, consume: bool = False) -> Dict[str, Any]:
+    """Stacked params (every Llama layer tensor `[L, ...]` under params['llm']['layers']) -> the
+    decoding layout `{'shared': params without llm.layers, 'layers': tuple of L per-layer trees}`.
+
+    Device arrays are sliced on their device; numpy leaves become numpy views. consume=True deletes
+    each stacked device array as soon as it is split, so device memory peaks at the model plus its
+    largest stacked tensor instead of twice the layers (for params nobody else holds, e.g. just loaded).
+    """
+    if not isinstance(params, dict) or "llm" not in params or "layers" not in params["llm"]:
+        keys = sorted(params) if isinstance(params, dict) else type(params).__name__
+        raise ValueError(f"split_layers needs OpenVLA params with a stacked 'llm/layers' subtree, got {keys}")
+    stacked = params["llm"]["layers"]
+    leaves, treedef = jax.tree_util.tree_flatten(stacked)
+    num_layers = leaves[0].shape[0]
+    per_leaf: List[Tuple] = []
+    for leaf in leaves:
+        if leaf.shape[0] != num_layers:
+            raise ValueError(f"llm/layers leaves disagree on the layer count: {leaf.shape[0]} vs {num_layers}")
+        if isinstance(leaf, jax.Array):
+            per_leaf.append(_unstack(leaf))
+            if consume:
+                leaf.delete()
+        else:
+            per_leaf.append(tuple(np.asarray(leaf)[i] for i in range(num_layers)))
+    layers = tuple(jax.tree_util.tree_unflatten(treedef, [p[i] for p in per_leaf]) for i in range(num_layers))
+    shared = dict(params)
+    shared["llm"] = {k: v for k, v in params["llm"].items() if k != "layers"}
+    return {"shared": shared, "layers": layers}
+
+
+@jax.jit
+def _unstack(x):
+    return tuple(x[i] for i in range(x.shape[0]))
+
+
+def stack_layers(split: Dict[str, Any]) -> Dict[str, Any]:
+    """Inverse of `split_layers` (a new copy of the layer weights, in the stacked layout)."""
+    check_split(split)
+    params = dict(split["shared"])
+    params["llm"] = dict(params["llm"], layers=jax.tree.map(lambda *xs: jnp.stack(xs), *split["layers"]))
+    return params
+
+
+def is_split(params) -> bool:
+    """Whether params are in the decoding layout of `split_layers`."""
+    return isinstance(params, dict) and set(params) == _SPLIT_KEYS
+
+
+def check_split(params) -> None:
+    if not is_split(params):
+        keys = sorted(params) if isinstance(params, dict) else type(params).__name__
+        raise ValueError(f"decoding needs params in the layout of vla_jax.models.decode.split_layers(params) "
+                         f"(keys ['layers', 'shared']), got {keys}")
+
+
+def init_layer_caches(model: OpenVLA, batch: int, max_len: int) -> List[Dict[str, jax.Array]]:
+    """One zeroed KV cache per layer: {'k', 'v'} each `[batch, max_len, KVH, hd]` in the compute dtype."""
+    lc = model.config.llama
+    if max_len > lc.max_seq_len:
+        raise ValueError(f"cache max_len={max_len} exceeds the model's max_seq_len={lc.max_seq_len}")
+    shape = (batch, max_len, lc.kv_heads, lc.head_dim)
+    return [{"k": jnp.zeros(shape, jnp.dtype(lc.dtype)), "v": jnp.zeros(shape, jnp.dtype(lc.dtype))}
+            for _ in range(lc.num_layers)]
+
+
+def _layers(model: OpenVLA, layer_params, x, positions, caches):
+    """x `[B, T, D]` through every layer (unrolled); row b's keys/values land in its cache slots
+    positions[b, 0].. (the Attention cache semantics). -> (x, new caches)."""
+    layer = DecoderLayer(model.config.llama)
+    out = []
+    for p, c in zip(layer_params, caches):
+        x, c = layer.apply({"params": p}, x, positions, c)
+        out.append(c)
+    return x, out
+
+
+def _head(model: OpenVLA, shared, h):
+    """Final norm + lm_head: `[B, 1, D]` -> float32 logits `[B, V]`."""
+    return model.apply({"params": shared}, h, method=lambda m, h: m.llm.logits(m.llm.norm(h)))[:, 0]
 
 
 def greedy_decode(model: OpenVLA, params, pixel_values, input_ids, lengths, num_tokens: int,
                   allowed_range: Optional[Tuple[int, int]] = None):
     """Greedy decoding of `num_tokens` new tokens.
 
-    pixel_values: uint8 `[B, S, S, 3]`; input_ids: int32 `[B, T]` right-padded prompts (ending with
-    29871 for OpenVLA); lengths: int32 `[B]` real tokens per row. allowed_range: optional inclusive
-    (lo, hi) id range the argmax is restricted to (e.g. the 256 action ids); None = the whole
-    vocabulary, as OpenVLA's `generate` does. Returns int32 tokens `[B, num_tokens]`.
+    params: the decoding layout, `split_layers(params)`. pixel_values: uint8 `[B, S, S, 3]`;
+    input_ids: int32 `[B, T]` right-padded prompts (ending with 29871 for OpenVLA); lengths: int32
+    `[B]` real tokens per row. allowed_range: optional inclusive (lo, hi) id range the argmax is
+    restricted to (e.g. the 256 action ids); None = the whole vocabulary, as OpenVLA's `generate`
+    does. Returns int32 tokens `[B, num_tokens]`.
     """
+    check_split(params)
     cfg = model.config
+    shared, layer_params = params["shared"], params["layers"]
     b, t = input_ids.shape
-    cache = init_cache(cfg.llama, b, t + cfg.num_patches + num_tokens, jnp.dtype(cfg.llama.dtype))
-    variables = {"params": params}
 
     def pick(logits):
         if allowed_range is not None:
@@ -36,20 +129,28 @@ def greedy_decode(model: OpenVLA, params, pixel_values, input_ids, lengths, num_
             logits = jnp.where((ids >= allowed_range[0]) & (ids <= allowed_range[1]), logits, -jnp.inf)
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
-    logits, cache = model.apply(variables, pixel_values, input_ids, lengths, cache, method=OpenVLA.prefill)
-    first = pick(logits)
+    # Prefill: BOS, the P patches and the text fill slots 0..T+P-1; the first token comes from each
+    # row's last real position (right padding sits after it and is never attended to).
+    caches = init_layer_caches(model, b, t + cfg.num_patches + num_tokens)
+    x = model.apply({"params": shared}, pixel_values, input_ids, method=OpenVLA.embed_inputs)
+    positions = jnp.broadcast_to(jnp.arange(x.shape[1], dtype=jnp.int32), x.shape[:2])
+    hidden, caches = _layers(model, layer_params, x, positions, caches)
+    last = lengths.astype(jnp.int32) + cfg.num_patches - 1
+    first = pick(_head(model, shared, jnp.take_along_axis(hidden, last[:, None, None], axis=1)))
     tokens = jnp.zeros((b, num_tokens), jnp.int32).at[:, 0].set(first)
     start = lengths.astype(jnp.int32) + cfg.num_patches  # position of the first generated token
 
     def body(i, carry):
-        tokens, cache = carry
-        logits, cache = model.apply(variables, tokens[:, i - 1], start + i - 1, cache, method=OpenVLA.decode_step)
-        return tokens.at[:, i].set(pick(logits)), cache
+        tokens, caches = carry
+        x = model.apply({"params": shared}, tokens[:, i - 1][:, None], method=lambda m, ids: m.llm.embed(ids))
+        hidden, caches = _layers(model, layer_params, x, (start + i - 1)[:, None], caches)
+        return tokens.at[:, i].set(pick(_head(model, shared, hidden))), caches
 
-    tokens, _ = jax.lax.fori_loop(1, num_tokens, body, (tokens, cache))
+    tokens, _ = jax.lax.fori_loop(1, num_tokens, body, (tokens, caches))
     return tokens
 
 
 def make_greedy_decoder(model: OpenVLA, num_tokens: int, allowed_range: Optional[Tuple[int, int]] = None):
-    """-> jitted `fn(params, pixel_values, input_ids, lengths) -> tokens [B, num_tokens]`."""
+    """-> jitted `fn(split_params, pixel_values, input_ids, lengths) -> tokens [B, num_tokens]`
+    (split_params = `split_layers(params)`)."""
     return jax.jit(functools.partial(greedy_decode, model, num_tokens=num_tokens, allowed_range=allowed_range))
