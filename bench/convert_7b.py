@@ -30,8 +30,10 @@ import tempfile
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FIXTURE = os.path.join(REPO, "tests", "fixtures", "openvla_7b_keys.txt")
 RESULTS = os.path.join(REPO, "bench", "results", "convert_7b.json")
+sys.path.insert(0, REPO)
+from tests.fixtures.released_openvla_7b import released_config, released_keys  # noqa: E402
+
 DEFAULT_TOKENIZER = os.path.join(os.path.dirname(REPO), "shared", "data", "llama2_tokenizer", "tokenizer.model")
 GEN_SHARD_BYTES = 4 * 10 ** 9
 STATS = {"bridge_orig": {
@@ -40,27 +42,7 @@ STATS = {"bridge_orig": {
                "mask": [True] * 6 + [False]},
     "proprio": {k: [0.0] * 7 for k in ("mean", "std", "max", "min", "q01", "q99")},
     "num_transitions": 1000, "num_trajectories": 10}}
-CONFIG = {  # the released config.json layout (OPENVLA_REFERENCE.md §8)
-    "arch_specifier": "no-align+fused-gelu-mlp", "architectures": ["OpenVLAForActionPrediction"],
-    "auto_map": {"AutoConfig": "configuration_prismatic.OpenVLAConfig",
-                 "AutoModelForVision2Seq": "modeling_prismatic.OpenVLAForActionPrediction"},
-    "hf_llm_id": "meta-llama/Llama-2-7b-hf", "image_resize_strategy": "resize-naive", "image_sizes": [224, 224],
-    "llm_backbone_id": "llama2-7b-pure", "llm_max_length": 2048, "model_type": "openvla", "n_action_bins": 256,
-    "norm_stats": STATS, "output_projector_states": False, "pad_to_multiple_of": 64, "pad_token_id": 32000,
-    "text_config": {"model_type": "llama", "pad_token_id": 32000, "torch_dtype": "bfloat16", "vocab_size": 32064},
-    "timm_model_ids": ["vit_large_patch14_reg4_dinov2.lvd142m", "vit_so400m_patch14_siglip_224"],
-    "timm_override_act_layers": [None, None], "torch_dtype": "bfloat16", "transformers_version": "4.40.1",
-    "use_fused_vision_backbone": True, "vision_backbone_id": "dinosiglip-vit-so-224px",
-}
-
-
-def _keys():
-    rows = []
-    for line in open(FIXTURE):
-        if line.strip() and not line.startswith("#"):
-            k, s = line.rstrip("\n").split("\t")
-            rows.append((k, tuple(int(x) for x in s.split(","))))
-    return rows
+CONFIG = released_config(STATS)  # the released config.json layout (OPENVLA_REFERENCE.md §8)
 
 
 def _peak_gib() -> float:
@@ -84,7 +66,7 @@ def phase_gen(hf_dir: str, tokenizer: str) -> dict:
 
     os.makedirs(hf_dir)
     rng = np.random.default_rng(0)
-    rows = _keys()
+    rows = released_keys()
     shards, size = [[]], 0
     for key, shape in rows:
         n = math.prod(shape) * 2

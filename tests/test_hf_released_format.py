@@ -4,49 +4,26 @@ OPENVLA_REFERENCE.md §8), config.json <-> OpenVLAConfig, and the tables config.
 
 import dataclasses
 import math
-import pathlib
 
 import pytest
 import timm
 import torch
 import transformers
 
+from tests.fixtures.released_openvla_7b import released_config, released_keys
 from vla_jax.hf import config as hfc
 from vla_jax.hf import exporter, importer
 from vla_jax.models.config import get_preset, with_dtypes
 
-FIXTURE = pathlib.Path(__file__).parent / "fixtures" / "openvla_7b_keys.txt"
 CFG_7B = get_preset("openvla-7b")
 NORM_STATS = {"bridge_orig": {"action": {"q01": [-0.03, -0.04, -0.03, -0.2, -0.2, -0.3, 0.0],
                                          "q99": [0.03, 0.04, 0.04, 0.2, 0.2, 0.3, 1.0],
                                          "mask": [True] * 6 + [False]}}}
-# The released config.json as §8 documents it: `text_config` is transformers' diff against a
-# default LlamaConfig, so it holds only the overridden fields.
-RELEASED_CONFIG = {
-    "arch_specifier": "no-align+fused-gelu-mlp", "architectures": ["OpenVLAForActionPrediction"],
-    "auto_map": {"AutoConfig": "configuration_prismatic.OpenVLAConfig",
-                 "AutoModelForVision2Seq": "modeling_prismatic.OpenVLAForActionPrediction"},
-    "hf_llm_id": "meta-llama/Llama-2-7b-hf", "image_resize_strategy": "resize-naive", "image_sizes": [224, 224],
-    "llm_backbone_id": "llama2-7b-pure", "llm_max_length": 2048, "model_type": "openvla", "n_action_bins": 256,
-    "norm_stats": NORM_STATS, "output_projector_states": False, "pad_to_multiple_of": 64, "pad_token_id": 32000,
-    "text_config": {"model_type": "llama", "pad_token_id": 32000, "torch_dtype": "bfloat16", "vocab_size": 32064},
-    "timm_model_ids": ["vit_large_patch14_reg4_dinov2.lvd142m", "vit_so400m_patch14_siglip_224"],
-    "timm_override_act_layers": [None, None], "torch_dtype": "bfloat16", "transformers_version": "4.40.1",
-    "use_fused_vision_backbone": True, "vision_backbone_id": "dinosiglip-vit-so-224px",
-}
-
-
-def _fixture():
-    rows = []
-    for line in FIXTURE.read_text().splitlines():
-        if line and not line.startswith("#"):
-            key, shape = line.split("\t")
-            rows.append((key, tuple(int(s) for s in shape.split(","))))
-    return rows
+RELEASED_CONFIG = released_config(NORM_STATS)
 
 
 def test_exported_keys_and_shapes_are_the_released_list():
-    released = _fixture()
+    released = released_keys()
     assert sum(math.prod(s) for _, s in released) == 7_541_237_184  # OPENVLA_REFERENCE.md §1.6
     abstract = importer.abstract_params(CFG_7B)  # jax.eval_shape: nothing allocated
     plan = exporter.export_plan(abstract, CFG_7B)
