@@ -21,7 +21,7 @@ import transformers
 from flax import linen as nn
 
 from vla_jax.models.config import LlamaConfig
-from vla_jax.models.llama import (Llama, check_token_ids, flax_to_hf, hf_to_flax, init_cache)
+from vla_jax.models.llama import (DecoderLayer, Llama, check_token_ids, flax_to_hf, hf_to_flax, init_cache)
 
 V, D, F, L, H = 320, 64, 128, 3, 4
 MAX_LEN = 48
@@ -172,6 +172,42 @@ def test_batched_decode_with_right_padded_prompts():
     worst = max(d for d, _ in diffs)
     print(f"batched right-padded decode: max abs diff {worst:.2e}")
     assert all(d <= tol for d, tol in diffs)
+
+
+@pytest.mark.parametrize("kv_heads", [H, 2], ids=["mha", "gqa"])
+def test_last_layer_on_query_rows_only(kv_heads):
+    """The decoder's prefill runs its last layer with `query_rows` (each row's last real token):
+    those rows' logits equal HF's for each unpadded prompt, the rows equal the full layer's, and
+    every position's keys/values still reach the cache, identical to the full layer's."""
+    hf, _, cfg, params = _setup(kv_heads)
+    lengths, S = [9, 4], 16
+    rng = np.random.default_rng(7)
+    rows = [rng.integers(0, V, n) for n in lengths]
+    prompt = np.full((2, max(lengths)), V - 1)
+    for b, n in enumerate(lengths):
+        prompt[b, :n] = rows[b]
+    refs = [_hf_logits(hf, r[None])[0, -1] for r in rows]
+    last = jnp.asarray([[n - 1] for n in lengths], jnp.int32)
+    pos = jnp.broadcast_to(jnp.arange(prompt.shape[1], dtype=jnp.int32), prompt.shape)
+    layer, model = DecoderLayer(cfg), Llama(cfg)
+    x = model.apply({"params": params}, jnp.asarray(prompt, jnp.int32), method=Llama.embed)
+    for i in range(cfg.num_layers):
+        p = {"params": jax.tree.map(lambda a: a[i], params["layers"])}
+        cache = init_cache(dataclasses.replace(cfg, num_layers=1), 2, S)
+        cache = {k: v[0] for k, v in cache.items()}
+        if i < cfg.num_layers - 1:
+            x, _ = layer.apply(p, x, pos, cache)
+    x_rows, cache_rows = layer.apply(p, x, pos, cache, last)
+    x_full, cache_full = layer.apply(p, x, pos, cache)
+    assert x_rows.shape == (2, 1, D)
+    np.testing.assert_allclose(np.asarray(x_rows), np.take_along_axis(np.asarray(x_full), np.asarray(last)[..., None], 1),
+                               rtol=0, atol=1e-5)
+    for k in ("k", "v"):
+        np.testing.assert_array_equal(np.asarray(cache_rows[k]), np.asarray(cache_full[k]))
+    logits = model.apply({"params": params}, x_rows, method=lambda m, h: m.logits(m.norm(h)))
+    for b in range(2):
+        diff, tol = _max_diff(logits[b, 0], refs[b])
+        assert diff <= tol, (b, diff, tol)
 
 
 @pytest.mark.parametrize("prefix", ["", "language_model."])

@@ -92,13 +92,19 @@ def init_layer_caches(model: OpenVLA, batch: int, max_len: int) -> List[Dict[str
             for _ in range(lc.num_layers)]
 
 
-def _layers(model: OpenVLA, layer_params, x, positions, caches):
+def _layers(model: OpenVLA, layer_params, x, positions, caches, last_layer_rows=None):
     """x `[B, T, D]` through every layer (unrolled); row b's keys/values land in its cache slots
-    positions[b, 0].. (the Attention cache semantics). -> (x, new caches)."""
+    positions[b, 0].. (the Attention cache semantics). -> (x, new caches).
+
+    last_layer_rows: optional int32 `[B, R]`: the last layer computes its queries, attention output
+    and MLP only for these rows (its keys/values still for all T), so x comes back `[B, R, D]`.
+    Only the last real position of each prompt feeds the first token; the rest of the last layer's
+    output is never read (about a fifth of the prefill's Llama FLOPs at 'mid', 2.6% at 7B)."""
     layer = DecoderLayer(model.config.llama)
     out = []
-    for p, c in zip(layer_params, caches):
-        x, c = layer.apply({"params": p}, x, positions, c)
+    for i, (p, c) in enumerate(zip(layer_params, caches)):
+        rows = last_layer_rows if i == len(layer_params) - 1 else None
+        x, c = layer.apply({"params": p}, x, positions, c, rows)
         out.append(c)
     return x, out
 
@@ -134,9 +140,9 @@ def greedy_decode(model: OpenVLA, params, pixel_values, input_ids, lengths, num_
     caches = init_layer_caches(model, b, t + cfg.num_patches + num_tokens)
     x = model.apply({"params": shared}, pixel_values, input_ids, method=OpenVLA.embed_inputs)
     positions = jnp.broadcast_to(jnp.arange(x.shape[1], dtype=jnp.int32), x.shape[:2])
-    hidden, caches = _layers(model, layer_params, x, positions, caches)
     last = lengths.astype(jnp.int32) + cfg.num_patches - 1
-    first = pick(_head(model, shared, jnp.take_along_axis(hidden, last[:, None, None], axis=1)))
+    hidden, caches = _layers(model, layer_params, x, positions, caches, last_layer_rows=last[:, None])
+    first = pick(_head(model, shared, hidden))
     tokens = jnp.zeros((b, num_tokens), jnp.int32).at[:, 0].set(first)
     start = lengths.astype(jnp.int32) + cfg.num_patches  # position of the first generated token
 

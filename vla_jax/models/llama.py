@@ -124,46 +124,58 @@ class Attention(nn.Module):
     config: LlamaConfig
 
     @nn.compact
-    def __call__(self, x, positions, layer_cache=None):
-        """x [B, T, D], positions [B, T] -> (out [B, T, D], new layer cache or None).
+    def __call__(self, x, positions, layer_cache=None, query_rows=None):
+        """x [B, T, D], positions [B, T] -> (out [B, R, D], new layer cache or None); R = T unless query_rows.
 
         layer_cache: {'k','v'} [B, S, KVH, hd]. The T new keys/values of row b are written at slots
         positions[b, 0] .. positions[b, 0] + T - 1 (positions must be contiguous within a call), and
         the query at position p sees slots j <= p only: later slots hold stale padding.
         Without a cache the mask is plain causal over the T tokens.
+        query_rows: optional int32 [B, R] indices into the T tokens: keys/values are made for all T,
+        queries (and outputs) only for these rows (a prefill's last layer needs one row per sequence).
         """
         cfg = self.config
         dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         H, KVH, hd = cfg.num_heads, cfg.kv_heads, cfg.head_dim
 
-        def proj(n, name):
+        def proj(inputs, n, name):
             return Linear((n, hd), ("embed", "heads", "kv"), kernel_init=_INIT, dtype=dtype, param_dtype=pdtype,
-                          name=name)(x)
+                          name=name)(inputs)
 
-        q, k, v = proj(H, "q_proj"), proj(KVH, "k_proj"), proj(KVH, "v_proj")  # [B, T, n, hd]
+        if query_rows is None:
+            xq, q_positions = x, positions
+        else:
+            xq = jnp.take_along_axis(x, query_rows[..., None], axis=1)
+            q_positions = jnp.take_along_axis(positions, query_rows, axis=1)
+        q, k, v = proj(xq, H, "q_proj"), proj(x, KVH, "k_proj"), proj(x, KVH, "v_proj")  # [B, R or T, n, hd]
         cos, sin = rope_cos_sin(positions, hd, cfg.rope_theta)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        k = apply_rope(k, cos, sin)
+        if query_rows is not None:
+            cos, sin = rope_cos_sin(q_positions, hd, cfg.rope_theta)
+        q = apply_rope(q, cos, sin)
 
         B, T = x.shape[:2]
+        R = q.shape[1]
         if layer_cache is None:
             new_cache = None
             idx = jnp.arange(T)
-            mask = (idx[None, :] <= idx[:, None])[None]  # [1, T, T]
+            rows = idx[None, :] if query_rows is None else query_rows
+            mask = idx[None, None, :] <= rows[:, :, None]  # [1 or B, R, T]
         else:
             k_all = _write_rows(layer_cache["k"], k, positions[:, 0])
             v_all = _write_rows(layer_cache["v"], v, positions[:, 0])
             new_cache = {"k": k_all, "v": v_all}
             k, v = k_all.astype(dtype), v_all.astype(dtype)
             slots = jnp.arange(k.shape[1])
-            mask = slots[None, None, :] <= positions[:, :, None]  # [B, T, S]
+            mask = slots[None, None, :] <= q_positions[:, :, None]  # [B, R, S]
 
         # Query heads are grouped over the shared key/value heads (G = 1 for plain MHA).
         G = H // KVH
-        qg = q.reshape(B, T, KVH, G, hd)
+        qg = q.reshape(B, R, KVH, G, hd)
         scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * (hd ** -0.5)
         scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
-        out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(B, T, H, hd)
+        out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(B, R, H, hd)
         out = Linear((cfg.hidden_size,), ("heads", "kv", "embed"), n_in=2, kernel_init=_INIT, dtype=dtype,
                      param_dtype=pdtype, name="o_proj")(out)
         return out, new_cache
@@ -189,12 +201,16 @@ class DecoderLayer(nn.Module):
     config: LlamaConfig
 
     @nn.compact
-    def __call__(self, x, positions, layer_cache):
+    def __call__(self, x, positions, layer_cache, query_rows=None):
+        """x [B, T, D] -> (x [B, R, D], new cache): R = T, or only the rows `query_rows` [B, R] (see
+        Attention; every row still writes its keys/values to the cache)."""
         cfg = self.config
         dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         x = nn.with_logical_constraint(x, ACT_AXES)
         h = RMSNorm(cfg.rms_norm_eps, dtype, pdtype, name="input_layernorm")(x)
-        h, new_cache = Attention(cfg, name="self_attn")(h, positions, layer_cache)
+        h, new_cache = Attention(cfg, name="self_attn")(h, positions, layer_cache, query_rows)
+        if query_rows is not None:
+            x = jnp.take_along_axis(x, query_rows[..., None], axis=1)
         x = x + h
         h = RMSNorm(cfg.rms_norm_eps, dtype, pdtype, name="post_attention_layernorm")(x)
         x = x + MLP(cfg, name="mlp")(h)
