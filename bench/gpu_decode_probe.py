@@ -13,6 +13,8 @@ Same random bf16 weights and inputs as `bench/gpu_suite.py`'s inference part (--
 - `per_layer`: `vla_jax.models.decode.greedy_decode` (what Policy runs now): each layer's weights and
   KV cache separate arrays (`split_layers`, once, outside the timed call) and the layers unrolled in
   the program. Inside a scan every step's layer weights are a dynamic slice of the stacked array.
+  Since commit 6c35df7 its prefill also runs the last layer only at each row's last real token
+  (the H200 results in bench/results/gpu_decode_probe_h200_*.json predate that).
 
 Tokens of every variant are compared with `scan`'s. One JSON (stdout and --out).
 """
