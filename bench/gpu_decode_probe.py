@@ -9,12 +9,13 @@ Same random bf16 weights and inputs as `bench/gpu_suite.py`'s inference part (--
 - `scan`: greedy decoding on the stacked layout (`OpenVLA.prefill` / `decode_step`: the layers as
   one `nn.scan` over [L, ...] weights; what Policy ran before this probe);
 - `prefill`: only its prefill (towers, projector, 288 tokens through the LLM, first token), so
-  (scan - prefill) / 6 is the cost of one cached decode step;
+  (scan - prefill) / 6 is the cost of one cached decode step (`decode_step_ms_scan`);
 - `per_layer`: `vla_jax.models.decode.greedy_decode` (what Policy runs now): each layer's weights and
   KV cache separate arrays (`split_layers`, once, outside the timed call) and the layers unrolled in
   the program. Inside a scan every step's layer weights are a dynamic slice of the stacked array.
-  Since commit 6c35df7 its prefill also runs the last layer only at each row's last real token
-  (the H200 results in bench/results/gpu_decode_probe_h200_*.json predate that).
+  Since commit 6c35df7 its prefill also runs the last layer only at each row's last real token, so
+  its prefill differs from `prefill`'s (the H200 results in bench/results/gpu_decode_probe_h200_*.json
+  predate that and also report `decode_step_ms_per_layer` = (per_layer - prefill) / 6).
 
 Tokens of every variant are compared with `scan`'s. One JSON (stdout and --out).
 """
@@ -93,11 +94,7 @@ def main(argv=None) -> dict:
     params = gpu_suite.random_params(model, cfg)
     rng = np.random.default_rng(0)
     b = a.batch
-    ids = np.full((b, a.prompt_bucket), cfg.pad_token_id, np.int32)
-    ids[:, 0] = cfg.bos_token_id
-    ids[:, 1:a.prompt_len] = rng.integers(3, cfg.base_vocab_size, (b, a.prompt_len - 1))
-    inputs = (rng.integers(0, 256, (b, cfg.image_size, cfg.image_size, 3), dtype=np.uint8), ids,
-              np.full((b,), a.prompt_len, np.int32))
+    inputs = gpu_suite.decode_inputs(cfg, b, a.prompt_len, a.prompt_bucket, rng)
     report = {"benchmark": "gpu_decode_probe", "device": jax.devices()[0].device_kind, "jax": jax.__version__,
               "xla_flags": os.environ.get("XLA_FLAGS", ""), "preset": a.preset, "dtype": a.dtype, "batch": b}
     ref = None
@@ -126,9 +123,6 @@ def main(argv=None) -> dict:
         print(name, t["median_ms"], "ms", flush=True)
     if "scan" in report and "prefill" in report:
         report["decode_step_ms_scan"] = round((report["scan"]["median_ms"] - report["prefill"]["median_ms"]) / 6, 3)
-    if "per_layer" in report and "prefill" in report:
-        report["decode_step_ms_per_layer"] = round(
-            (report["per_layer"]["median_ms"] - report["prefill"]["median_ms"]) / 6, 3)
     text = json.dumps(report, indent=2)
     print(text)
     if a.out:

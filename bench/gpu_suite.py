@@ -1,6 +1,6 @@
 """Accelerator suite: OpenVLA-7B-geometry inference and train steps on one GPU, next to the hardware limit.
 
-    python bench/gpu_suite.py                        # one H100/H200, ~5-8 minutes, prints one JSON
+    python bench/gpu_suite.py                        # one H100/H200 (236 s on an H200), prints one JSON
     python bench/gpu_suite.py --preset=tiny --dtype=float32 --train-layers=0 --quick   # CPU smoke run
 
 Random weights (speed does not depend on the values). Three parts, each skipped (and recorded as
@@ -160,6 +160,15 @@ def jax_dtype(name: str):
     return jnp.dtype(name)
 
 
+def decode_inputs(cfg, batch: int, prompt_len: int, bucket: int, rng) -> tuple:
+    """(uint8 images [B, S, S, 3], ids int32 [B, bucket]: BOS + random text ids, right-padded, lengths [B])."""
+    ids = np.full((batch, bucket), cfg.pad_token_id, np.int32)
+    ids[:, 0] = cfg.bos_token_id
+    ids[:, 1:prompt_len] = rng.integers(3, cfg.base_vocab_size, (batch, prompt_len - 1))
+    images = rng.integers(0, 256, (batch, cfg.image_size, cfg.image_size, 3), dtype=np.uint8)
+    return images, ids, np.full((batch,), prompt_len, np.int32)
+
+
 def inference_part(a) -> dict:
     import jax
 
@@ -175,13 +184,8 @@ def inference_part(a) -> dict:
            "limit": hardware_limit(cfg, a.prompt_len, a.peak_tflops * 1e12, a.peak_tbps * 1e12)}
     decoder = make_greedy_decoder(model, NUM_TOKENS)
     rng = np.random.default_rng(0)
-    s, batches = cfg.image_size, [int(b) for b in a.batches.split(",")]
-    inputs = {}
-    for b in batches:
-        ids = np.full((b, a.prompt_bucket), cfg.pad_token_id, np.int32)
-        ids[:, 0] = cfg.bos_token_id
-        ids[:, 1:a.prompt_len] = rng.integers(3, cfg.base_vocab_size, (b, a.prompt_len - 1))
-        inputs[b] = (rng.integers(0, 256, (b, s, s, 3), dtype=np.uint8), ids, np.full((b,), a.prompt_len, np.int32))
+    batches = [int(b) for b in a.batches.split(",")]
+    inputs = {b: decode_inputs(cfg, b, a.prompt_len, a.prompt_bucket, rng) for b in batches}
     t0 = time.perf_counter()
     lowered = [decoder.lower(params, *inputs[b]) for b in batches]
     with ThreadPoolExecutor(len(lowered)) as pool:  # XLA compiles the buckets in parallel
@@ -321,7 +325,8 @@ def main(argv=None) -> dict:
     from vla_jax.training.metrics import device_peak_flops
 
     report = {"benchmark": "gpu_suite", "preset": a.preset, "dtype": a.dtype, "device": dev.device_kind,
-              "platform": dev.platform, "jax": jax.__version__, "flax": flax.__version__, "optax": optax.__version__, "device_count": jax.device_count(),
+              "platform": dev.platform, "jax": jax.__version__, "flax": flax.__version__,
+              "optax": optax.__version__, "device_count": jax.device_count(),
               "peak_tflops_used": a.peak_tflops, "peak_tbps_used": a.peak_tbps,
               "device_table_peak_tflops": (device_peak_flops(dev.device_kind) or 0) / 1e12 or None,
               "reference_hz": {"openvla_pytorch_rtx4090": 6.0, "openvla_pytorch_a100": 4.2}, "skipped": []}

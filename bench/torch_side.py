@@ -54,9 +54,14 @@ def build_model(cfg, attn: str) -> TorchOpenVLA:
     return model
 
 
+def _weight(model: TorchOpenVLA) -> torch.Tensor:
+    """A weight of the model: its device and dtype (CPU fp32 here, bf16 on a GPU in gpu_suite)."""
+    return model.projector["fc1"].weight
+
+
 def multimodal_embeds(model: TorchOpenVLA, pixels: np.ndarray, input_ids: torch.Tensor) -> torch.Tensor:
     """uint8 [B, S, S, 3] + ids [B, T] -> [B, T + P, D]: BOS, the P projected patches, the rest."""
-    w = model.projector["fc1"].weight  # the model's device and dtype (CPU fp32 here, bf16 on a GPU in gpu_suite)
+    w = _weight(model)
     x = torch.from_numpy(pixels).to(w.device).permute(0, 3, 1, 2).float().div(255.0).to(w.dtype)
     feats = torch.cat([penultimate_features(model.featurizer, model._normalized(x, model.cfg.dino)),
                        penultimate_features(model.fused_featurizer, model._normalized(x, model.cfg.siglip))], dim=2)
@@ -99,7 +104,7 @@ def train_step(model: TorchOpenVLA, opt: torch.optim.Optimizer, batch: dict) -> 
 @torch.inference_mode()
 def generate_tokens(model: TorchOpenVLA, pixels: np.ndarray, prompt: list) -> np.ndarray:
     """uint8 [B, S, S, 3] + one prompt for every row -> greedy tokens int64 [B, 7] (KV-cached generate)."""
-    ids = torch.tensor([prompt] * pixels.shape[0], dtype=torch.int64, device=model.projector["fc1"].weight.device)
+    ids = torch.tensor([prompt] * pixels.shape[0], dtype=torch.int64, device=_weight(model).device)
     embeds = multimodal_embeds(model, pixels, ids)
     out = model.language_model.generate(
         inputs_embeds=embeds, attention_mask=torch.ones(embeds.shape[:2], dtype=torch.int64, device=ids.device),

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vla_jax.models.llama import DecoderLayer
+from vla_jax.models.llama import DecoderLayer, init_cache
 from vla_jax.models.openvla import OpenVLA
 
 _SPLIT_KEYS = {"shared", "layers"}
@@ -83,13 +83,9 @@ def check_split(params) -> None:
 
 
 def init_layer_caches(model: OpenVLA, batch: int, max_len: int) -> List[Dict[str, jax.Array]]:
-    """One zeroed KV cache per layer: {'k', 'v'} each `[batch, max_len, KVH, hd]` in the compute dtype."""
-    lc = model.config.llama
-    if max_len > lc.max_seq_len:
-        raise ValueError(f"cache max_len={max_len} exceeds the model's max_seq_len={lc.max_seq_len}")
-    shape = (batch, max_len, lc.kv_heads, lc.head_dim)
-    return [{"k": jnp.zeros(shape, jnp.dtype(lc.dtype)), "v": jnp.zeros(shape, jnp.dtype(lc.dtype))}
-            for _ in range(lc.num_layers)]
+    """`llama.init_cache` split per layer: {'k', 'v'} each `[batch, max_len, KVH, hd]` (compute dtype)."""
+    cache = init_cache(model.config.llama, batch, max_len)
+    return [{k: v[i] for k, v in cache.items()} for i in range(model.config.llama.num_layers)]
 
 
 def _layers(model: OpenVLA, layer_params, x, positions, caches, last_layer_rows=None):
