@@ -86,22 +86,27 @@ def _noise_cache(cfg, batch, slots, seed):
     return {k: jnp.asarray(rng.normal(0, 3.0, v.shape).astype(np.float32)) for k, v in c.items()}
 
 
+# attention_query_block: 0 = one block; 7 = blocks of 7 query rows over 24 tokens (the last one 3 rows).
+@pytest.mark.parametrize("query_block", [0, 7], ids=["one_block", "blocks_of_7"])
 @pytest.mark.parametrize("kv_heads", [H, 2], ids=["mha", "gqa"])
-def test_full_forward_matches_hf(kv_heads):
+def test_full_forward_matches_hf(kv_heads, query_block):
     hf, _, cfg, params = _setup(kv_heads)
+    cfg = dataclasses.replace(cfg, attention_query_block=query_block)
     ids = np.random.default_rng(1).integers(0, V, (2, 24))
     ref = _hf_logits(hf, ids)
     pos = jnp.broadcast_to(jnp.arange(24, dtype=jnp.int32), (2, 24))
     logits, cache = _forward(Llama(cfg), params, jnp.asarray(ids, jnp.int32), pos, None)
     assert cache is None and logits.dtype == jnp.float32
     diff, tol = _max_diff(logits, ref)
-    print(f"full forward ({kv_heads} kv heads): max abs diff {diff:.2e} (tol {tol:.2e})")
+    print(f"full forward ({kv_heads} kv heads, query block {query_block}): max abs diff {diff:.2e} (tol {tol:.2e})")
     assert diff <= tol
 
 
-def test_gradients_match_hf_with_remat():
-    """Backward through scan + remat equals torch autograd (a training-path check)."""
+@pytest.mark.parametrize("query_block", [0, 5], ids=["one_block", "blocks_of_5"])
+def test_gradients_match_hf_with_remat(query_block):
+    """Backward through scan + remat (and the query-blocked causal attention) equals torch autograd."""
     hf, _, cfg, params = _setup(H)
+    cfg = dataclasses.replace(cfg, attention_query_block=query_block)
     rng = np.random.default_rng(2)
     ids = rng.integers(0, V, (2, 16))
     weights = rng.normal(size=(2, 16, V)).astype(np.float32)
@@ -258,6 +263,9 @@ def test_bad_inputs_raise():
         model.apply({"params": params}, jnp.zeros((1, 4, D)), jnp.arange(5, 9)[None], init_cache(cfg, 1, 8))
     with pytest.raises(ValueError, match="max_seq_len"):
         init_cache(cfg, 1, MAX_LEN + 1)
+    with pytest.raises(ValueError, match="attention_query_block=-2"):
+        Llama(dataclasses.replace(cfg, attention_query_block=-2)).apply(
+            {"params": params}, jnp.zeros((1, 4, D)), jnp.arange(4)[None])
 
     with pytest.raises(ValueError, match="unknown HF Llama key"):
         hf_to_flax(dict(sd, **{"model.extra.weight": np.zeros(1)}), cfg)

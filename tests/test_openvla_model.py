@@ -35,13 +35,22 @@ def reference():
     return ref, params
 
 
-def test_logits_match_reference_at_every_position(reference):
+def _with_query_block(block):
+    """CFG with the training forward's causal attention blocked over `block` query rows ('auto': the
+    default, 64 rows on CPU; 0: one block). The fused sequence has 276 tokens, so blocks are in play."""
+    if block == "auto":
+        return CFG
+    return dataclasses.replace(CFG, llama=dataclasses.replace(CFG.llama, attention_query_block=block))
+
+
+@pytest.mark.parametrize("block", ["auto", 0, 50])
+def test_logits_match_reference_at_every_position(reference, block):
     ref, params = reference
     images = _images(0)
     ids = np.array([PROMPT, PROMPT[:1] + [3158] * (len(PROMPT) - 1)], np.int32)
     with torch.no_grad():
         expected = ref(images, torch.from_numpy(ids).long()).numpy()
-    got = np.asarray(OpenVLA(CFG).apply({"params": params}, images, ids))
+    got = np.asarray(OpenVLA(_with_query_block(block)).apply({"params": params}, images, ids))
     assert got.shape == expected.shape == (2, len(PROMPT) + CFG.num_patches, CFG.llama.vocab_size)
     scale = max(1.0, float(np.abs(expected).max()))
     err = float(np.abs(got - expected).max())

@@ -68,7 +68,13 @@ class ViTConfig:
 
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig:
-    """Llama-2 decoder geometry. `vocab_size` is the embedding/lm_head row count (32064 for OpenVLA)."""
+    """Llama-2 decoder geometry. `vocab_size` is the embedding/lm_head row count (32064 for OpenVLA).
+
+    `attention_query_block`: how the causal attention of a full forward (training, scoring) is
+    blocked over query rows, an execution choice that does not change the values
+    (`vla_jax.models.attention.causal_attend`): None = automatic (64 rows on CPU, one block on
+    accelerators), 0 = one block, n = n rows.
+    """
 
     vocab_size: int
     hidden_size: int
@@ -82,6 +88,7 @@ class LlamaConfig:
     dtype: str = "bfloat16"
     param_dtype: str = "float32"
     remat: bool = False
+    attention_query_block: Optional[int] = None
 
     @property
     def head_dim(self) -> int:

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vla_jax.models.attention import attend, causal_attend
 from vla_jax.models.config import LlamaConfig
 from vla_jax.models.dense import Linear
 
@@ -130,7 +131,8 @@ class Attention(nn.Module):
         layer_cache: {'k','v'} [B, S, KVH, hd]. The T new keys/values of row b are written at slots
         positions[b, 0] .. positions[b, 0] + T - 1 (positions must be contiguous within a call), and
         the query at position p sees slots j <= p only: later slots hold stale padding.
-        Without a cache the mask is plain causal over the T tokens.
+        Without a cache the mask is plain causal over the T tokens (computed in blocks of query rows,
+        `attention.causal_attend`, per config.attention_query_block).
         query_rows: optional int32 [B, R] indices into the T tokens: keys/values are made for all T,
         queries (and outputs) only for these rows (a prefill's last layer needs one row per sequence).
         """
@@ -154,28 +156,20 @@ class Attention(nn.Module):
             cos, sin = rope_cos_sin(q_positions, hd, cfg.rope_theta)
         q = apply_rope(q, cos, sin)
 
-        B, T = x.shape[:2]
-        R = q.shape[1]
-        if layer_cache is None:
-            new_cache = None
+        T = x.shape[1]
+        new_cache = None
+        if layer_cache is None and query_rows is None:
+            out = causal_attend(q, k, v, dtype, cfg.attention_query_block)
+        elif layer_cache is None:
             idx = jnp.arange(T)
-            rows = idx[None, :] if query_rows is None else query_rows
-            mask = idx[None, None, :] <= rows[:, :, None]  # [1 or B, R, T]
+            out = attend(q, k, v, idx[None, None, :] <= query_rows[:, :, None], dtype)  # mask [B, R, T]
         else:
             k_all = _write_rows(layer_cache["k"], k, positions[:, 0])
             v_all = _write_rows(layer_cache["v"], v, positions[:, 0])
             new_cache = {"k": k_all, "v": v_all}
-            k, v = k_all.astype(dtype), v_all.astype(dtype)
-            slots = jnp.arange(k.shape[1])
+            slots = jnp.arange(k_all.shape[1])
             mask = slots[None, None, :] <= q_positions[:, :, None]  # [B, R, S]
-
-        # Query heads are grouped over the shared key/value heads (G = 1 for plain MHA).
-        G = H // KVH
-        qg = q.reshape(B, R, KVH, G, hd)
-        scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * (hd ** -0.5)
-        scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
-        out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(B, R, H, hd)
+            out = attend(q, k_all.astype(dtype), v_all.astype(dtype), mask, dtype)
         out = Linear((cfg.hidden_size,), ("heads", "kv", "embed"), n_in=2, kernel_init=_INIT, dtype=dtype,
                      param_dtype=pdtype, name="o_proj")(out)
         return out, new_cache
