@@ -5,8 +5,9 @@
 The core is what sits between the q/k/v projections and o_proj: scores, causal mask, fp32 softmax,
 weighted sum (no projections, no RoPE). Each side runs in its own process pinned to the same cores
 (taskset), fp32, median of --reps calls after one warm-up (JAX: jitted, compile excluded):
-- jax `model`: vla_jax's formulation (`vla_jax.models.llama.Attention`: [B, T, H, hd] einsums with
-  the head axis inside, masked fp32 softmax), gradients derived by JAX;
+- jax `model_one_block`: vla_jax's code (`vla_jax.models.attention.causal_attend`, [B, T, H, hd]
+  einsums with the head axis inside, masked fp32 softmax) as one block, gradients derived by JAX;
+- jax `model_blocked`: the same function in blocks of 64 query rows (its default on CPU);
 - jax `head_major`: the same on [B, H, T, hd] inputs (a clean batched matmul for XLA);
 - jax `dot_product_attention`: `jax.nn.dot_product_attention(is_causal=True)` (implementation 'xla');
 - torch `sdpa`: `torch.nn.functional.scaled_dot_product_attention(is_causal=True)`, which calls
@@ -25,6 +26,8 @@ import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
 
 
 def _median_ms(fn, reps: int) -> float:
@@ -42,14 +45,16 @@ def jax_side(b: int, t: int, h: int, d: int, reps: int) -> dict:
     import jax
     import jax.numpy as jnp
 
+    from vla_jax.models.attention import causal_attend
+
     neg = jnp.finfo(jnp.float32).min
     causal = jnp.arange(t)[None, :] <= jnp.arange(t)[:, None]  # [T, S]
 
-    def model(q, k, v):  # [B, T, H, hd]: the einsums of vla_jax.models.llama.Attention (KVH = H, G = 1)
-        qg = q.reshape(b, t, h, 1, d)
-        s = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * d ** -0.5
-        p = jax.nn.softmax(jnp.where(causal, s, neg), axis=-1)
-        return jnp.einsum("bkgts,bskd->btkgd", p, v).reshape(b, t, h, d)
+    def model_one_block(q, k, v):  # [B, T, H, hd]
+        return causal_attend(q, k, v, jnp.float32, block=0)
+
+    def model_blocked(q, k, v):
+        return causal_attend(q, k, v, jnp.float32, block=64)
 
     def head_major(q, k, v):  # [B, H, T, hd]
         s = jnp.einsum("bhtd,bhsd->bhts", q, k) * d ** -0.5
@@ -63,7 +68,8 @@ def jax_side(b: int, t: int, h: int, d: int, reps: int) -> dict:
     btdh = [jax.random.normal(kk, (b, t, h, d), jnp.float32) for kk in keys]
     bhtd = [jnp.transpose(x, (0, 2, 1, 3)) for x in btdh]
     out = {"side": "jax", "jax": jax.__version__}
-    for name, fn, args in (("model", model, btdh), ("head_major", head_major, bhtd), ("dot_product_attention", dpa, btdh)):
+    for name, fn, args in (("model_one_block", model_one_block, btdh), ("model_blocked", model_blocked, btdh),
+                           ("head_major", head_major, bhtd), ("dot_product_attention", dpa, btdh)):
         fwd = jax.jit(fn)
         w = args[3]
         grad = jax.jit(jax.grad(lambda q, k, v, w=w, fn=fn: jnp.sum(fn(q, k, v) * w), argnums=(0, 1, 2)))
@@ -111,7 +117,7 @@ def main(argv=None) -> int:
     for side, env in (("jax", {}), ("torch", {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")})):
         cmd = ["taskset", "-c", a.cores, sys.executable, os.path.abspath(__file__), side, f"--batch={a.batch}",
                f"--tokens={a.tokens}", f"--heads={a.heads}", f"--head-dim={a.head_dim}", f"--reps={a.reps}"]
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, **env))
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=REPO, **env))
         if proc.returncode != 0:
             raise RuntimeError(f"{side} side failed (exit {proc.returncode}): {' '.join(cmd)}\n{proc.stderr[-3000:]}")
         report[side] = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -119,7 +125,8 @@ def main(argv=None) -> int:
     with open(a.out, "w") as f:
         json.dump(report, f, indent=2)
     print(f"causal attention core, [B, T, H, hd] = {list(shape)}, fp32 (ms, median of {a.reps}):")
-    rows = [(f"jax {n}", report["jax"][n]) for n in ("model", "head_major", "dot_product_attention")]
+    rows = [(f"jax {n}", report["jax"][n]) for n in ("model_one_block", "model_blocked", "head_major",
+                                                     "dot_product_attention")]
     rows.append(("torch sdpa", report["torch"]["sdpa"]))
     for name, r in rows:
         print(f"  {name:28} forward {r['forward_ms']:8.2f}   forward+backward {r['forward_backward_ms']:8.2f}")
