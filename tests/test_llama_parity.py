@@ -102,9 +102,11 @@ def test_full_forward_matches_hf(kv_heads, query_block):
     assert diff <= tol
 
 
+@pytest.mark.parametrize("remat", [True, False], ids=["remat", "no_remat"])
 @pytest.mark.parametrize("query_block", [0, 5], ids=["one_block", "blocks_of_5"])
-def test_gradients_match_hf_with_remat(query_block):
-    """Backward through scan + remat (and the query-blocked causal attention) equals torch autograd."""
+def test_gradients_match_hf(query_block, remat):
+    """Backward through the layer scan, with or without remat, equals torch autograd; with query
+    blocks the attention probabilities are recomputed in the backward (a checkpoint per block)."""
     hf, _, cfg, params = _setup(H)
     cfg = dataclasses.replace(cfg, attention_query_block=query_block)
     rng = np.random.default_rng(2)
@@ -114,7 +116,7 @@ def test_gradients_match_hf_with_remat(query_block):
     (hf(input_ids=torch.as_tensor(ids)).logits * torch.as_tensor(weights)).sum().backward()
     ref = {k: p.grad.numpy() for k, p in hf.named_parameters()}
 
-    model = Llama(dataclasses.replace(cfg, remat=True))
+    model = Llama(dataclasses.replace(cfg, remat=remat))
     pos = jnp.broadcast_to(jnp.arange(16, dtype=jnp.int32), (2, 16))
 
     def loss(p):

@@ -8,9 +8,10 @@ Shapes: B batch, R query rows, S key slots, T sequence length, H query heads, KV
 computes the scores in blocks of query rows, each block against only the keys up to its last row.
 Keys after a row are masked anyway (their softmax weight is exactly 0 in fp32), so the blocks give
 the same values while skipping about 40% of the score/probability work (5 blocks of 64 at 320
-tokens) and keeping each block's [rows, keys] tensors small. On XLA:CPU the 'mid' train step got
-4-9% faster (medians of 12 alternating steps in one process, three runs: 3297 -> 2992, 3462 -> 3332,
-3509 -> 3316 ms; BENCHMARKS.md). The same blocking of a prefill (forward only) measured no gain on
+tokens) and keeping each block's [rows, keys] tensors small; the backward recomputes each block's
+probabilities instead of storing them. On XLA:CPU the blocks made the 'mid' train step 4-9% faster
+(medians of 12 alternating steps in one process, three runs: 3297 -> 2992, 3462 -> 3332,
+3509 -> 3316 ms) and the recomputation another ~5% (3056 -> 2910, 3125 -> 2985 ms; BENCHMARKS.md). The same blocking of a prefill (forward only) measured no gain on
 CPU (batch 8: 882 vs 922 ms), so the cache paths stay unblocked. On accelerators it is off unless
 configured: not measured there.
 """
@@ -53,14 +54,19 @@ def causal_attend(q, k, v, dtype, block: Optional[int] = None):
     """q [B, T, H, hd], k/v [B, T, KVH, hd] -> [B, T, H, hd]: row t attends to keys 0..t.
 
     block: query rows per block (see `query_block`); rows [i, i + block) are scored against keys
-    [0, i + block) only."""
+    [0, i + block) only, and their probabilities are recomputed in the backward, not stored."""
     T = q.shape[1]
     size = query_block(block)
     if size == 0 or size >= T:
-        size = T
+        return attend(q, k, v, jnp.arange(T)[None, None, :] <= jnp.arange(T)[None, :, None], dtype)
+    # Blocks keep only q/k/v for the backward and recompute their scores and probabilities there, as
+    # FlashAttention does: the layer scan would otherwise stack every block's fp32 probabilities into
+    # zero-filled [L, ...] buffers (measured on the mid step: 2910 vs 3056 and 2985 vs 3125 ms).
+    # prevent_cse=False: the Llama's layers always run inside nn.scan, which already blocks CSE.
+    block_fn = jax.checkpoint(attend, static_argnums=(4,), prevent_cse=False)
     outs = []
     for start in range(0, T, size):
         end = min(T, start + size)
         mask = jnp.arange(end)[None, None, :] <= jnp.arange(start, end)[None, :, None]  # [1, rows, end]
-        outs.append(attend(q[:, start:end], k[:, :end], v[:, :end], mask, dtype))
-    return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
+        outs.append(block_fn(q[:, start:end], k[:, :end], v[:, :end], mask, dtype))
+    return jnp.concatenate(outs, axis=1)
