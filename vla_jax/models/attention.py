@@ -11,9 +11,9 @@ the same values while skipping about 40% of the score/probability work (5 blocks
 tokens) and keeping each block's [rows, keys] tensors small; the backward recomputes each block's
 probabilities instead of storing them. On XLA:CPU the blocks made the 'mid' train step 4-9% faster
 (medians of 12 alternating steps in one process, three runs: 3297 -> 2992, 3462 -> 3332,
-3509 -> 3316 ms) and the recomputation another ~5% (3056 -> 2910, 3125 -> 2985 ms; BENCHMARKS.md). The same blocking of a prefill (forward only) measured no gain on
-CPU (batch 8: 882 vs 922 ms), so the cache paths stay unblocked. On accelerators it is off unless
-configured: not measured there.
+3509 -> 3316 ms) and the recomputation another ~5% (3056 -> 2910, 3125 -> 2985 ms; BENCHMARKS.md).
+The same blocking of a prefill (forward only) measured no gain on CPU (batch 8: 882 vs 922 ms), so
+the cache paths stay unblocked. On accelerators it is off unless configured: not measured there.
 """
 
 from __future__ import annotations
