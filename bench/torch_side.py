@@ -206,7 +206,8 @@ def time_side(setup: str, run_dir: str, train_reps: int, infer_reps: int, batch_
     with torch.no_grad():
         full, picked = float(train_loss(model, batch)), float(supervised_logits_loss(model, batch))
     if abs(full - picked) > cs.LOSS_RTOL * abs(full):
-        raise AssertionError(f"torch: loss with logits at the supervised positions only {picked} != full-logits loss {full}")
+        raise AssertionError(f"torch: loss with logits at the supervised positions only {picked} "
+                             f"!= full-logits loss {full}")
     opt = make_optimizer(model)
     runs = {"train": (train_loss, [], [], []), "train_supervised_logits": (supervised_logits_loss, [], [], [])}
     for i in range(train_reps + 2):  # 2 warm-up steps each (allocator, AdamW state creation)
