@@ -57,16 +57,16 @@ def causal_attend(q, k, v, dtype, block: Optional[int] = None):
     [0, i + block) only, and their probabilities are recomputed in the backward, not stored."""
     T = q.shape[1]
     size = query_block(block)
-    if size == 0 or size >= T:
-        return attend(q, k, v, jnp.arange(T)[None, None, :] <= jnp.arange(T)[None, :, None], dtype)
+    one_block = size == 0 or size >= T
     # Blocks keep only q/k/v for the backward and recompute their scores and probabilities there, as
     # FlashAttention does: the layer scan would otherwise stack every block's fp32 probabilities into
     # zero-filled [L, ...] buffers (measured on the mid step: 2910 vs 3056 and 2985 vs 3125 ms).
     # prevent_cse=False: the Llama's layers always run inside nn.scan, which already blocks CSE.
-    block_fn = jax.checkpoint(attend, static_argnums=(4,), prevent_cse=False)
+    block_fn = attend if one_block else jax.checkpoint(attend, static_argnums=(4,), prevent_cse=False)
+    size = T if one_block else size
     outs = []
     for start in range(0, T, size):
         end = min(T, start + size)
         mask = jnp.arange(end)[None, None, :] <= jnp.arange(start, end)[None, :, None]  # [1, rows, end]
         outs.append(block_fn(q[:, start:end], k[:, :end], v[:, :end], mask, dtype))
-    return jnp.concatenate(outs, axis=1)
+    return outs[0] if one_block else jnp.concatenate(outs, axis=1)
