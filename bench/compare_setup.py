@@ -69,6 +69,20 @@ def model_config(name: str):
                                siglip=dataclasses.replace(cfg.siglip, image_size=size))
 
 
+def training_batch(name: str) -> dict:
+    """The synthetic training batch of a setup (vla_jax.training.synthetic rows): pixel_values uint8
+    [B, S, S, 3], input_ids / attention_mask / labels int32 [B, T], dataset_index int32 [B]."""
+    import numpy as np
+
+    from vla_jax.training.synthetic import synthetic_row
+
+    s = SETUPS[name]
+    rows = [synthetic_row(0, 0, r, s["image_size"], s["text_len"]) for r in range(s["batch"])]
+    batch = {k: np.stack([r[k] for r in rows]) for k in ("pixel_values", "input_ids", "attention_mask", "labels")}
+    batch["dataset_index"] = np.zeros((s["batch"],), np.int32)
+    return batch
+
+
 def summarize(times: List[float], cpu: Optional[List[float]] = None) -> Dict[str, float]:
     """Wall seconds (and optionally process CPU seconds, all threads) per repetition ->
     {'median_ms', 'p90_ms', 'min_ms', 'n'[, 'cpu_median_ms']}. CPU time is far less sensitive than

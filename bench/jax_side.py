@@ -20,6 +20,7 @@ import json
 import os
 import sys
 import time
+from typing import Optional
 
 import numpy as np
 
@@ -69,7 +70,11 @@ def inference_side(setup: str, params_np: dict, ref: dict, images: np.ndarray, i
     return out
 
 
-def train_side(setup: str, params_np: dict, ref: dict, batch: dict, train_reps: int) -> dict:
+def build_train_step(setup: str, batch: dict, params_np: Optional[dict] = None):
+    """vla_jax's real train step for a setup on one CPU device, compiled for `batch`'s shapes.
+    params_np: weights (vla_jax layout) or None for a random init.
+    -> (compiled step, train state, put_batch() -> the batch as a global array tree (a fresh host ->
+    device transfer per call, as every real step makes), {'state_init_s', 'compile_s'})."""
     import jax
 
     from vla_jax import sharding as shd
@@ -84,25 +89,35 @@ def train_side(setup: str, params_np: dict, ref: dict, batch: dict, train_reps: 
                                                     o["grad_clip"], schedule="constant"), num_steps=1000)
     example = run.example_inputs(cfg, batch["input_ids"].shape[1])
     mask = st.trainable_mask(st.abstract_params(model, example))
-    shardings, _ = st.abstract_train_state(model, tx, mesh, shd.LOGICAL_RULES, 0, example, mask)
-    params = jax.device_put(params_np, shardings.params)
+    params = None
+    if params_np is not None:
+        shardings, _ = st.abstract_train_state(model, tx, mesh, shd.LOGICAL_RULES, 0, example, mask)
+        params = jax.device_put(params_np, shardings.params)
     t0 = time.perf_counter()
     state, shardings, abstract = st.create_train_state(model, tx, mesh, shd.LOGICAL_RULES, 0, example, mask,
                                                        params=params)
     jax.block_until_ready(state)
     init_s = time.perf_counter() - t0
-    loss_cfg = sp.LossConfig.for_model(cfg)
     host = {k: batch[k] for k in sp.BATCH_KEYS}
-    step = sp.jit_train_step(sp.make_train_step(model, tx, schedule, loss_cfg, mask, 1, mesh=mesh), mesh, shardings,
-                             {k: v.shape for k, v in host.items()})
+    step = sp.jit_train_step(sp.make_train_step(model, tx, schedule, sp.LossConfig.for_model(cfg), mask, 1, mesh=mesh),
+                             mesh, shardings, {k: v.shape for k, v in host.items()})
+    def put_batch():
+        return shd.host_batch_to_global(host, mesh)
+
     t0 = time.perf_counter()
-    compiled = step.lower(abstract, shd.host_batch_to_global(host, mesh)).compile()
-    compile_s = time.perf_counter() - t0
+    compiled = step.lower(abstract, put_batch()).compile()
+    return compiled, state, put_batch, {"state_init_s": init_s, "compile_s": time.perf_counter() - t0}
+
+
+def train_side(setup: str, params_np: dict, ref: dict, batch: dict, train_reps: int) -> dict:
+    import jax
+
+    compiled, state, put_batch, setup_s = build_train_step(setup, batch, params_np)
 
     losses, times, cpu = [], [], []
     for i in range(train_reps + 2):  # the first 2 steps give the equality checks and warm up
         c0, t0 = time.process_time(), time.perf_counter()
-        state, metrics = compiled(state, shd.host_batch_to_global(host, mesh))
+        state, metrics = compiled(state, put_batch())
         jax.block_until_ready((state, metrics))
         dt, dc = time.perf_counter() - t0, time.process_time() - c0
         losses.append(float(np.asarray(metrics["loss"])))
@@ -114,8 +129,8 @@ def train_side(setup: str, params_np: dict, ref: dict, batch: dict, train_reps: 
             cpu.append(dc)
     t = cs.summarize(times, cpu)
     b = int(batch["input_ids"].shape[0])
-    t.update(batch=b, samples_per_s=round(b * 1e3 / t["median_ms"], 3), compile_s=round(compile_s, 2),
-             state_init_s=round(init_s, 2), loss_step0=losses[0], loss_after_step=losses[1],
+    t.update(batch=b, samples_per_s=round(b * 1e3 / t["median_ms"], 3), compile_s=round(setup_s["compile_s"], 2),
+             state_init_s=round(setup_s["state_init_s"], 2), loss_step0=losses[0], loss_after_step=losses[1],
              loss_rel_diff_step0=rel0, loss_rel_diff_after_step=rel1)
     return t
 

@@ -75,37 +75,19 @@ def jax_side(setup: str, steps: int) -> dict:
                                        + ["--xla_force_host_platform_device_count=1"])
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     import jax
-    import numpy as np
 
-    from vla_jax import sharding as shd
-    from vla_jax.models.openvla import OpenVLA
-    from vla_jax.training import run, state as st, step as sp
-    from vla_jax.training.synthetic import synthetic_row
+    from jax_side import build_train_step
 
-    s, cfg = cs.SETUPS[setup], cs.model_config(setup)
-    model = OpenVLA(cfg)
-    mesh = shd.make_mesh((1, 1, 1), jax.devices()[:1])
-    o = cs.OPTIM
-    tx, schedule = st.make_optimizer(st.OptimConfig(o["learning_rate"], o["weight_decay"], o["b1"], o["b2"], o["eps"],
-                                                    o["grad_clip"], schedule="constant"), num_steps=1000)
-    example = run.example_inputs(cfg, s["text_len"])
-    mask = st.trainable_mask(st.abstract_params(model, example))
-    state, shardings, abstract = st.create_train_state(model, tx, mesh, shd.LOGICAL_RULES, 0, example, mask)
-    rows = [synthetic_row(0, 0, r, s["image_size"], s["text_len"]) for r in range(s["batch"])]
-    host = {k: np.stack([r[k] for r in rows]) for k in ("pixel_values", "input_ids", "labels")}
-    host["dataset_index"] = np.zeros((s["batch"],), np.int32)
-    step = sp.jit_train_step(sp.make_train_step(model, tx, schedule, sp.LossConfig.for_model(cfg), mask, 1, mesh=mesh),
-                             mesh, shardings, {k: v.shape for k, v in host.items()})
-    compiled = step.lower(abstract, shd.host_batch_to_global(host, mesh)).compile()
+    compiled, state, put_batch, _ = build_train_step(setup, cs.training_batch(setup))
     meta = {m.group(1): m.group(2) for m in re.finditer(r"^\s*%?([\w.\-]+) = [^\n]*?op_name=\"([^\"]*)\"",
                                                         compiled.as_text(), re.M)}
     for _ in range(3):
-        state, metrics = compiled(state, shd.host_batch_to_global(host, mesh))
+        state, metrics = compiled(state, put_batch())
     jax.block_until_ready((state, metrics))
     with tempfile.TemporaryDirectory() as d:
         with jax.profiler.trace(d, create_perfetto_trace=True):
             for _ in range(steps):
-                state, metrics = compiled(state, shd.host_batch_to_global(host, mesh))
+                state, metrics = compiled(state, put_batch())
                 jax.block_until_ready((state, metrics))
         with gzip.open(glob.glob(os.path.join(d, "**", "perfetto_trace.json.gz"), recursive=True)[0]) as f:
             trace = json.load(f)
@@ -137,20 +119,17 @@ def _torch_category(name: str) -> str:
 
 
 def torch_side(setup: str, steps: int) -> dict:
-    import numpy as np
     import torch
     from torch.profiler import ProfilerActivity, profile
 
     import torch_side as ts
-    from vla_jax.training.synthetic import synthetic_row
 
     torch.set_num_threads(len(os.sched_getaffinity(0)))
-    s, cfg = cs.SETUPS[setup], cs.model_config(setup)
+    cfg = cs.model_config(setup)
     torch.manual_seed(0)
     model = ts.build_model(cfg, "sdpa").randomize(seed=0)
     model.train()
-    rows = [synthetic_row(0, 0, r, s["image_size"], s["text_len"]) for r in range(s["batch"])]
-    batch = {k: np.stack([r[k] for r in rows]) for k in ("pixel_values", "input_ids", "attention_mask", "labels")}
+    batch = cs.training_batch(setup)
     opt = ts.make_optimizer(model)
     out = {"side": "torch", "torch": torch.__version__, "threads": torch.get_num_threads(), "steps": steps}
     for name, loss_fn in (("openvla_full_logits", ts.train_loss), ("supervised_logits", ts.supervised_logits_loss)):

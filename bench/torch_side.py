@@ -147,7 +147,6 @@ def tokens_to_actions(tokens: np.ndarray, cfg) -> np.ndarray:
 
 def prepare(setup: str, run_dir: str, attn: str) -> None:
     from vla_jax.tokenizer import VLATokenizer
-    from vla_jax.training.synthetic import synthetic_row
 
     s, cfg = cs.SETUPS[setup], cs.model_config(setup)
     torch.manual_seed(0)
@@ -155,9 +154,7 @@ def prepare(setup: str, run_dir: str, attn: str) -> None:
     with torch.no_grad():  # unit-scale token embeddings: generated tokens then steer the next ones
         model.language_model.get_input_embeddings().weight.mul_(TOKEN_EMBED_SCALE)
     np.savez(os.path.join(run_dir, "weights.npz"), **model.hf_state_dict())
-    rows = [synthetic_row(0, 0, r, s["image_size"], s["text_len"]) for r in range(s["batch"])]
-    batch = {k: np.stack([r[k] for r in rows]) for k in ("pixel_values", "input_ids", "attention_mask", "labels")}
-    batch["dataset_index"] = np.zeros((s["batch"],), np.int32)
+    batch = cs.training_batch(setup)
     rng = np.random.default_rng(1)
     batch["images"] = rng.integers(0, 256, (max(cs.INFER_BATCHES), s["image_size"], s["image_size"], 3), np.uint8)
     np.savez(os.path.join(run_dir, "batch.npz"), **batch)
