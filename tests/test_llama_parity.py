@@ -103,11 +103,13 @@ def test_full_forward_matches_hf(kv_heads, query_block):
 
 
 @pytest.mark.parametrize("remat", [True, False], ids=["remat", "no_remat"])
-@pytest.mark.parametrize("query_block", [0, 5], ids=["one_block", "blocks_of_5"])
-def test_gradients_match_hf(query_block, remat):
+@pytest.mark.parametrize("query_block,kv_heads", [(0, H), (5, H), (5, 2)],
+                         ids=["one_block", "blocks_of_5", "blocks_of_5_gqa"])
+def test_gradients_match_hf(query_block, kv_heads, remat):
     """Backward through the layer scan, with or without remat, equals torch autograd; with query
-    blocks the attention probabilities are recomputed in the backward (a checkpoint per block)."""
-    hf, _, cfg, params = _setup(H)
+    blocks the attention backward is the hand-written one of `attention._blocked_causal` (key/value
+    gradients summed over blocks and, with grouped-query heads, over the heads of a group)."""
+    hf, _, cfg, params = _setup(kv_heads)
     cfg = dataclasses.replace(cfg, attention_query_block=query_block)
     rng = np.random.default_rng(2)
     ids = rng.integers(0, V, (2, 16))
