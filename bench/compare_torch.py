@@ -13,6 +13,11 @@ its own and neither allocator affects the other. Timings: median and p90 of --tr
 steps (after 2 warm-up steps) and of --infer-reps batch-1 actions; batch 8/32 throughput over
 --batch-reps calls. JAX compile time is measured and reported separately.
 
+--malloc picks glibc's allocator settings, the same for both sides: 'system' (glibc's defaults) and/or
+'reuse' (`REUSE_MALLOC_ENV`: one arena, no mmap-backed blocks, no trimming, so freed memory is reused
+instead of being unmapped and faulted back in page by page; XLA:CPU maps a fresh 1.4 GB temporary
+buffer for every 'mid' train step under the defaults). The headline ratios are the 'system' ones.
+
 Writes bench/results/compare_torch.json (top-level `train_speedup_vs_torch` and
 `latency_speedup_vs_torch`: vla_jax speed / torch speed at the 'mid' setup, > 1 = vla_jax faster)
 and prints a table. The load average is recorded at start and end: other jobs on the same cores
@@ -35,6 +40,9 @@ sys.path.insert(0, BENCH)
 import compare_setup as cs  # noqa: E402
 
 HEADLINE_SETUP = "mid"
+# glibc malloc settings of --malloc=reuse (environment variables read at process start).
+REUSE_MALLOC_ENV = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**62)}
+MALLOCS = {"system": {}, "reuse": REUSE_MALLOC_ENV}
 
 
 def _run(args, cores: str, env_extra: dict, what: str) -> float:
@@ -64,9 +72,9 @@ def ratio(a, b) -> float:
     return round(a / b, 2) if a and b else float("nan")
 
 
-def summarize(setup: str, jx: dict, th: dict, ref: dict) -> dict:
+def summarize(setup: str, malloc: str, jx: dict, th: dict, ref: dict) -> dict:
     """Per-setup record; ratios are vla_jax speed / torch speed (> 1: vla_jax faster)."""
-    out = {"setup": setup, "geometry": cs.SETUPS[setup], "reference": ref,
+    out = {"setup": setup, "malloc": malloc, "geometry": cs.SETUPS[setup], "reference": ref,
            "train": {"vla_jax": jx["train"], "torch": th["train"],
                      "speedup": ratio(jx["train"]["samples_per_s"], th["train"]["samples_per_s"]),
                      "speedup_cpu_time": ratio(th["train"].get("cpu_median_ms"), jx["train"].get("cpu_median_ms")),
@@ -93,7 +101,8 @@ def print_table(results: list) -> None:
           f"{'b8 actions/s':22} {'b32 actions/s':22} {'peak RSS MB jax/torch':22}")
     for r in results:
         tr, inf = r["train"], r["inference"]
-        print(f"{r['setup']:6} {tr['vla_jax']['samples_per_s']:8.2f} / {tr['torch']['samples_per_s']:8.2f} = "
+        print(f"{r['setup']:6} (malloc: {r.get('malloc', 'system')})")
+        print(f"{'':6} {tr['vla_jax']['samples_per_s']:8.2f} / {tr['torch']['samples_per_s']:8.2f} = "
               f"{tr['speedup']:5.2f}x       "
               f"{inf['1']['vla_jax']['median_ms']:8.1f} / {inf['1']['torch']['median_ms']:8.1f} = "
               f"{inf['1']['speedup']:5.2f}x        "
@@ -116,6 +125,7 @@ def markdown(report: dict) -> str:
             "| peak RSS MB | compile s |", "|---|---|---|---|---|---|---|---|"]
     for r in report["results"]:
         tr, inf = r["train"], r["inference"]
+        r = dict(r, setup=f"{r['setup']} ({r.get('malloc', 'system')} malloc)")
         for side in ("vla_jax", "torch"):
             comp = (f"{r['jax_compile_s']['train_step']} + "
                     f"{sum(v for k, v in r['jax_compile_s'].items() if k != 'train_step'):.1f}") if side == "vla_jax" else "-"
@@ -140,6 +150,8 @@ def main(argv=None) -> int:
     p.add_argument("--train-reps", type=int, default=20)
     p.add_argument("--infer-reps", type=int, default=20)
     p.add_argument("--batch-reps", type=int, default=5)
+    p.add_argument("--malloc", default="system,reuse", help="glibc malloc settings to run, both sides alike: "
+                   "system (defaults) and/or reuse (REUSE_MALLOC_ENV)")
     p.add_argument("--attn", default="sdpa", choices=("sdpa", "eager"), help="transformers attention (torch side)")
     p.add_argument("--out", default=os.path.join(cs.REPO, "bench", "results", "compare_torch.json"))
     p.add_argument("--markdown", metavar="RESULTS_JSON", help="only print the BENCHMARKS.md table of a results file")
@@ -152,6 +164,9 @@ def main(argv=None) -> int:
     unknown = [s for s in setups if s not in cs.SETUPS]
     if unknown:
         raise ValueError(f"--setups has unknown names {unknown}; known: {sorted(cs.SETUPS)}")
+    mallocs = [m.strip() for m in a.malloc.split(",") if m.strip()]
+    if not mallocs or any(m not in MALLOCS for m in mallocs):
+        raise ValueError(f"--malloc={a.malloc!r}: expected a comma-separated subset of {sorted(MALLOCS)}")
     reps = ["--train-reps", str(a.train_reps), "--infer-reps", str(a.infer_reps), "--batch-reps", str(a.batch_reps)]
     torch_env = {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
     report = {"benchmark": "compare_torch", "machine": machine(), "cores": a.cores,
@@ -160,34 +175,47 @@ def main(argv=None) -> int:
     t_all = time.perf_counter()
     for setup in setups:
         with tempfile.TemporaryDirectory(prefix=f"compare_torch_{setup}_") as d:
-            walls = {"prepare_s": _run([os.path.join(BENCH, "torch_side.py"), "prepare", f"--setup={setup}",
-                                        f"--dir={d}", f"--attn={a.attn}"], a.cores, torch_env, "torch prepare")}
-            walls["jax_s"] = _run([os.path.join(BENCH, "jax_side.py"), f"--setup={setup}", f"--dir={d}"] + reps,
-                                  a.cores, {}, "vla_jax side")
-            walls["torch_s"] = _run([os.path.join(BENCH, "torch_side.py"), "time", f"--setup={setup}", f"--dir={d}",
-                                     f"--attn={a.attn}"] + reps, a.cores, torch_env, "torch side")
-            loaded = {}
-            for name in ("jax", "torch", "reference"):
-                with open(os.path.join(d, f"{name}.json")) as f:
-                    loaded[name] = json.load(f)
-        r = summarize(setup, loaded["jax"], loaded["torch"], loaded["reference"])
-        r["wall_s"] = walls
-        report["results"].append(r)
-        print_table([r])
-    head = next((r for r in report["results"] if r["setup"] == HEADLINE_SETUP), report["results"][-1])
+            prepare_s = _run([os.path.join(BENCH, "torch_side.py"), "prepare", f"--setup={setup}", f"--dir={d}",
+                              f"--attn={a.attn}"], a.cores, torch_env, "torch prepare")
+            for malloc in mallocs:
+                env = MALLOCS[malloc]
+                walls = {"prepare_s": prepare_s}
+                walls["jax_s"] = _run([os.path.join(BENCH, "jax_side.py"), f"--setup={setup}", f"--dir={d}"] + reps,
+                                      a.cores, env, f"vla_jax side ({malloc} malloc)")
+                walls["torch_s"] = _run([os.path.join(BENCH, "torch_side.py"), "time", f"--setup={setup}",
+                                         f"--dir={d}", f"--attn={a.attn}"] + reps, a.cores, dict(torch_env, **env),
+                                        f"torch side ({malloc} malloc)")
+                loaded = {}
+                for name in ("jax", "torch", "reference"):
+                    with open(os.path.join(d, f"{name}.json")) as f:
+                        loaded[name] = json.load(f)
+                r = summarize(setup, malloc, loaded["jax"], loaded["torch"], loaded["reference"])
+                r["wall_s"] = walls
+                report["results"].append(r)
+                print_table([r])
+    setup_rows = [r for r in report["results"] if r["setup"] == HEADLINE_SETUP] or report["results"][-1:]
+    head = next((r for r in setup_rows if r["malloc"] == "system"), setup_rows[0])
+    reuse = next((r for r in setup_rows if r["malloc"] == "reuse"), None)
+    report["headline_malloc"] = head["malloc"]
     report["headline_setup"] = head["setup"]
     report["train_speedup_vs_torch"] = head["train"]["speedup"]
     report["latency_speedup_vs_torch"] = head["inference"]["1"]["speedup"]
     report["train_speedup_vs_torch_cpu_time"] = head["train"]["speedup_cpu_time"]
     report["latency_speedup_vs_torch_cpu_time"] = head["inference"]["1"]["speedup_cpu_time"]
     report["train_speedup_vs_torch_same_flops"] = head["train"]["speedup_same_flops"]
+    if reuse is not None and head is not reuse:
+        report["train_speedup_vs_torch_malloc_reuse"] = reuse["train"]["speedup"]
+        report["latency_speedup_vs_torch_malloc_reuse"] = reuse["inference"]["1"]["speedup"]
     report["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     report["wall_s"] = round(time.perf_counter() - t_all, 1)
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
     with open(a.out, "w") as f:
         json.dump(report, f, indent=2)
     print(f"compare_torch ({head['setup']}): train {report['train_speedup_vs_torch']}x torch's samples/s, "
-          f"batch-1 latency {report['latency_speedup_vs_torch']}x faster; load average "
+          f"batch-1 latency {report['latency_speedup_vs_torch']}x faster ({report['headline_malloc']} malloc"
+          + (f"; with malloc reuse on both sides: train {report['train_speedup_vs_torch_malloc_reuse']}x, batch-1 "
+             f"{report['latency_speedup_vs_torch_malloc_reuse']}x" if "train_speedup_vs_torch_malloc_reuse" in report
+             else "") + f"); load average "
           f"{report['loadavg_start'][0]} -> {report['loadavg_end'][0]}; {report['wall_s']} s; wrote {a.out}")
     if max(report["loadavg_start"][0], report["loadavg_end"][0]) > 0.5 * len(a.cores.split(",")):
         print("warning: other jobs were running on this machine; rerun on a quiet machine for clean numbers",
