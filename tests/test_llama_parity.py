@@ -87,30 +87,34 @@ def _noise_cache(cfg, batch, slots, seed):
 
 
 # attention_query_block: 0 = one block; 7 = blocks of 7 query rows over 24 tokens (the last one 3 rows).
+# unroll_layers: the stacked layers as one scan or as an unrolled loop (layer_stack), same params.
+@pytest.mark.parametrize("unroll", [False, True], ids=["scan", "unrolled"])
 @pytest.mark.parametrize("query_block", [0, 7], ids=["one_block", "blocks_of_7"])
 @pytest.mark.parametrize("kv_heads", [H, 2], ids=["mha", "gqa"])
-def test_full_forward_matches_hf(kv_heads, query_block):
+def test_full_forward_matches_hf(kv_heads, query_block, unroll):
     hf, _, cfg, params = _setup(kv_heads)
-    cfg = dataclasses.replace(cfg, attention_query_block=query_block)
+    cfg = dataclasses.replace(cfg, attention_query_block=query_block, unroll_layers=unroll)
     ids = np.random.default_rng(1).integers(0, V, (2, 24))
     ref = _hf_logits(hf, ids)
     pos = jnp.broadcast_to(jnp.arange(24, dtype=jnp.int32), (2, 24))
     logits, cache = _forward(Llama(cfg), params, jnp.asarray(ids, jnp.int32), pos, None)
     assert cache is None and logits.dtype == jnp.float32
     diff, tol = _max_diff(logits, ref)
-    print(f"full forward ({kv_heads} kv heads, query block {query_block}): max abs diff {diff:.2e} (tol {tol:.2e})")
+    print(f"full forward ({kv_heads} kv heads, query block {query_block}, unroll {unroll}): max abs diff {diff:.2e} (tol {tol:.2e})")
     assert diff <= tol
 
 
+@pytest.mark.parametrize("unroll", [False, True], ids=["scan", "unrolled"])
 @pytest.mark.parametrize("remat", [True, False], ids=["remat", "no_remat"])
 @pytest.mark.parametrize("query_block,kv_heads", [(0, H), (5, H), (5, 2)],
                          ids=["one_block", "blocks_of_5", "blocks_of_5_gqa"])
-def test_gradients_match_hf(query_block, kv_heads, remat):
-    """Backward through the layer scan, with or without remat, equals torch autograd; with query
-    blocks the attention backward is the hand-written one of `attention._blocked_causal` (key/value
-    gradients summed over blocks and, with grouped-query heads, over the heads of a group)."""
+def test_gradients_match_hf(query_block, kv_heads, remat, unroll):
+    """Backward through the layers (one scan, or unrolled with `layer_stack.unstack`'s stacking
+    backward), with or without remat, equals torch autograd; with query blocks the attention
+    backward is the hand-written one of `attention._blocked_causal` (key/value gradients summed over
+    blocks and, with grouped-query heads, over the heads of a group)."""
     hf, _, cfg, params = _setup(kv_heads)
-    cfg = dataclasses.replace(cfg, attention_query_block=query_block)
+    cfg = dataclasses.replace(cfg, attention_query_block=query_block, unroll_layers=unroll)
     rng = np.random.default_rng(2)
     ids = rng.integers(0, V, (2, 16))
     weights = rng.normal(size=(2, 16, V)).astype(np.float32)

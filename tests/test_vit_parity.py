@@ -104,8 +104,9 @@ def test_features_match_timm(kind):
 
     params = timm_to_flax(_state_dict(m), cfg)
     pixels = jnp.asarray(x.numpy().transpose(0, 2, 3, 1))
-    got = jax.jit(VisionTower(cfg).apply)({"params": params}, pixels)
-    _check_close(f"{kind} features", got, ref.numpy())
+    for unroll in (False, True):  # the stacked blocks as one scan, and unrolled (layer_stack)
+        got = jax.jit(VisionTower(dataclasses.replace(cfg, unroll_layers=unroll)).apply)({"params": params}, pixels)
+        _check_close(f"{kind} features (unroll_layers={unroll})", got, ref.numpy())
     # remat changes nothing; and a normal apply never touches the unused parameters (runs without them).
     used = {k: v for k, v in params.items() if k not in ("last_block", "norm", "attn_pool")}
     got_remat = jax.jit(VisionTower(dataclasses.replace(cfg, remat=True)).apply)({"params": used}, pixels)
@@ -122,6 +123,38 @@ def test_features_match_timm(kind):
             ref_pool = m.attn_pool(ref_last)
         pool = jax.jit(MAPHead(cfg).apply)({"params": params["attn_pool"]}, jnp.asarray(ref_last.numpy()))
         _check_close(f"{kind} attn_pool", pool, ref_pool.numpy())
+
+
+@pytest.mark.parametrize("remat", [False, True], ids=["no_remat", "remat"])
+@pytest.mark.parametrize("unroll", [False, True], ids=["scan", "unrolled"])
+@pytest.mark.parametrize("kind", ["dino", "siglip"])
+def test_gradients_match_timm(kind, unroll, remat):
+    """The towers' backward (blocks scanned, or unrolled with layer_stack's stacking backward) equals
+    torch autograd through timm's blocks, for every parameter OpenVLA's features depend on."""
+    m = _random_timm(kind)
+    cfg = dataclasses.replace(_flax_cfg(kind), unroll_layers=unroll, remat=remat)
+    rng = np.random.default_rng(3)
+    x = torch.from_numpy(rng.standard_normal((BATCH, 3, IMG, IMG)).astype(np.float32))
+    h = m.norm_pre(m.patch_drop(m._pos_embed(m.patch_embed(x))))
+    for blk in m.blocks[:-1]:
+        h = blk(h)
+    feats = h[:, m.num_prefix_tokens:]
+    weights = rng.standard_normal(tuple(feats.shape)).astype(np.float32)
+    m.zero_grad()
+    (feats * torch.from_numpy(weights)).sum().backward()
+    ref = {k: p.grad.numpy() for k, p in m.named_parameters() if p.grad is not None}
+
+    params = timm_to_flax(_state_dict(m), cfg)
+    pixels = jnp.asarray(x.numpy().transpose(0, 2, 3, 1))
+    loss = lambda p: jnp.sum(VisionTower(cfg).apply({"params": p}, pixels) * weights)  # noqa: E731
+    grads = flax_to_timm(jax.jit(jax.grad(loss))(params), cfg)
+    assert any(k.startswith("blocks.0.") for k in ref) and len(ref) > 10
+    worst = 0.0
+    for k, g in ref.items():
+        rel = float(np.max(np.abs(grads[k] - g))) / max(float(np.max(np.abs(g))), 1e-12)
+        worst = max(worst, rel)
+        assert rel <= 1e-4, (k, rel)
+    print(f"{kind} gradients (unroll {unroll}, remat {remat}): worst relative max abs diff {worst:.2e}")
 
 
 @pytest.mark.parametrize("kind", ["dino", "siglip"])

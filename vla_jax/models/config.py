@@ -48,6 +48,8 @@ class ViTConfig:
     dtype: str = "bfloat16"
     param_dtype: str = "float32"
     remat: bool = False
+    # Run blocks 0..depth-2 as an unrolled loop instead of one scan (see LlamaConfig.unroll_layers).
+    unroll_layers: Optional[bool] = None
 
     @property
     def grid(self) -> int:
@@ -74,6 +76,9 @@ class LlamaConfig:
     blocked over query rows, an execution choice that does not change the values
     (`vla_jax.models.attention.causal_attend`): None = automatic (64 rows on CPU, one block on
     accelerators), 0 = one block, n = n rows.
+    `unroll_layers`: whether a full forward runs the stacked layers as an unrolled loop instead of
+    one scan (`vla_jax.models.layer_stack`; same values, same parameter layout): None = automatic
+    (unrolled on CPU, scanned on accelerators).
     """
 
     vocab_size: int
@@ -89,6 +94,7 @@ class LlamaConfig:
     param_dtype: str = "float32"
     remat: bool = False
     attention_query_block: Optional[int] = None
+    unroll_layers: Optional[bool] = None
 
     @property
     def head_dim(self) -> int:

@@ -8,8 +8,10 @@ Shapes: B batch, T tokens in this call, S cache slots, D hidden, H query heads, 
 (== H for Llama-2-7B; fewer gives grouped-query attention), hd head dim, F MLP hidden, V vocab rows,
 L layers.
 
-The layers are one `nn.scan` over a stacked leading 'layers' axis (optionally rematerialised), and
-the KV cache's per-layer slices are scanned alongside them.
+The layers' parameters are stacked on a leading 'layers' axis, created by one `nn.scan` (optionally
+rematerialised); the KV cache's per-layer slices are scanned alongside them. A full forward without
+cache may instead run the same stacked parameters as an unrolled loop (`config.unroll_layers`,
+`layer_stack`).
 
 Also here: the HF <-> Flax rename table (`hf_to_flax`, `flax_to_hf`, and per-tensor helpers usable
 for streaming conversion of large checkpoints).
@@ -25,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vla_jax.models import layer_stack
 from vla_jax.models.attention import attend, causal_attend
 from vla_jax.models.config import LlamaConfig
 from vla_jax.models.dense import Linear
@@ -278,8 +281,25 @@ class Llama(nn.Module):
         if cache is not None:
             self._check_cache(cache, B, T, positions)
         x = x.astype(jnp.dtype(cfg.dtype))
+        if cache is None and layer_stack.unroll(cfg.unroll_layers) and not self.is_initializing():
+            return self.norm(self._unrolled_layers(x, positions)), None
         x, new_cache = self.layers(x, positions, cache)
         return self.norm(x), new_cache
+
+    def _unrolled_layers(self, x, positions):
+        """The full forward's layers as an unrolled loop over the stacked params (`layer_stack`):
+        x [B, T, D] -> [B, T, D], the same values as the scan."""
+        cfg = self.config
+        layer = DecoderLayer(cfg, parent=None)
+
+        def run(p, x):
+            return layer.apply({"params": p}, x, positions, None)[0]
+
+        if cfg.remat:
+            run = jax.checkpoint(run, policy=_REMAT_POLICIES[self.remat_policy])
+        for p in layer_stack.unstack(self.variables["params"]["layers"], cfg.num_layers):
+            x = run(p, x)
+        return x
 
     def _check_cache(self, cache, B, T, positions):
         cfg = self.config

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vla_jax.models import layer_stack
 from vla_jax.models.config import ViTConfig
 from vla_jax.models.dense import Linear
 
@@ -159,8 +160,9 @@ class VisionTower(nn.Module):
     """timm-style ViT returning OpenVLA's features: the output of block depth-2, prefix tokens dropped.
 
     `pixels`: [B, H, W, 3] float, already normalized with the tower's mean/std, H == W == image_size.
-    Returns [B, num_patches, width] in the compute dtype. Blocks 0..depth-2 are scanned (`blocks`,
-    leading 'layers' axis); `last_block`, `norm` and `attn_pool` exist only as parameters.
+    Returns [B, num_patches, width] in the compute dtype. Blocks 0..depth-2 are stacked (`blocks`,
+    leading 'layers' axis; scanned, or unrolled per `config.unroll_layers`); `last_block`, `norm`
+    and `attn_pool` exist only as parameters.
     """
 
     config: ViTConfig
@@ -199,9 +201,12 @@ class VisionTower(nn.Module):
             x = jnp.concatenate(prefix + [x], axis=1) + pos
         x = nn.with_logical_constraint(x, _ACT)
 
-        block = nn.remat(Block, prevent_cse=False) if cfg.remat else Block
-        x, _ = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True}, length=cfg.depth - 1,
-                       metadata_params={nn.PARTITION_NAME: "layers"})(cfg, name="blocks")(x, None)
+        if layer_stack.unroll(cfg.unroll_layers) and not self.is_initializing():
+            x = self._unrolled_blocks(x)
+        else:
+            block = nn.remat(Block, prevent_cse=False) if cfg.remat else Block
+            x, _ = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True}, length=cfg.depth - 1,
+                           metadata_params={nn.PARTITION_NAME: "layers"})(cfg, name="blocks")(x, None)
         feats = x[:, cfg.num_prefix_tokens:]
 
         if self.is_initializing():
@@ -211,6 +216,21 @@ class VisionTower(nn.Module):
             if cfg.map_head:
                 MAPHead(cfg, name="attn_pool")(y)  # timm pools the whole normed sequence
         return feats
+
+    def _unrolled_blocks(self, x):
+        """Blocks 0..depth-2 as an unrolled loop over the stacked 'blocks' params (`layer_stack`):
+        x [B, L, D] -> [B, L, D], the same values as the scan."""
+        cfg = self.config
+        block = Block(cfg, parent=None)
+
+        def run(p, x):
+            return block.apply({"params": p}, x)[0]
+
+        if cfg.remat:
+            run = jax.checkpoint(run)
+        for p in layer_stack.unstack(self.variables["params"]["blocks"], cfg.depth - 1):
+            x = run(p, x)
+        return x
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,49 @@
+"""Stacked layers ([L, ...] parameters) run as an unrolled Python loop instead of `nn.scan`.
+
+The Llama's layers and each ViT tower's blocks keep their parameters stacked on a leading 'layers'
+axis (one `nn.scan` creates them; checkpoints, sharding rules and the HF/timm converters use that
+layout). Run as a scan, XLA executes one while loop: each step reads its layer's weights through
+dynamic slices and writes the residuals its backward needs into [L, ...] buffers, which XLA:CPU
+fills with zeros (a broadcast copied into each buffer, every step) before the loop. Unrolled, every
+layer is its own program region on static slices of the same arrays, with none of those buffers.
+
+`unstack` gives the L per-layer parameter trees; its backward stacks the L gradients once (JAX's
+own transpose of L static slices would pad each gradient to [L, ...] and add them up). Used for the
+full forward (training, scoring) when `unroll(config.unroll_layers)`: automatic = on the CPU backend
+only, where it was measured: the 'mid' train step (Llama and towers unrolled) took 0.968x the
+scan's time (median of per-round ratios, 16 alternating steps in one process; BENCHMARKS.md).
+Accelerators keep the scan (one compiled layer body: shorter compiles at 7B depth; not measured). The KV-cache paths keep the scan too (`decode.py` has its own
+per-layer layout).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, List, Optional
+
+import jax
+import jax.numpy as jnp
+
+
+def unroll(configured: Optional[bool]) -> bool:
+    """Whether stacked layers run unrolled: `configured`, or when None, on the CPU backend only."""
+    if configured is None:
+        return jax.default_backend() == "cpu"
+    return bool(configured)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def unstack(tree: Any, n: int) -> List[Any]:
+    """A tree of [n, ...] leaves -> n trees of their [...] slices (layer i = index i)."""
+    return [jax.tree.map(lambda x: x[i], tree) for i in range(n)]
+
+
+def _unstack_fwd(tree, n):
+    return unstack(tree, n), None
+
+
+def _unstack_bwd(n, _, grads):
+    return (jax.tree.map(lambda *g: jnp.stack(g), *grads),)
+
+
+unstack.defvjp(_unstack_fwd, _unstack_bwd)
