@@ -35,6 +35,7 @@ def _set_device_count(argv) -> None:
 if __name__ == "__main__":
     _set_device_count(sys.argv)
 
+import dataclasses  # noqa: E402
 import json  # noqa: E402
 import time  # noqa: E402
 
@@ -90,7 +91,13 @@ def plan(cfg, devices: int, mesh_arg: str = "", batch: int = 0, grad_accum: int 
             cfg.global_batch_size = batch
         if grad_accum:
             cfg.grad_accum_steps = grad_accum
+    # The program the accelerators run: their automatic execution choices, not the CPU ones that
+    # this process's backend would pick (layers scanned, attention in one block).
     model_cfg = run.model_config(cfg.model)
+    model_cfg = dataclasses.replace(
+        model_cfg, llama=dataclasses.replace(model_cfg.llama, unroll_layers=False, attention_query_block=0),
+        dino=dataclasses.replace(model_cfg.dino, unroll_layers=False),
+        siglip=dataclasses.replace(model_cfg.siglip, unroll_layers=False))
     model = OpenVLA(model_cfg)
     mesh = run.make_mesh(cfg.mesh)
     run.check_batch_layout(cfg, mesh)
