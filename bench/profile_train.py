@@ -7,7 +7,9 @@ the compare_torch geometry and batch shapes, fp32:
 - vla_jax: the real jitted train step, traced with `jax.profiler` (perfetto trace) after 3 warm-up
   steps; each XLA op is mapped to its JAX source through the compiled HLO's `op_name` metadata.
   XLA:CPU may run independent ops at the same time, so time in which k ops overlap is split k ways
-  (the categories then sum to the busy time of the step).
+  (the categories then sum to the busy time of the step). Ops that XLA:CPU runs asynchronously
+  (some copies and dots; their completion is a separate 'end: NAME' marker) appear with their launch
+  time only, so they are undercounted (e.g. the zero-fill copies of the layer scan's buffers).
 - torch: OpenVLA's step (full logits) and the diagnostic step with the lm_head at the supervised
   positions only (vla_jax's FLOPs; `torch_side.supervised_logits_loss`), under `torch.profiler`,
   self CPU time of each aten op (one op at a time, each using all threads).
