@@ -8,7 +8,8 @@ fills with zeros (a broadcast copied into each buffer, every step) before the lo
 layer is its own program region on static slices of the same arrays, with none of those buffers.
 
 `unstack` gives the L per-layer parameter trees; its backward stacks the L gradients once (JAX's
-own transpose of L static slices would pad each gradient to [L, ...] and add them up). Used for the
+own transpose of L static slices would pad each gradient to [L, ...] and add them up).
+`run_unrolled` applies the scanned layer module to them one after the other. Used for the
 full forward (training, scoring) when `unroll(config.unroll_layers)`: automatic = on the CPU backend
 only, where it was measured: the 'mid' train step (Llama and towers unrolled) took 0.968x the
 scan's time (median of per-round ratios, 16 alternating steps in one process; BENCHMARKS.md).
@@ -19,8 +20,9 @@ per-layer layout).
 from __future__ import annotations
 
 import functools
-from typing import Any, List, Optional
+from typing import Any, Callable, List, Optional
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
@@ -47,3 +49,17 @@ def _unstack_bwd(n, _, grads):
 
 
 unstack.defvjp(_unstack_fwd, _unstack_bwd)
+
+
+def run_unrolled(layer: nn.Module, stacked: Any, x, *args, remat: bool = False, policy: Optional[Callable] = None):
+    """x through every layer in turn, x = layer.apply({'params': p_i}, x, *args)[0], where p_i are the
+    per-layer slices of `stacked` (the [L, ...] params of an `nn.scan` of `layer`). remat: each layer
+    is a `jax.checkpoint` (with `policy`), as `nn.remat` would make it inside the scan."""
+    def run(p, x):
+        return layer.apply({"params": p}, x, *args)[0]
+
+    if remat:
+        run = jax.checkpoint(run, policy=policy)
+    for p in unstack(stacked, jax.tree.leaves(stacked)[0].shape[0]):
+        x = run(p, x)
+    return x

@@ -282,24 +282,13 @@ class Llama(nn.Module):
             self._check_cache(cache, B, T, positions)
         x = x.astype(jnp.dtype(cfg.dtype))
         if cache is None and layer_stack.unroll(cfg.unroll_layers) and not self.is_initializing():
-            return self.norm(self._unrolled_layers(x, positions)), None
+            # The same stacked params as an unrolled loop (layer_stack): the same values as the scan.
+            x = layer_stack.run_unrolled(DecoderLayer(cfg, parent=None), self.variables["params"]["layers"], x,
+                                         positions, None, remat=cfg.remat,
+                                         policy=_REMAT_POLICIES[self.remat_policy] if cfg.remat else None)
+            return self.norm(x), None
         x, new_cache = self.layers(x, positions, cache)
         return self.norm(x), new_cache
-
-    def _unrolled_layers(self, x, positions):
-        """The full forward's layers as an unrolled loop over the stacked params (`layer_stack`):
-        x [B, T, D] -> [B, T, D], the same values as the scan."""
-        cfg = self.config
-        layer = DecoderLayer(cfg, parent=None)
-
-        def run(p, x):
-            return layer.apply({"params": p}, x, positions, None)[0]
-
-        if cfg.remat:
-            run = jax.checkpoint(run, policy=_REMAT_POLICIES[self.remat_policy])
-        for p in layer_stack.unstack(self.variables["params"]["layers"], cfg.num_layers):
-            x = run(p, x)
-        return x
 
     def _check_cache(self, cache, B, T, positions):
         cfg = self.config

@@ -202,7 +202,9 @@ class VisionTower(nn.Module):
         x = nn.with_logical_constraint(x, _ACT)
 
         if layer_stack.unroll(cfg.unroll_layers) and not self.is_initializing():
-            x = self._unrolled_blocks(x)
+            # The same stacked params as an unrolled loop (layer_stack): the same values as the scan.
+            x = layer_stack.run_unrolled(Block(cfg, parent=None), self.variables["params"]["blocks"], x,
+                                         remat=cfg.remat)
         else:
             block = nn.remat(Block, prevent_cse=False) if cfg.remat else Block
             x, _ = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True}, length=cfg.depth - 1,
@@ -216,21 +218,6 @@ class VisionTower(nn.Module):
             if cfg.map_head:
                 MAPHead(cfg, name="attn_pool")(y)  # timm pools the whole normed sequence
         return feats
-
-    def _unrolled_blocks(self, x):
-        """Blocks 0..depth-2 as an unrolled loop over the stacked 'blocks' params (`layer_stack`):
-        x [B, L, D] -> [B, L, D], the same values as the scan."""
-        cfg = self.config
-        block = Block(cfg, parent=None)
-
-        def run(p, x):
-            return block.apply({"params": p}, x)[0]
-
-        if cfg.remat:
-            run = jax.checkpoint(run)
-        for p in layer_stack.unstack(self.variables["params"]["blocks"], cfg.depth - 1):
-            x = run(p, x)
-        return x
 
 
 # ---------------------------------------------------------------------------------------------
