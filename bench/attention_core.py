@@ -7,7 +7,8 @@ weighted sum (no projections, no RoPE). Each side runs in its own process pinned
 (taskset), fp32, median of --reps calls after one warm-up (JAX: jitted, compile excluded):
 - jax `model_one_block`: vla_jax's code (`vla_jax.models.attention.causal_attend`, [B, T, H, hd]
   einsums with the head axis inside, masked fp32 softmax) as one block, gradients derived by JAX;
-- jax `model_blocked`: the same function in blocks of 64 query rows (its default on CPU);
+- jax `model_blocked`: the same function in blocks of 64 query rows (its default on CPU), with its
+  hand-written backward (`attention._blocked_causal`; results/attention_core.json predates it);
 - jax `head_major`: the same on [B, H, T, hd] inputs (a clean batched matmul for XLA);
 - jax `dot_product_attention`: `jax.nn.dot_product_attention(is_causal=True)` (implementation 'xla');
 - torch `sdpa`: `torch.nn.functional.scaled_dot_product_attention(is_causal=True)`, which calls

@@ -101,6 +101,7 @@ def build_train_step(setup: str, batch: dict, params_np: Optional[dict] = None):
     host = {k: batch[k] for k in sp.BATCH_KEYS}
     step = sp.jit_train_step(sp.make_train_step(model, tx, schedule, sp.LossConfig.for_model(cfg), mask, 1, mesh=mesh),
                              mesh, shardings, {k: v.shape for k, v in host.items()})
+
     def put_batch():
         return shd.host_batch_to_global(host, mesh)
 

@@ -21,7 +21,8 @@ import transformers
 from flax import linen as nn
 
 from vla_jax.models.config import LlamaConfig
-from vla_jax.models.llama import (DecoderLayer, Llama, check_token_ids, flax_to_hf, hf_to_flax, init_cache)
+from vla_jax.models.llama import DecoderLayer, Llama, check_token_ids, init_cache
+from vla_jax.models.llama_hf import flax_to_hf, hf_to_flax
 
 V, D, F, L, H = 320, 64, 128, 3, 4
 MAX_LEN = 48

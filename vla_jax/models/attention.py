@@ -71,10 +71,10 @@ def causal_attend(q, k, v, dtype, block: Optional[int] = None):
 # recomputes a block's probabilities from them (P = exp(S - lse)) and accumulates the key/value
 # gradients of all blocks in place into one buffer. Letting JAX differentiate the blocks instead
 # (a checkpoint per block) summed each key/value gradient from its padded per-block pieces with a
-# layout transpose fused in (~17 ms per sum on the 'mid' step, two per layer). Internally the heads
+# layout transpose fused in (12-21 ms per sum on the 'mid' step, two per layer). Internally the heads
 # are moved in front of the rows once ([B, KVH, G, T, hd]), so a block's keys are a contiguous slice.
-# Measured on the 'mid' train step (median of 16 alternating steps in one process): 0.967x the time
-# of the checkpointed blocks (BENCHMARKS.md).
+# Measured on the 'mid' train step (median of per-round ratios, 16 alternating steps in one process,
+# an experimental copy of this algorithm): 0.967x the time of the checkpointed blocks (BENCHMARKS.md).
 
 
 def _head_major(q, k, v):
