@@ -80,6 +80,13 @@ def main(argv):
                     "labels": (cfg.global_batch_size, cfg.data.max_seq_len), "dataset_index": (cfg.global_batch_size,)}
     step_fn = sp.make_train_step(model, tx, schedule, loss_cfg, mask, cfg.grad_accum_steps, hooks, mesh)
     train_step = sp.jit_train_step(step_fn, mesh, shardings, batch_shapes)
+    train_steps = None
+    if cfg.steps_per_call > 1:  # several steps per program; train_step then runs only off-schedule steps
+        chunk_step = sp.jit_train_step(step_fn, mesh, shardings, batch_shapes, steps_per_call=cfg.steps_per_call)
+
+        def train_steps(state, batches):
+            stacked = sp.stack_batches(batches, batch_shapes)
+            return chunk_step(state, shd.host_batch_to_global(stacked, mesh, stacked=True))
     flops = cfg.global_batch_size * mlib.train_flops_per_example(
         model_cfg, cfg.data.max_seq_len, loss_cfg.num_supervised, mlib.parts_trainable(mask))
     peak = mlib.device_peak_flops(jax.devices()[0].device_kind)
@@ -102,7 +109,8 @@ def main(argv):
         state, train_step, data.iterator, start=start, num_steps=cfg.num_steps, save_every=cfg.save_every,
         log_every=cfg.log_every, to_global=lambda b: shd.host_batch_to_global({k: b[k] for k in batch_shapes}, mesh),
         record=record, save=save, writer=writer, preempted=preemption.requested, latest_saved=ckpt.latest_step,
-        check_batch=lambda b: sp.check_batch(b, loss_cfg, model_cfg.image_size))
+        check_batch=lambda b: sp.check_batch(b, loss_cfg, model_cfg.image_size),
+        steps_per_call=cfg.steps_per_call, train_steps=train_steps)
     ckpt.close()
     writer.close()
     preemption.restore()

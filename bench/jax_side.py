@@ -8,6 +8,8 @@ tokens at batch 1 (exactly); a mismatch raises and nothing is timed.
 
 Training: vla_jax's real train step (`vla_jax.training.step`, jitted, state donated, one CPU device,
 fp32, no remat), the same AdamW hyperparameters; the lm_head runs only at the supervised positions.
+`--steps-per-call=1,2` also times 2 optimizer steps per compiled call (train.py's
+config.steps_per_call; the same updates, one call, one temporary buffer), reported per step.
 Inference: `Policy.predict_action(s)` end to end (image check and resize, prompt tokenization,
 jitted prefill + 7 greedy steps, un-normalization); images arrive at the model's resolution, as on
 the torch side. Compilation is timed separately. Writes RUN/jax.json.
@@ -70,9 +72,10 @@ def inference_side(setup: str, params_np: dict, ref: dict, images: np.ndarray, i
     return out
 
 
-def build_train_step(setup: str, batch: dict, params_np: Optional[dict] = None):
+def build_train_step(setup: str, batch: dict, params_np: Optional[dict] = None, steps_per_call: int = 1):
     """vla_jax's real train step for a setup on one CPU device, compiled for `batch`'s shapes.
-    params_np: weights (vla_jax layout) or None for a random init.
+    params_np: weights (vla_jax layout) or None for a random init. steps_per_call n > 1: n steps per
+    call (`jit_train_step(steps_per_call=n)`), fed n copies of the batch stacked [n, ...].
     -> (compiled step, train state, put_batch() -> the batch as a global array tree (a fresh host ->
     device transfer per call, as every real step makes), {'state_init_s', 'compile_s'})."""
     import jax
@@ -100,39 +103,43 @@ def build_train_step(setup: str, batch: dict, params_np: Optional[dict] = None):
     init_s = time.perf_counter() - t0
     host = {k: batch[k] for k in sp.BATCH_KEYS}
     step = sp.jit_train_step(sp.make_train_step(model, tx, schedule, sp.LossConfig.for_model(cfg), mask, 1, mesh=mesh),
-                             mesh, shardings, {k: v.shape for k, v in host.items()})
+                             mesh, shardings, {k: v.shape for k, v in host.items()}, steps_per_call=steps_per_call)
+    if steps_per_call > 1:
+        host = sp.stack_batches([host] * steps_per_call, sp.BATCH_KEYS)
 
     def put_batch():
-        return shd.host_batch_to_global(host, mesh)
+        return shd.host_batch_to_global(host, mesh, stacked=steps_per_call > 1)
 
     t0 = time.perf_counter()
     compiled = step.lower(abstract, put_batch()).compile()
     return compiled, state, put_batch, {"state_init_s": init_s, "compile_s": time.perf_counter() - t0}
 
 
-def train_side(setup: str, params_np: dict, ref: dict, batch: dict, train_reps: int) -> dict:
+def train_side(setup: str, params_np: dict, ref: dict, batch: dict, train_reps: int, steps_per_call: int = 1) -> dict:
+    """Times train_reps calls of steps_per_call steps each (after 2 warm-up calls); times are per step."""
     import jax
 
-    compiled, state, put_batch, setup_s = build_train_step(setup, batch, params_np)
+    n = steps_per_call
+    compiled, state, put_batch, setup_s = build_train_step(setup, batch, params_np, n)
 
     losses, times, cpu = [], [], []
-    for i in range(train_reps + 2):  # the first 2 steps give the equality checks and warm up
+    for i in range(train_reps + 2):  # the first 2 calls give the equality checks and warm up
         c0, t0 = time.process_time(), time.perf_counter()
         state, metrics = compiled(state, put_batch())
         jax.block_until_ready((state, metrics))
         dt, dc = time.perf_counter() - t0, time.process_time() - c0
-        losses.append(float(np.asarray(metrics["loss"])))
+        losses.extend(np.atleast_1d(np.asarray(metrics["loss"])).astype(float).tolist())
         if i == 1:  # checked before any timed step
             rel0 = check_close("loss at step 0", losses[0], ref["loss_step0"], cs.LOSS_RTOL)
             rel1 = check_close("loss after one AdamW step", losses[1], ref["loss_after_step"], cs.LOSS_AFTER_STEP_RTOL)
         if i >= 2:
-            times.append(dt)
-            cpu.append(dc)
+            times.append(dt / n)
+            cpu.append(dc / n)
     t = cs.summarize(times, cpu)
     b = int(batch["input_ids"].shape[0])
-    t.update(batch=b, samples_per_s=round(b * 1e3 / t["median_ms"], 3), compile_s=round(setup_s["compile_s"], 2),
-             state_init_s=round(setup_s["state_init_s"], 2), loss_step0=losses[0], loss_after_step=losses[1],
-             loss_rel_diff_step0=rel0, loss_rel_diff_after_step=rel1)
+    t.update(batch=b, steps_per_call=n, samples_per_s=round(b * 1e3 / t["median_ms"], 3),
+             compile_s=round(setup_s["compile_s"], 2), state_init_s=round(setup_s["state_init_s"], 2),
+             loss_step0=losses[0], loss_after_step=losses[1], loss_rel_diff_step0=rel0, loss_rel_diff_after_step=rel1)
     return t
 
 
@@ -143,7 +150,10 @@ def main(argv=None) -> int:
     p.add_argument("--train-reps", type=int, default=20)
     p.add_argument("--infer-reps", type=int, default=20)
     p.add_argument("--batch-reps", type=int, default=5)
+    p.add_argument("--steps-per-call", default="1", help="comma-separated train variants, e.g. 1,2: optimizer "
+                   "steps per compiled call (train.py's config.steps_per_call); 1 is always measured")
     a = p.parse_args(argv)
+    variants = sorted({1} | {int(v) for v in a.steps_per_call.split(",") if v.strip()})
     info = cs.process_info()
     # One CPU device (a test harness may have asked for 8 simulated ones); other XLA flags pass through.
     flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
@@ -162,6 +172,9 @@ def main(argv=None) -> int:
            "xla_flags": os.environ["XLA_FLAGS"], "start": info, "rss_after_setup_mb": cs.rss_mb()}
     out["inference"] = inference_side(a.setup, params_np, ref, batch.pop("images"), a.infer_reps, a.batch_reps)
     out["train"] = train_side(a.setup, params_np, ref, batch, a.train_reps)
+    # Each variant in turn, one train state alive at a time; per step, so comparable with "train".
+    out["train_steps_per_call"] = {str(n): train_side(a.setup, params_np, ref, batch, a.train_reps, n)
+                                   for n in variants if n > 1}
     out["peak_rss_mb"] = cs.peak_rss_mb()
     out["end"] = cs.process_info()
     with open(os.path.join(a.dir, "jax.json"), "w") as f:

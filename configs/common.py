@@ -52,6 +52,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.keep_checkpoints = 3
     c.async_checkpoints = True
     c.log_every = 1  # metrics are computed every step; written every log_every steps
+    # Optimizer steps per compiled call (lax.scan over the step; the same updates). > 1 saves the
+    # per-call cost: host dispatch and, on CPU, XLA's temporary buffer, which is mapped and
+    # zero-filled afresh by the OS on every call ('mid' preset on 2 CPU cores: see BENCHMARKS.md).
+    # Checkpoints still land on save_every and num_steps (single-step calls fill the gaps); a
+    # preemption is answered at the end of the current call.
+    c.steps_per_call = 1
 
     # AdamW, every hyperparameter explicit (optax's defaults differ from torch's and OpenVLA's).
     c.optim = ml_collections.ConfigDict(dict(

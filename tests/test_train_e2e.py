@@ -115,6 +115,21 @@ def test_sigterm_saves_and_restart_continues_with_identical_losses(uninterrupted
     assert checkpoint_steps(workdir) == [stopped, end]
 
 
+def test_several_steps_per_call_follow_the_uninterrupted_run(uninterrupted, tmp_path, debug_args):
+    """steps_per_call=4 with save_every=6 over 12 steps: calls of 4 steps where no checkpoint falls
+    inside (1-4, 7-10), single steps in between (5, 6, 11, 12); every step logged, checkpoints at 6 and 12,
+    and the losses those of the one-step-per-call run A (the same batches in the same order; the
+    scanned program may round differently, so not bit for bit)."""
+    workdir = tmp_path / "run_c"
+    res = run_train(workdir, debug_args, "--config.num_steps=12", "--config.save_every=6", "--config.steps_per_call=4")
+    assert res.returncode == 0, res.stderr[-3000:]
+    ref, got = losses(uninterrupted), losses(workdir)
+    assert sorted(got) == list(range(1, 13)) and checkpoint_steps(workdir) == [6, 12]
+    for s in got:
+        np.testing.assert_allclose(got[s]["loss"], ref[s]["loss"], rtol=1e-5, err_msg=f"step {s}")
+        np.testing.assert_allclose(got[s]["grad_norm"], ref[s]["grad_norm"], rtol=1e-4, err_msg=f"step {s}")
+
+
 def _snapshot(workdir):
     return {str(p): p.stat().st_mtime_ns for p in pathlib.Path(workdir).rglob("*")}
 

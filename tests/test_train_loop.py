@@ -1,6 +1,7 @@
 """The step loop's control flow with a stand-in step function (no model, no compilation): a NaN loss
 stops the run with a message and leaves the last good checkpoint as the latest, preemption saves
-and stops, checkpoints land on schedule with the matching data position."""
+and stops, checkpoints land on schedule with the matching data position, also with several steps
+per call (steps_per_call)."""
 
 import json
 
@@ -34,11 +35,12 @@ def fake_step(nan_at=None, bad=float("nan")):
     return step
 
 
-def run(tmp_path, nan_at=None, preempt_at=None, num_steps=6, save_every=2, start=0, bad=float("nan")):
+def run(tmp_path, nan_at=None, preempt_at=None, num_steps=6, save_every=2, start=0, bad=float("nan"),
+        steps_per_call=1):
     ckpt = ckpt_lib.Checkpointer(str(tmp_path / "checkpoints"), max_to_keep=2, async_save=True)
     data = SyntheticBatches(2, 14, 16)
     writer = Messages(tmp_path)
-    saved = {}
+    saved, calls = {}, []
 
     def save(step, state, data_state):
         saved[step] = json.loads(bytes(data_state).decode())["next_index"]
@@ -53,13 +55,29 @@ def run(tmp_path, nan_at=None, preempt_at=None, num_steps=6, save_every=2, start
         steps_run.append(step)
         return {"step": step, "loss": float(metrics["loss"]), "grad_norm": float(metrics["grad_norm"])}
 
+    one = fake_step(nan_at, bad)
+
+    def train_step(state, batch):
+        calls.append(1)
+        return one(state, batch)
+
+    def train_steps(state, batches):  # what a scanned step returns: metrics stacked over the steps
+        calls.append(len(batches))
+        ms = []
+        for b in batches:
+            state, m = one(state, b)
+            ms.append(m)
+        return state, {k: np.stack([m[k] for m in ms]) for k in ms[0]}
+
     state = {"step": jnp.zeros((), jnp.int32), "w": jnp.zeros((3,), jnp.float32)}
-    state, status = loop.train_loop(state, fake_step(nan_at, bad), data, start=start, num_steps=num_steps,
+    state, status = loop.train_loop(state, train_step, data, start=start, num_steps=num_steps,
                                     save_every=save_every, log_every=1, to_global=lambda b: b, record=record,
-                                    save=save, writer=writer, preempted=preempted, latest_saved=ckpt.latest_step)
+                                    save=save, writer=writer, preempted=preempted, latest_saved=ckpt.latest_step,
+                                    steps_per_call=steps_per_call, train_steps=train_steps)
     ckpt.close()
     writer.close()
     logged = [json.loads(line)["step"] for line in open(tmp_path / "metrics.jsonl")]
+    run.calls, run.state = calls, state
     return status, ckpt.all_steps(), saved, writer.lines, logged
 
 
@@ -88,3 +106,34 @@ def test_nonfinite_first_step_writes_nothing(tmp_path, bad):
     status, steps, _, lines, logged = run(tmp_path, nan_at=1, bad=bad)
     assert status == loop.NONFINITE and steps == [] and logged == []
     assert "latest good checkpoint is step None" in lines[-1]
+
+
+def test_several_steps_per_call_keep_the_schedule_and_the_data_positions(tmp_path):
+    ref = run(tmp_path / "one", num_steps=8, save_every=4)
+    ref_w = np.asarray(run.state["w"])
+    status, steps, saved, _, logged = run(tmp_path / "three", num_steps=8, save_every=4, steps_per_call=3)
+    # 1-3 in one call; 4 alone (the save point would fall inside a call); 5-7; 8 alone (the last step).
+    assert run.calls == [3, 1, 3, 1]
+    assert (status, steps, saved, logged) == ref[:3] + (ref[4],)
+    assert saved == {4: 4, 8: 8} and logged == list(range(1, 9))
+    np.testing.assert_array_equal(np.asarray(run.state["w"]), ref_w)  # the same batches, in the same order
+
+
+def test_chunk_size_never_crosses_a_save_point_or_the_end():
+    # After step s the call runs s+1..s+3 unless a save point (4, 8) falls before its last step or
+    # the run (10 steps) ends inside it.
+    assert [loop.chunk_size(s, 10, 4, 3) for s in range(10)] == [3, 3, 1, 1, 3, 3, 1, 1, 1, 1]
+    assert [loop.chunk_size(s, 12, 6, 2) for s in range(0, 12, 2)] == [2, 2, 2, 2, 2, 2]
+    assert loop.chunk_size(0, 10, 4, 1) == 1
+
+
+def test_nan_inside_a_call_stops_at_that_step(tmp_path):
+    status, steps, saved, lines, logged = run(tmp_path, nan_at=2, save_every=100, steps_per_call=3)
+    assert status == loop.NONFINITE and logged == [1] and steps == [] and saved == {}
+    assert any("step 2: loss nan" in m for m in lines), lines
+
+
+def test_preemption_is_answered_after_the_current_call(tmp_path):
+    status, steps, saved, lines, logged = run(tmp_path, preempt_at=2, save_every=100, steps_per_call=3)
+    assert status == loop.PREEMPTED and steps == [3] and saved == {3: 3} and logged == [1, 2, 3]
+    assert any("preempted: saved step 3" in m for m in lines)

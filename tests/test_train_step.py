@@ -1,6 +1,7 @@
 """The train step: its loss and metrics against a numpy re-computation of HF's shifted causal-LM
 loss over the full fused sequence, and the sharded step (2x4 data x fsdp mesh, 2 accumulated
-micro-batches) against the plain step on one device: same loss, gradients and updated params."""
+micro-batches; two steps in one call) against the plain step on one device: same loss, gradients and
+updated params."""
 
 import dataclasses
 
@@ -122,6 +123,43 @@ def test_sharded_accumulated_step_matches_single_device(setup):
     kernel = live.params["llm"]["layers"]["mlp"]["up_proj"]["kernel"]
     assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
     assert kernel.addressable_shards[0].data.shape[1] == kernel.shape[1] // 4
+
+
+def test_two_steps_in_one_call_match_two_calls(setup):
+    """steps_per_call=2 (a scan over the step, batches stacked [2, B, ...]) on the 2x4 mesh against two
+    separate calls of the plain step on one device, each with its own batch."""
+    s = setup
+    loss_cfg = sp.LossConfig.for_model(s["cfg"], num_datasets=NUM_DS)
+    batches = [{k: b[k] for k in sp.BATCH_KEYS}
+               for b in (s["batch"], next(SyntheticBatches(B, s["cfg"].image_size, L, seed=4, num_datasets=NUM_DS)))]
+    shapes = {k: v.shape for k, v in batches[0].items()}
+    fn = sp.make_train_step(s["model"], s["tx"], s["schedule"], loss_cfg, s["mask"])
+
+    def run(mesh, steps_per_call):
+        shardings, _ = st.abstract_train_state(s["model"], s["tx"], mesh, shd.LOGICAL_RULES, 0, s["example"], s["mask"])
+        state = jax.device_put(s["host_state"], shardings)
+        step = sp.jit_train_step(fn, mesh, shardings, shapes, steps_per_call=steps_per_call)
+        if steps_per_call == 1:
+            metrics = []
+            for b in batches:
+                state, m = step(state, shd.host_batch_to_global(b, mesh))
+                metrics.append(jax.device_get(m))
+            return jax.device_get(state), {k: np.stack([m[k] for m in metrics]) for k in metrics[0]}
+        stacked = shd.host_batch_to_global(sp.stack_batches(batches, sp.BATCH_KEYS), mesh, stacked=True)
+        assert stacked["input_ids"].sharding.spec == jax.sharding.PartitionSpec(None, shd.BATCH_AXES, None)
+        state, metrics = step(state, stacked)
+        return jax.device_get(state), jax.device_get(metrics)
+
+    ref_state, ref = run(shd.make_mesh((1, 1, 1), jax.devices()[:1]), 1)
+    got_state, got = run(shd.make_mesh((2, 4, 1)), 2)
+    assert got["loss"].shape == (2,) and ref["loss"][0] != ref["loss"][1]
+    for k in ("loss", "grad_norm", "action_accuracy", "l1_loss", "learning_rate"):
+        np.testing.assert_allclose(got[k], ref[k], rtol=1e-5, err_msg=k)
+    assert int(got_state.step) == int(ref_state.step) == 2
+    for p, r in zip(jax.tree.leaves(got_state.params), jax.tree.leaves(ref_state.params)):
+        np.testing.assert_allclose(p, r, rtol=0, atol=1e-6)
+    for p, r in zip(jax.tree.leaves(got_state.opt_state), jax.tree.leaves(ref_state.opt_state)):
+        np.testing.assert_allclose(p, r, rtol=1e-4, atol=1e-9)
 
 
 def test_frozen_parts_have_no_optimizer_state_and_do_not_move(setup):

@@ -77,14 +77,17 @@ def logical_to_sharding(logical_specs, mesh: Mesh, rules=LOGICAL_RULES):
                         is_leaf=lambda x: isinstance(x, PartitionSpec))
 
 
-def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
-    """Leading (batch) axis over the data-parallel axes, the rest replicated."""
-    return NamedSharding(mesh, PartitionSpec(BATCH_AXES, *([None] * (ndim - 1))))
+def batch_sharding(mesh: Mesh, ndim: int, stacked: bool = False) -> NamedSharding:
+    """Leading (batch) axis over the data-parallel axes, the rest replicated. stacked: the arrays
+    carry a leading axis of consecutive steps' batches [n, B, ...]; axis 1 is the batch axis."""
+    lead = (None,) if stacked else ()
+    return NamedSharding(mesh, PartitionSpec(*lead, BATCH_AXES, *([None] * (ndim - 1 - len(lead)))))
 
 
-def host_batch_to_global(batch: dict, mesh: Mesh) -> dict:
-    """Each process's share of the global batch (numpy) -> global jax.Arrays sharded over the batch axes."""
-    return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, np.ndim(v)), np.asarray(v))
+def host_batch_to_global(batch: dict, mesh: Mesh, stacked: bool = False) -> dict:
+    """Each process's share of the global batch (numpy) -> global jax.Arrays sharded over the batch
+    axes (axis 1 when `stacked`, see `batch_sharding`)."""
+    return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, np.ndim(v), stacked), np.asarray(v))
             for k, v in batch.items()}
 
 

@@ -103,6 +103,8 @@ def check_run_config(cfg) -> None:
                          "checkpoint (workdir or step folder) or an HF OpenVLA folder")
     if cfg.num_steps <= 0 or cfg.save_every <= 0:
         raise ValueError(f"config.num_steps={cfg.num_steps} and config.save_every={cfg.save_every} must be positive")
+    if cfg.steps_per_call < 1:
+        raise ValueError(f"config.steps_per_call={cfg.steps_per_call} must be >= 1")
     if cfg.data_source not in DATA_SOURCES:
         raise ValueError(f"config.data_source={cfg.data_source!r}; expected one of {DATA_SOURCES}")
     if cfg.lora.enabled and (cfg.freeze.vision or cfg.freeze.llm or cfg.freeze.projector):

@@ -10,7 +10,7 @@ predicted by the logit at fused index t + P - 1; the lm_head runs only there.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import flax.linen as nn
 import jax
@@ -194,21 +194,35 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule
 
 
 def jit_train_step(train_step: Callable, mesh, state_shardings, batch_shapes: Dict[str, Tuple[int, ...]],
-                   rules=shd.LOGICAL_RULES, constrain_activations: Optional[bool] = None):
+                   rules=shd.LOGICAL_RULES, constrain_activations: Optional[bool] = None, steps_per_call: int = 1):
     """Jits `train_step` with explicit shardings and the state donated; calls run under `mesh` and
     `rules` (Flax's activation constraints are no-ops without them); constrain_activations None: the
     module default CONSTRAIN_ACTIVATIONS.
 
     batch_shapes: {key: global shape}; each batch key is sharded on its leading axis over the data axes.
+    steps_per_call n > 1: the callable runs n consecutive steps in one program (`lax.scan` over the
+    step), taking batches stacked as [n, *shape] (`shd.host_batch_to_global(..., stacked=True)`) and
+    returning metrics stacked as [n, ...]. Same updates as n calls; what it saves is per call: the
+    dispatch and, on XLA:CPU, the program's temporary buffer, which the host allocator maps fresh
+    (and the kernel zero-fills page by page) on every execution.
     Returns a callable (state, batch) -> (state, metrics) that also has `.lower(state, batch)`.
     """
-    batch_shardings = {k: shd.batch_sharding(mesh, len(s)) for k, s in batch_shapes.items()}
+    n = int(steps_per_call)
+    if n < 1:
+        raise ValueError(f"steps_per_call must be >= 1, got {steps_per_call}")
+    fn = train_step if n == 1 else (lambda state, batches: jax.lax.scan(train_step, state, batches))
+    batch_shardings = {k: shd.batch_sharding(mesh, len(s) + (n > 1), stacked=n > 1) for k, s in batch_shapes.items()}
     replicated = NamedSharding(mesh, PartitionSpec())
-    jitted = jax.jit(train_step, in_shardings=(state_shardings, batch_shardings),
+    jitted = jax.jit(fn, in_shardings=(state_shardings, batch_shardings),
                      out_shardings=(state_shardings, replicated), donate_argnums=(0,))
     if constrain_activations is None:
         constrain_activations = CONSTRAIN_ACTIVATIONS
     return shd.MeshBound(jitted, mesh, rules, constrain_activations)
+
+
+def stack_batches(batches: Sequence[Dict[str, np.ndarray]], keys: Sequence[str]) -> Dict[str, np.ndarray]:
+    """n host batches -> one batch of `keys` stacked as [n, ...] (for a steps_per_call=n step)."""
+    return {k: np.stack([b[k] for b in batches]) for k in keys}
 
 
 def check_batch(batch: Dict[str, np.ndarray], loss_cfg: LossConfig, image_size: int) -> None:
