@@ -18,7 +18,7 @@ steps (after 2 warm-up steps) and of --infer-reps batch-1 actions; batch 8/32 th
 instead of being unmapped and faulted back in page by page; XLA:CPU maps a fresh 1.4 GB temporary
 buffer for every 'mid' train step under the defaults). The headline ratios are the 'system' ones.
 
---steps-per-call=2 (default) also times vla_jax with 2 optimizer steps per compiled call (train.py's
+--steps-per-call=4 (default) also times vla_jax with 4 optimizer steps per compiled call (train.py's
 config.steps_per_call: the same updates; XLA:CPU's temporary buffer is then mapped once per call);
 that variant is the training headline, one step per call is reported beside it.
 
@@ -169,7 +169,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch-reps", type=int, default=5)
     p.add_argument("--malloc", default="system,reuse", help="glibc malloc settings to run, both sides alike: "
                    "system (defaults) and/or reuse (REUSE_MALLOC_ENV)")
-    p.add_argument("--steps-per-call", default="2", help="vla_jax train variants besides one step per call "
+    p.add_argument("--steps-per-call", default="4", help="vla_jax train variants besides one step per call "
                    "(comma-separated; config.steps_per_call); the largest is the training headline")
     p.add_argument("--attn", default="sdpa", choices=("sdpa", "eager"), help="transformers attention (torch side)")
     p.add_argument("--out", default=os.path.join(cs.REPO, "bench", "results", "compare_torch.json"))
