@@ -4,6 +4,8 @@ Kept free of model code (everything arrives as callables) so its control flow is
 Conventions: step k is the k-th update; the checkpoint of step k holds the state after k updates and
 the data position after k batches. A step whose loss or gradient norm is not finite is neither
 logged as a record nor saved: the run stops and the latest checkpoint stays the last good one.
+With steps_per_call n > 1 a call runs n steps wherever no checkpoint falls inside it (`chunk_size`);
+each of its steps is still recorded, and preemption is checked between calls.
 """
 
 from __future__ import annotations
