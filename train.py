@@ -84,9 +84,10 @@ def main(argv):
     if cfg.steps_per_call > 1:  # several steps per program; train_step then runs only off-schedule steps
         chunk_step = sp.jit_train_step(step_fn, mesh, shardings, batch_shapes, steps_per_call=cfg.steps_per_call)
 
-        def train_steps(state, batches):
+        def run_chunk(state, batches):
             stacked = sp.stack_batches(batches, batch_shapes)
             return chunk_step(state, shd.host_batch_to_global(stacked, mesh, stacked=True))
+        train_steps = run_chunk
     flops = cfg.global_batch_size * mlib.train_flops_per_example(
         model_cfg, cfg.data.max_seq_len, loss_cfg.num_supervised, mlib.parts_trainable(mask))
     peak = mlib.device_peak_flops(jax.devices()[0].device_kind)

@@ -8,7 +8,7 @@ tokens at batch 1 (exactly); a mismatch raises and nothing is timed.
 
 Training: vla_jax's real train step (`vla_jax.training.step`, jitted, state donated, one CPU device,
 fp32, no remat), the same AdamW hyperparameters; the lm_head runs only at the supervised positions.
-`--steps-per-call=1,2` also times 2 optimizer steps per compiled call (train.py's
+`--steps-per-call=1,4` also times 4 optimizer steps per compiled call (train.py's
 config.steps_per_call; the same updates, one call, one temporary buffer), reported per step.
 Inference: `Policy.predict_action(s)` end to end (image check and resize, prompt tokenization,
 jitted prefill + 7 greedy steps, un-normalization); images arrive at the model's resolution, as on
@@ -150,7 +150,7 @@ def main(argv=None) -> int:
     p.add_argument("--train-reps", type=int, default=20)
     p.add_argument("--infer-reps", type=int, default=20)
     p.add_argument("--batch-reps", type=int, default=5)
-    p.add_argument("--steps-per-call", default="1", help="comma-separated train variants, e.g. 1,2: optimizer "
+    p.add_argument("--steps-per-call", default="1", help="comma-separated train variants, e.g. 1,4: optimizer "
                    "steps per compiled call (train.py's config.steps_per_call); 1 is always measured")
     a = p.parse_args(argv)
     variants = sorted({1} | {int(v) for v in a.steps_per_call.split(",") if v.strip()})
