@@ -77,16 +77,20 @@ def ratio(a, b) -> float:
     return round(a / b, 2) if a and b else float("nan")
 
 
+def train_ratios(j: dict, th: dict) -> dict:
+    """A vla_jax train timing `j` against torch's (`th`: torch_side's JSON): wall, CPU-time and
+    same-FLOPs ratios (the last against torch with the lm_head at the supervised positions only)."""
+    return {"speedup": ratio(j["samples_per_s"], th["train"]["samples_per_s"]),
+            "speedup_cpu_time": ratio(th["train"].get("cpu_median_ms"), j.get("cpu_median_ms")),
+            "speedup_same_flops": ratio(j["samples_per_s"], th["train_supervised_logits"]["samples_per_s"])}
+
+
 def summarize(setup: str, malloc: str, jx: dict, th: dict, ref: dict) -> dict:
     """Per-setup record; ratios are vla_jax speed / torch speed (> 1: vla_jax faster)."""
     out = {"setup": setup, "malloc": malloc, "geometry": cs.SETUPS[setup], "reference": ref,
-           "train": {"vla_jax": jx["train"], "torch": th["train"],
-                     "speedup": ratio(jx["train"]["samples_per_s"], th["train"]["samples_per_s"]),
-                     "speedup_cpu_time": ratio(th["train"].get("cpu_median_ms"), jx["train"].get("cpu_median_ms")),
+           "train": {"vla_jax": jx["train"], "torch": th["train"], **train_ratios(jx["train"], th),
                      # Diagnostic: torch with the lm_head at the supervised positions only (our FLOPs).
-                     "torch_supervised_logits": th["train_supervised_logits"],
-                     "speedup_same_flops": ratio(jx["train"]["samples_per_s"],
-                                                 th["train_supervised_logits"]["samples_per_s"])},
+                     "torch_supervised_logits": th["train_supervised_logits"]},
            "inference": {}, "peak_rss_mb": {"vla_jax": jx["peak_rss_mb"], "torch": th["peak_rss_mb"]},
            "rss_after_setup_mb": {"vla_jax": jx["rss_after_setup_mb"], "torch": th["rss_after_setup_mb"]},
            "jax_compile_s": {"train_step": jx["train"]["compile_s"], **jx["inference"]["compile_s"]},
@@ -95,11 +99,8 @@ def summarize(setup: str, malloc: str, jx: dict, th: dict, ref: dict) -> dict:
            "versions": {"jax": jx["jax"], "torch": th["torch"], "torch_threads": th["threads"],
                         "torch_attn": th["attn_implementation"]}}
     # vla_jax with several optimizer steps per compiled call (train.py's config.steps_per_call), per step.
-    out["train"]["steps_per_call"] = {
-        n: {"vla_jax": j, "speedup": ratio(j["samples_per_s"], th["train"]["samples_per_s"]),
-            "speedup_cpu_time": ratio(th["train"].get("cpu_median_ms"), j.get("cpu_median_ms")),
-            "speedup_same_flops": ratio(j["samples_per_s"], th["train_supervised_logits"]["samples_per_s"])}
-        for n, j in jx.get("train_steps_per_call", {}).items()}
+    out["train"]["steps_per_call"] = {n: {"vla_jax": j, **train_ratios(j, th)}
+                                      for n, j in jx.get("train_steps_per_call", {}).items()}
     for b in map(str, cs.INFER_BATCHES):
         j, t = jx["inference"][b], th["inference"][b]
         out["inference"][b] = {"vla_jax": j, "torch": t, "speedup": ratio(t["median_ms"], j["median_ms"]),

@@ -36,7 +36,9 @@ def fake_step(nan_at=None, bad=float("nan")):
 
 
 def run(tmp_path, nan_at=None, preempt_at=None, num_steps=6, save_every=2, start=0, bad=float("nan"),
-        steps_per_call=1):
+        steps_per_call=1, trace=None):
+    """-> (status, checkpoint steps, {saved step: data position}, messages, logged steps); `trace`
+    (a dict) also receives the steps per call made ('calls') and the final state ('state')."""
     ckpt = ckpt_lib.Checkpointer(str(tmp_path / "checkpoints"), max_to_keep=2, async_save=True)
     data = SyntheticBatches(2, 14, 16)
     writer = Messages(tmp_path)
@@ -77,7 +79,8 @@ def run(tmp_path, nan_at=None, preempt_at=None, num_steps=6, save_every=2, start
     ckpt.close()
     writer.close()
     logged = [json.loads(line)["step"] for line in open(tmp_path / "metrics.jsonl")]
-    run.calls, run.state = calls, state
+    if trace is not None:
+        trace.update(calls=calls, state=state)
     return status, ckpt.all_steps(), saved, writer.lines, logged
 
 
@@ -109,14 +112,16 @@ def test_nonfinite_first_step_writes_nothing(tmp_path, bad):
 
 
 def test_several_steps_per_call_keep_the_schedule_and_the_data_positions(tmp_path):
-    ref = run(tmp_path / "one", num_steps=8, save_every=4)
-    ref_w = np.asarray(run.state["w"])
-    status, steps, saved, _, logged = run(tmp_path / "three", num_steps=8, save_every=4, steps_per_call=3)
+    one, three = {}, {}
+    ref = run(tmp_path / "one", num_steps=8, save_every=4, trace=one)
+    status, steps, saved, _, logged = run(tmp_path / "three", num_steps=8, save_every=4, steps_per_call=3,
+                                          trace=three)
     # 1-3 in one call; 4 alone (the save point would fall inside a call); 5-7; 8 alone (the last step).
-    assert run.calls == [3, 1, 3, 1]
+    assert one["calls"] == [1] * 8 and three["calls"] == [3, 1, 3, 1]
     assert (status, steps, saved, logged) == ref[:3] + (ref[4],)
     assert saved == {4: 4, 8: 8} and logged == list(range(1, 9))
-    np.testing.assert_array_equal(np.asarray(run.state["w"]), ref_w)  # the same batches, in the same order
+    # The same batches, in the same order.
+    np.testing.assert_array_equal(np.asarray(three["state"]["w"]), np.asarray(one["state"]["w"]))
 
 
 def test_chunk_size_never_crosses_a_save_point_or_the_end():

@@ -210,8 +210,10 @@ def jit_train_step(train_step: Callable, mesh, state_shardings, batch_shapes: Di
     n = int(steps_per_call)
     if n < 1:
         raise ValueError(f"steps_per_call must be >= 1, got {steps_per_call}")
-    fn = train_step if n == 1 else (lambda state, batches: jax.lax.scan(train_step, state, batches))
-    batch_shardings = {k: shd.batch_sharding(mesh, len(s) + (n > 1), stacked=n > 1) for k, s in batch_shapes.items()}
+    stacked = n > 1
+    fn = (lambda state, batches: jax.lax.scan(train_step, state, batches)) if stacked else train_step
+    batch_shardings = {k: shd.batch_sharding(mesh, len(s) + 1 if stacked else len(s), stacked)
+                       for k, s in batch_shapes.items()}
     replicated = NamedSharding(mesh, PartitionSpec())
     jitted = jax.jit(fn, in_shardings=(state_shardings, batch_shardings),
                      out_shardings=(state_shardings, replicated), donate_argnums=(0,))
