@@ -10,7 +10,12 @@ PYTEST_ARGS ?= -q
 
 .PHONY: setup test demo bench clean-venv
 
-setup: $(STAMP)
+# The package itself is installed editable (so `python -m vla_jax...` and `python /path/to/train.py`
+# work from any folder); its stamp names this checkout's path, so a venv shared between checkouts
+# (CI's cache) always points at the checkout being tested.
+EDITABLE := $(VENV)/.vla_jax-editable-$(shell echo "$(CURDIR)" | sha256sum | cut -c1-16)
+
+setup: $(STAMP) $(EDITABLE)
 
 $(STAMP): $(REQS)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,6 +24,11 @@ $(STAMP): $(REQS)
 	$(PY) -m pip check
 	@rm -f $(VENV)/.vla_jax-installed-*
 	@touch $(STAMP)
+
+$(EDITABLE): $(STAMP) pyproject.toml
+	$(PY) -m pip install --quiet --no-deps -e .
+	@rm -f $(VENV)/.vla_jax-editable-*
+	@touch $(EDITABLE)
 
 test: setup
 	$(PY) -m pytest tests $(PYTEST_ARGS)

@@ -55,7 +55,7 @@ def norm_stats() -> dict:
 
 
 def tokenizer_path() -> str:
-    return os.path.join(REPO, "..", "shared", "data", "llama2_tokenizer", "tokenizer.model")
+    return os.path.join(REPO, "tests", "fixtures", "data", "llama2_tokenizer", "tokenizer.model")
 
 
 def model_config(name: str):

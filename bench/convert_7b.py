@@ -34,7 +34,7 @@ RESULTS = os.path.join(REPO, "bench", "results", "convert_7b.json")
 sys.path.insert(0, REPO)
 from tests.fixtures.released_openvla_7b import released_config, released_keys  # noqa: E402
 
-DEFAULT_TOKENIZER = os.path.join(os.path.dirname(REPO), "shared", "data", "llama2_tokenizer", "tokenizer.model")
+DEFAULT_TOKENIZER = os.path.join(REPO, "tests", "fixtures", "data", "llama2_tokenizer", "tokenizer.model")
 GEN_SHARD_BYTES = 4 * 10 ** 9
 STATS = {"bridge_orig": {
     "action": {"mean": [0.0] * 7, "std": [1.0] * 7, "max": [1.0] * 7, "min": [-1.0] * 7,

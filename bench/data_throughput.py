@@ -1,8 +1,8 @@
 """Input-pipeline benchmark: frames/s and peak RSS of the full pipeline (read, standardize,
 normalize, shuffle, decode, lanczos3 resize to 224, optional augmentation, batch, tokenize) on the
-shared Bridge debug episodes, plus the cost of the two resume methods.
+Bridge debug episodes shipped in tests/fixtures/data, plus the cost of the two resume methods.
 
-    python bench/data_throughput.py [--data_dir=../shared/data/bridge_debug] [--batches=60]
+    python bench/data_throughput.py [--data_dir=tests/fixtures/data/bridge_debug] [--batches=60]
 
 Each configuration runs in a fresh process (so its peak RSS is its own). Prints one summary line
 and writes bench/results/data_throughput.json.
@@ -21,7 +21,7 @@ import tempfile
 import time
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-SHARED = pathlib.Path(os.environ.get("VLA_JAX_SHARED_DATA", REPO.parent / "shared" / "data"))
+SHARED = REPO / "tests" / "fixtures" / "data"  # the real data shipped with the repository
 
 
 def _cfg(args, **kw):

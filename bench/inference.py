@@ -92,7 +92,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--presets", default="debug,mid")
     p.add_argument("--repeats", type=int, default=20)
-    p.add_argument("--tokenizer", default=os.path.join(REPO, "..", "shared", "data", "llama2_tokenizer",
+    p.add_argument("--tokenizer", default=os.path.join(REPO, "tests", "fixtures", "data", "llama2_tokenizer",
                                                        "tokenizer.model"))
     p.add_argument("--out", default=os.path.join(REPO, "bench", "results", "inference.json"))
     args = p.parse_args(argv)

@@ -24,7 +24,7 @@ import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
-DATA_DIR = os.path.join(REPO, "..", "shared", "data", "bridge_debug")
+DATA_DIR = os.path.join(REPO, "tests", "fixtures", "data", "bridge_debug")
 INSTRUCTION = "put carrot on plate"
 
 

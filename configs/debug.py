@@ -2,11 +2,16 @@
 
     python train.py --config=configs/debug.py --workdir=/tmp/vla_debug
 
-Paths are relative to the repository root (the shared data folder sits beside it); override with
---config.data.data_dir and --config.tokenizer.
+The data and tokenizer are the real ones shipped in tests/fixtures/data (25+25 BridgeData V2
+episodes, the Llama-2 tokenizer; licences there), found from this file's location, so the config
+works from any working directory; override with --config.data.data_dir and --config.tokenizer.
 """
 
+import pathlib
+
 from configs.common import base_config
+
+_FIXTURES = pathlib.Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "data"
 
 
 def get_config(arg=None):
@@ -18,8 +23,8 @@ def get_config(arg=None):
     c.model.image_size = 112        # the debug images are 64x64; 112 px = 8x8 patches keeps steps fast
 
     c.data_source = "rlds"
-    c.tokenizer = "../shared/data/llama2_tokenizer/tokenizer.model"
-    c.data.data_dir = "../shared/data/bridge_debug"
+    c.tokenizer = str(_FIXTURES / "llama2_tokenizer" / "tokenizer.model")
+    c.data.data_dir = str(_FIXTURES / "bridge_debug")
     c.data.mixture = "bridge_dataset"  # the builder folder's name (bridge_orig's transforms)
     c.data.shuffle_buffer = 1000
     c.data.max_seq_len = 40         # the 4 debug instructions need <= 34 tokens

@@ -1,5 +1,5 @@
 """Test set-up: JAX on CPU with 8 simulated devices (so sharding is exercised everywhere),
-TensorFlow kept off any accelerator, and the shared real data located or reported missing."""
+TensorFlow kept off any accelerator, and the real data shipped in tests/fixtures/data located."""
 
 import os
 import pathlib
@@ -14,21 +14,22 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import pytest  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-SHARED_DATA = pathlib.Path(os.environ.get("VLA_JAX_SHARED_DATA", REPO.parent / "shared" / "data"))
+# The small real data the tests need ships with the repository (licences in its README.md).
+TEST_DATA = REPO / "tests" / "fixtures" / "data"
 
 
 def _require(path: pathlib.Path, what: str) -> pathlib.Path:
     if not path.exists():
         # A missing fixture is a failure, never a skip: CI must not pass without the real data.
-        pytest.fail(f"{what} not found at {path}; the tests need the project's shared data "
-                    f"(set VLA_JAX_SHARED_DATA to its folder).", pytrace=False)
+        pytest.fail(f"{what} not found at {path}; it ships with the repository (tests/fixtures/data): "
+                    f"is the checkout complete?", pytrace=False)
     return path
 
 
 @pytest.fixture(scope="session")
 def bridge_data_dir() -> pathlib.Path:
     """Folder holding the `bridge_dataset/1.0.0` RLDS builder (25 real BridgeData V2 episodes per split)."""
-    p = SHARED_DATA / "bridge_debug"
+    p = TEST_DATA / "bridge_debug"
     _require(p / "bridge_dataset" / "1.0.0" / "dataset_info.json", "the Bridge debug dataset")
     return p
 
@@ -36,7 +37,7 @@ def bridge_data_dir() -> pathlib.Path:
 @pytest.fixture(scope="session")
 def llama_tokenizer_path() -> pathlib.Path:
     """The real Llama-2 SentencePiece model."""
-    return _require(SHARED_DATA / "llama2_tokenizer" / "tokenizer.model", "the Llama-2 tokenizer")
+    return _require(TEST_DATA / "llama2_tokenizer" / "tokenizer.model", "the Llama-2 tokenizer")
 
 
 def pytest_configure(config):

@@ -4,6 +4,7 @@
 import json
 import os
 import pathlib
+import shutil
 
 import numpy as np
 
@@ -85,11 +86,23 @@ def _symlinked_builder(src: pathlib.Path, dst: pathlib.Path) -> pathlib.Path:
     return dst
 
 
+def _read_only_copy(src: pathlib.Path, root: pathlib.Path) -> pathlib.Path:
+    """A copy of the builder folder `src` under `root/bridge_dataset/1.0.0` with every write bit cleared."""
+    dst = root / "bridge_dataset" / "1.0.0"
+    shutil.copytree(src, dst)
+    for f in dst.iterdir():
+        f.chmod(0o444)
+    for d in (dst, dst.parent, root):
+        d.chmod(0o555)
+    return dst
+
+
 def test_cache_goes_next_to_writable_data_or_to_cache_dir(bridge_data_dir, tmp_path, monkeypatch):
-    shared = bridge_data_dir / "bridge_dataset" / "1.0.0"
+    # A read-only data folder, as a shared dataset mount is (the fixture in the checkout is writable).
+    shared = _read_only_copy(bridge_data_dir / "bridge_dataset" / "1.0.0", tmp_path / "ro")
     before = sorted(os.listdir(shared))
     cache = tmp_path / "cache"
-    cfg = pipeline.DataConfig(data_dir=str(bridge_data_dir), mixture="bridge_dataset", stats_cache_dir=str(cache))
+    cfg = pipeline.DataConfig(data_dir=str(tmp_path / "ro"), mixture="bridge_dataset", stats_cache_dir=str(cache))
     assert os.stat(shared).st_mode & 0o222 == 0, f"{shared} must be read-only for this check"
     stats = pipeline.dataset_statistics(cfg)  # read-only data folder: the statistics go to the cache dir
     assert sorted(os.listdir(shared)) == before

@@ -1,5 +1,5 @@
 """Tokenizer: prompt ids from the real Llama-2 SentencePiece model, OpenVLA's action bins, and the
-training-sequence layout. Truth: the ids published in shared/data/README.md and the reference's
+training-sequence layout. Truth: the ids published with the tokenizer's original (the project's shared data README) and the reference's
 formulas (OPENVLA_REFERENCE.md §2-§3), written out here independently of vla_jax."""
 
 import numpy as np
