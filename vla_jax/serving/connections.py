@@ -66,9 +66,9 @@ class DeadlineReader(io.RawIOBase):
     (counted from then); `request_read()` disarms it once the body is in. A BufferedReader on top
     gives the handler its `rfile`."""
 
-    def __init__(self, sock: socket.socket, limits: ConnectionLimits):
+    def __init__(self, sock: socket.socket, limits: ConnectionLimits, on_timeout=None):
         super().__init__()
-        self.sock, self.limits = sock, limits
+        self.sock, self.limits, self.on_timeout = sock, limits, on_timeout
         self.deadline: Optional[float] = None
         self.idle = True
 
@@ -81,20 +81,24 @@ class DeadlineReader(io.RawIOBase):
     def request_read(self) -> None:
         self.idle, self.deadline = False, None
 
+    def _expired(self) -> DeadlineExceeded:
+        if self.on_timeout is not None:
+            self.on_timeout()
+        return DeadlineExceeded("no request within %.1f s" % self.limits.idle_timeout_s if self.idle else
+                                "request not complete within %.1f s" % self.limits.read_timeout_s)
+
     def readinto(self, buf) -> int:
         if self.deadline is None:
             self.sock.settimeout(self.limits.read_timeout_s)
         else:
             left = self.deadline - time.monotonic()
             if left <= 0:
-                raise DeadlineExceeded("no request within %.1f s" % self.limits.idle_timeout_s if self.idle else
-                                       "request not complete within %.1f s" % self.limits.read_timeout_s)
+                raise self._expired()
             self.sock.settimeout(left)
         try:
             n = self.sock.recv_into(buf)
         except socket.timeout:
-            raise DeadlineExceeded("no request within %.1f s" % self.limits.idle_timeout_s if self.idle else
-                                   "request not complete within %.1f s" % self.limits.read_timeout_s) from None
+            raise self._expired() from None
         if n and self.idle:  # a request has started: it now has read_timeout_s to arrive in full
             self.idle, self.deadline = False, time.monotonic() + self.limits.read_timeout_s
         return n

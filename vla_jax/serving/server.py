@@ -239,7 +239,7 @@ def _handler_class(service: PolicyService):
             # algorithm and delayed ACKs add ~40 ms stalls.
             self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             limits = self.server.limits
-            self.reader = DeadlineReader(self.connection, limits)
+            self.reader = DeadlineReader(self.connection, limits, lambda: self.server.count("timed_out"))
             self.rfile = io.BufferedReader(self.reader, 1 << 16)
             self.wfile = SocketWriter(self.connection, limits.write_timeout_s)
 
@@ -249,6 +249,8 @@ def _handler_class(service: PolicyService):
 
         def _send(self, status: int, text: str, head: bool = False, headers: Sequence[Tuple[str, str]] = ()) -> None:
             data = text.encode("utf-8")
+            if self.request_version == "HTTP/0.9":  # a garbled request line: answer with a status line anyway
+                self.request_version, self.close_connection = "HTTP/1.0", True
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))
