@@ -3,8 +3,15 @@
     python -m vla_jax.serve --checkpoint=CKPT [--host=127.0.0.1] [--port=8000]
 
 CKPT is a vla_jax workdir / step folder or an HF OpenVLA folder. Clients POST OpenVLA's payload
-to /act (see vla_jax/serving/server.py); GET /health reports the model and batching state.
+to /act (see vla_jax/serving/server.py); GET /health reports the model, batching and connection state.
 Binds to localhost unless --host says otherwise.
+
+Before serving, every decoder bucket a request can hit is compiled and run once: batch buckets up to
+--max_batch times prompt lengths padded to multiples of --prompt_bucket (32) up to --prompt_len (64
+tokens: instructions of up to ~45 words), plus the image-resize trace and one full request
+(vla_jax/serving/warmup.py); the log says which buckets and how long. Connections: one that starts no
+request within --idle_timeout_s (10 s) or does not deliver a started request within --read_timeout_s
+(30 s) is closed; at most --max_connections (512) are open at once (vla_jax/serving/connections.py).
 """
 
 from __future__ import annotations

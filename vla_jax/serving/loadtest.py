@@ -211,6 +211,10 @@ def soak(url: str, clients: int, requests: int, slow_clients: int, slow_kind: st
          settle_s: float = 30.0, **kw) -> Dict[str, Any]:
     """Normal load while `slow_clients` half-open connections are held; server threads/fds before, during, after."""
     before = server_stats(url)
+    settle = time.perf_counter() + settle_s
+    while before.get("open", 1) > 1 and time.perf_counter() < settle:  # earlier clients' connections still closing
+        time.sleep(0.2)
+        before = server_stats(url)
     with SlowClients(url, slow_clients, slow_kind, hold_s) as slow:
         time.sleep(0.5)
         during = server_stats(url)

@@ -14,7 +14,9 @@ too deeply, missing field, image shape/dtype, empty instruction, unknown unnorm_
 405 wrong method (OPTIONS included), 411 no Content-Length, 413 body over the limit, 501 unknown method,
 503 queue full or too many connections, 504 timed out, 500 model failure. The request threads parse and
 validate; a single batching worker resizes and runs the model. A request whose client disconnects while
-it waits is cancelled (the model does not run for it unless its batch had already started).
+it waits is cancelled (the model does not run for it unless its batch had already started); a client
+that half-closes its sending side (shutdown(SHUT_WR)) after the body looks the same and is cancelled
+too, which HTTP/1.1 clients (requests, http.client, curl) do not do.
 
 Why the hardened stdlib server and not uvicorn (+ starlette/FastAPI, as deploy.py uses): measured on
 loopback with `python -m vla_jax.serving.loadtest` (BENCHMARKS.md, "Serving under client load"), both
