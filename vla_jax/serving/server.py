@@ -230,7 +230,6 @@ def _handler_class(service: PolicyService):
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"  # keep-alive: robots reuse their connection
         server_version = "vla_jax"
-        error_content_type = "application/json"
 
         def log_message(self, fmt, *args):  # route through logging instead of stderr
             log.debug("%s - " + fmt, self.address_string(), *args)
