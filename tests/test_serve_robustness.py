@@ -243,3 +243,14 @@ def test_abandoned_request_is_cancelled_before_the_model_runs(policy, caplog):
     finally:
         release.set()
         srv.shutdown()
+
+
+def test_bad_connection_flags_name_the_flag(capsys):
+    from vla_jax.serve import main
+
+    for flag, expected in (("--idle_timeout_s=0", "--idle_timeout_s must be > 0"),
+                           ("--max_connections=0", "--max_connections must be >= 1"),
+                           ("--prompt_len=0", "--prompt_len must be >= 1")):
+        with pytest.raises(SystemExit) as e:
+            main(["--checkpoint=does-not-matter", flag])
+        assert e.value.code == 2 and expected in capsys.readouterr().err, flag

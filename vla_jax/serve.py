@@ -76,6 +76,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from vla_jax.serving.server import PolicyService, Server
     from vla_jax.serving.warmup import warm_up
 
+    try:  # checked before the (slow) model load
+        limits = ConnectionLimits(backlog=args.backlog, idle_timeout_s=args.idle_timeout_s,
+                                  read_timeout_s=args.read_timeout_s, max_connections=args.max_connections)
+    except ValueError as e:
+        build_parser().error(str(e).replace("ConnectionLimits.", "--"))
+    if args.prompt_bucket < 1 or args.prompt_len < 1:
+        build_parser().error(f"--prompt_bucket and --prompt_len must be >= 1, got {args.prompt_bucket}, "
+                             f"{args.prompt_len}")
     if args.host not in LOCAL_HOSTS:
         log.warning("binding to %s: the server is reachable from other machines and has no authentication",
                     args.host)
@@ -86,8 +94,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                          compilation_cache=_cache_setting(args.compilation_cache), prompt_bucket=args.prompt_bucket)
     log.info("loaded %s in %.1f s (image %d px, unnorm keys %s, center crop %s)", args.checkpoint,
              time.perf_counter() - t0, policy.config.image_size, policy.unnorm_keys, policy.center_crop)
-    limits = ConnectionLimits(backlog=args.backlog, idle_timeout_s=args.idle_timeout_s,
-                              read_timeout_s=args.read_timeout_s, max_connections=args.max_connections)
     service = PolicyService(policy, max_batch=args.max_batch, window_ms=args.window_ms, max_queue=args.max_queue,
                             timeout_s=args.timeout_s, max_body=int(args.max_body_mb * 1024 * 1024))
     if not args.no_warmup:

@@ -245,6 +245,10 @@ def main(argv=None) -> int:
     p.add_argument("--slow_kind", choices=("idle", "partial"), default="idle")
     p.add_argument("--hold_s", type=float, default=60.0, help="longest time the slow connections are held")
     args = p.parse_args(argv)
+    try:
+        _address(args.url)
+    except ValueError as e:
+        p.error(str(e))
     kw = dict(image_size=args.image_size, unnorm_key=args.unnorm_key, connection=args.connection)
     if args.slow_clients:
         out = soak(args.url, args.clients, args.requests, args.slow_clients, args.slow_kind, args.hold_s, **kw)
