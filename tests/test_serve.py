@@ -98,8 +98,12 @@ def _bad_requests():
         ("empty instruction", "POST", "/act", dict(good, instruction="  "), 400, "'instruction' is empty"),
         ("instruction not str", "POST", "/act", dict(good, instruction=5), 400, "'instruction' must be a string"),
         ("float image", "POST", "/act", dict(good, image=flt), 400, "dtype uint8"),
-        ("2-D image", "POST", "/act", dict(good, image=encode(img[..., 0])), 400, r"shape \[H, W, 3\].*\[64, 64\]"),
-        ("RGBA image", "POST", "/act", dict(good, image=encode(np.zeros((8, 8, 4), np.uint8))), 400, r"\[8, 8, 4\]"),
+        # Grayscale [H, W] and RGBA [H, W, 4] are accepted since issue 17 (deploy.py converts them with PIL):
+        # tests/test_serve_robustness.py. Shapes PIL cannot read stay errors.
+        ("5-channel image", "POST", "/act", dict(good, image=encode(np.zeros((8, 8, 5), np.uint8))), 400,
+         r"shape \[H, W, 3\].*\[8, 8, 5\]"),
+        ("4-D image", "POST", "/act", dict(good, image=encode(np.zeros((1, 8, 8, 3), np.uint8))), 400,
+         r"\[1, 8, 8, 3\]"),
         ("CHW image", "POST", "/act", dict(good, image=encode(img.transpose(2, 0, 1).copy())), 400, r"\[3, 64, 64\]"),
         ("bytes vs shape", "POST", "/act", dict(good, image=short), 400, "holds 10 bytes"),
         ("not base64", "POST", "/act", dict(good, image=dict(good["image"], __numpy__="***")), 400, "base64"),

@@ -3,8 +3,15 @@
     python -m vla_jax.serve --checkpoint=CKPT [--host=127.0.0.1] [--port=8000]
 
 CKPT is a vla_jax workdir / step folder or an HF OpenVLA folder. Clients POST OpenVLA's payload
-to /act (see vla_jax/serving/server.py); GET /health reports the model and batching state.
+to /act (see vla_jax/serving/server.py); GET /health reports the model, batching and connection state.
 Binds to localhost unless --host says otherwise.
+
+Before serving, every decoder bucket a request can hit is compiled and run once: batch buckets up to
+--max_batch times prompt lengths padded to multiples of --prompt_bucket (32) up to --prompt_len (64
+tokens: instructions of up to ~45 words), plus the image-resize trace and one full request
+(vla_jax/serving/warmup.py); the log says which buckets and how long. Connections: one that starts no
+request within --idle_timeout_s (10 s) or does not deliver a started request within --read_timeout_s
+(30 s) is closed; at most --max_connections (512) are open at once (vla_jax/serving/connections.py).
 """
 
 from __future__ import annotations
@@ -40,6 +47,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="persistent XLA cache folder, 'default' (~/.cache/vla_jax/jax_cache) or 'off'; "
                         "unset: $VLA_JAX_COMPILATION_CACHE decides")
     p.add_argument("--no_warmup", action="store_true", help="compile on first request instead of at start")
+    p.add_argument("--prompt_bucket", type=int, default=32,
+                   help="prompts are padded to a multiple of this many tokens (one compiled decoder per multiple)")
+    p.add_argument("--prompt_len", type=int, default=64,
+                   help="prompts up to this many tokens are compiled at start-up (longer ones on first use)")
+    p.add_argument("--idle_timeout_s", type=float, default=10.0,
+                   help="close a connection that starts no request within this time (new or kept-alive)")
+    p.add_argument("--read_timeout_s", type=float, default=30.0,
+                   help="close a connection whose request (headers and body) is not complete this long after "
+                        "its first byte")
+    p.add_argument("--max_connections", type=int, default=512,
+                   help="open connections (one thread each) beyond this get HTTP 503")
+    p.add_argument("--backlog", type=int, default=1024, help="listen queue for connections not yet accepted")
     return p
 
 
@@ -53,8 +72,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from vla_jax.policy import Policy
+    from vla_jax.serving.connections import ConnectionLimits
     from vla_jax.serving.server import PolicyService, Server
+    from vla_jax.serving.warmup import warm_up
 
+    try:  # checked before the (slow) model load
+        limits = ConnectionLimits(backlog=args.backlog, idle_timeout_s=args.idle_timeout_s,
+                                  read_timeout_s=args.read_timeout_s, max_connections=args.max_connections)
+    except ValueError as e:
+        build_parser().error(str(e).replace("ConnectionLimits.", "--"))
+    if args.prompt_bucket < 1 or args.prompt_len < 1:
+        build_parser().error(f"--prompt_bucket and --prompt_len must be >= 1, got {args.prompt_bucket}, "
+                             f"{args.prompt_len}")
     if args.host not in LOCAL_HOSTS:
         log.warning("binding to %s: the server is reachable from other machines and has no authentication",
                     args.host)
@@ -62,16 +91,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     crop = {"auto": None, "true": True, "false": False}[args.center_crop]
     policy = Policy.load(args.checkpoint, center_crop=crop, action_tokens_only=args.action_tokens_only,
                          dtype=args.dtype, param_dtype=args.param_dtype, tokenizer=args.tokenizer,
-                         compilation_cache=_cache_setting(args.compilation_cache))
+                         compilation_cache=_cache_setting(args.compilation_cache), prompt_bucket=args.prompt_bucket)
     log.info("loaded %s in %.1f s (image %d px, unnorm keys %s, center crop %s)", args.checkpoint,
              time.perf_counter() - t0, policy.config.image_size, policy.unnorm_keys, policy.center_crop)
-    if not args.no_warmup:
-        sizes = [b for b in policy.batch_buckets if b <= args.max_batch] or [1]
-        compiled = policy.warmup(batch_sizes=sizes)
-        log.info("compiled %d decoder bucket(s) in %.1f s", len(compiled), sum(compiled.values()))
     service = PolicyService(policy, max_batch=args.max_batch, window_ms=args.window_ms, max_queue=args.max_queue,
                             timeout_s=args.timeout_s, max_body=int(args.max_body_mb * 1024 * 1024))
-    server = Server(service, args.host, args.port)
+    if not args.no_warmup:
+        log.info("compiling and warming up the request path ...")
+        w = warm_up(service, prompt_len=args.prompt_len)
+        log.info("compiled %d decoder bucket(s) in %.1f s: batch %s x prompt length %s tokens (prompts up to %d "
+                 "tokens need no compile), %s action tokens; image resize traced in %.1f s; a request then took "
+                 "%.0f ms; warm-up %.1f s in all", w["compiled"], w["compile_s"], w["batch_buckets"],
+                 w["prompt_buckets"], w["prompt_buckets"][-1], w["action_tokens"], w["resize_trace_s"],
+                 w["request_ms"], w["seconds"])
+    server = Server(service, args.host, args.port, limits)
     log.info("serving on %s (POST /act, GET /health)", server.url)
 
     def stop(signum, frame):

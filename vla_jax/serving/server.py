@@ -4,36 +4,58 @@ POST /act  body: {"image": <json_numpy uint8 [H, W, 3]>, "instruction": str, "un
            or {"encoded": "<that object as a JSON string>"}.
            -> the action as a json_numpy float64 [action_dim] object; for the "encoded" form, that
               object serialised into a JSON string (exactly what deploy.py returns).
-GET /health -> {"status": "ok", ...model and batching details}.
+           Images deploy.py accepts are accepted and converted as it does (PIL `convert("RGB")`):
+           uint8 grayscale [H, W] (or [H, W, 1]), gray+alpha [H, W, 2], RGB [H, W, 3], RGBA [H, W, 4].
+GET /health -> {"status": "ok", ...model, batching and connection details}. HEAD mirrors GET.
 
 Unlike deploy.py (which answers "error" with status 200), every failure is an HTTP error with a
-JSON body {"error": message, "status": code}: 400 malformed or invalid payload (bad JSON, missing field, image
-shape/dtype, empty instruction, unknown unnorm_key), 404 unknown path, 405 wrong method, 411 no
-Content-Length, 413 body over the limit, 503 queue full, 504 timed out, 500 model failure. The
-request threads parse and validate; a single batching worker resizes and runs the model.
+JSON body {"error": message, "status": code}: 400 malformed or invalid payload (bad JSON, JSON nested
+too deeply, missing field, image shape/dtype, empty instruction, unknown unnorm_key), 404 unknown path,
+405 wrong method (OPTIONS included), 411 no Content-Length, 413 body over the limit, 501 unknown method,
+503 queue full or too many connections, 504 timed out, 500 model failure. The request threads parse and
+validate; a single batching worker resizes and runs the model. A request whose client disconnects while
+it waits is cancelled (the model does not run for it unless its batch had already started); a client
+that half-closes its sending side (shutdown(SHUT_WR)) after the body looks the same and is cancelled
+too, which HTTP/1.1 clients (requests, http.client, curl) do not do.
+
+Why the hardened stdlib server and not uvicorn (+ starlette/FastAPI, as deploy.py uses): measured on
+loopback with `python -m vla_jax.serving.loadtest` (BENCHMARKS.md, "Serving under client load"), both
+serve 64 clients opening a new connection per request without failures once the backlog is deep, but
+uvicorn 0.54 arms no timer on a connection until its first request completes: idle or half-sent
+connections stay open for as long as the client likes (300 of them were all still open after the test
+window), which is the slowloris case this server must close. Fixing that would mean patching uvicorn's
+protocol classes; the stdlib server needs only a deadline per read (`connections.py`), keeps the error
+contract above byte for byte, and adds no dependency. Its cost, one thread per open connection, is
+bounded by `ConnectionLimits.max_connections`.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import socket
 import threading
 import time
 from concurrent.futures import TimeoutError as FutureTimeout
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Dict, Optional, Sequence, Tuple
+from http.server import BaseHTTPRequestHandler
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
 from vla_jax.serving import json_numpy
 from vla_jax.serving.batcher import Batcher, Example, QueueFull
+from vla_jax.serving.connections import (ConnectionLimits, DeadlineReader, HardenedHTTPServer, SocketWriter,
+                                         peer_closed)
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BODY = 32 * 1024 * 1024  # a 2048x2048 RGB image is 12 MiB raw, 16 MiB as base64
 MAX_IMAGE_SIDE = 4096
 DRAIN_FACTOR = 4  # over-limit bodies up to this many times the limit are read (and dropped) before the 413
+GONE_POLL_S = 0.05  # how often a waiting request checks that its client is still connected
+# Channel counts PIL's Image.fromarray maps to a mode deploy.py then converts with .convert("RGB").
+_PIL_CHANNELS = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}
 
 
 class RequestError(Exception):
@@ -42,6 +64,30 @@ class RequestError(Exception):
     def __init__(self, status: int, message: str):
         super().__init__(message)
         self.status, self.message = int(status), message
+
+
+class ClientGone(Exception):
+    """The client disconnected before its action was ready: nothing to answer."""
+
+
+def _to_rgb(value: np.ndarray) -> np.ndarray:
+    """uint8 [H, W], [H, W, 1|2|3|4] -> uint8 [H, W, 3] exactly as deploy.py's `Image.fromarray(a).convert("RGB")`."""
+    if value.dtype != np.uint8:
+        raise RequestError(400, f"field 'image' must have dtype uint8 ('|u1'), got {value.dtype.str!r} (shape "
+                                f"{list(value.shape)}); float images are not accepted: send raw 0..255 values")
+    channels = 1 if value.ndim == 2 else (value.shape[-1] if value.ndim == 3 else None)
+    if channels not in _PIL_CHANNELS:
+        raise RequestError(400, f"field 'image' must have shape [H, W, 3] (RGB), [H, W, 4] (RGBA), [H, W, 2] or "
+                                f"[H, W] (grayscale), got {list(value.shape)}")
+    h, w = value.shape[:2]
+    if not (1 <= h <= MAX_IMAGE_SIDE and 1 <= w <= MAX_IMAGE_SIDE):
+        raise RequestError(400, f"field 'image' is {h}x{w}; each side must be in [1, {MAX_IMAGE_SIDE}]")
+    if channels == 3:
+        return value
+    from PIL import Image  # only for non-RGB images
+
+    gray = value.reshape(h, w) if channels == 1 else value
+    return np.asarray(Image.fromarray(gray).convert("RGB"))
 
 
 def _as_image(value: Any, max_bytes: int) -> np.ndarray:
@@ -62,32 +108,28 @@ def _as_image(value: Any, max_bytes: int) -> np.ndarray:
         value = arr.astype(np.uint8)
     if not isinstance(value, np.ndarray):
         raise RequestError(400, f"field 'image' must be a json_numpy array, got {type(value).__name__}")
-    if value.ndim != 3 or value.shape[-1] != 3:
-        raise RequestError(400, f"field 'image' must have shape [H, W, 3] (RGB), got {list(value.shape)}")
-    if value.dtype != np.uint8:
-        raise RequestError(400, f"field 'image' must have dtype uint8 ('|u1'), got {value.dtype.str!r}")
-    h, w = value.shape[:2]
-    if not (1 <= h <= MAX_IMAGE_SIDE and 1 <= w <= MAX_IMAGE_SIDE):
-        raise RequestError(400, f"field 'image' is {h}x{w}; each side must be in [1, {MAX_IMAGE_SIDE}]")
-    return value
+    return _to_rgb(value)
+
+
+def _json(text, what: str):
+    try:
+        return json.loads(text)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise RequestError(400, f"{what} is not valid JSON: {e}") from None
+    except RecursionError:
+        raise RequestError(400, f"{what} nests JSON arrays/objects too deeply") from None
 
 
 def parse_payload(body: bytes, max_bytes: int) -> Tuple[np.ndarray, str, Optional[str], bool]:
     """Request body -> (image, instruction, unnorm_key, encoded_form). Raises RequestError(400)."""
-    try:
-        payload = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise RequestError(400, f"body is not valid JSON: {e}") from None
+    payload = _json(body, "body")
     encoded = isinstance(payload, dict) and "encoded" in payload
     if encoded:
         if len(payload) != 1:
             raise RequestError(400, f"the 'encoded' form must be the only key; got keys {sorted(payload)}")
         if not isinstance(payload["encoded"], str):
             raise RequestError(400, "field 'encoded' must be a JSON string")
-        try:
-            payload = json.loads(payload["encoded"])
-        except json.JSONDecodeError as e:
-            raise RequestError(400, f"field 'encoded' is not valid JSON: {e}") from None
+        payload = _json(payload["encoded"], "field 'encoded'")
     if not isinstance(payload, dict):
         raise RequestError(400, f"payload must be a JSON object, got {type(payload).__name__}")
     missing = [k for k in ("image", "instruction") if k not in payload]
@@ -113,6 +155,7 @@ class PolicyService:
         self.batcher = Batcher(self._run_batch, max_batch=max_batch, window_ms=window_ms, max_queue=max_queue)
         self.started = time.time()
         self.errors = 0
+        self.cancelled = 0
         self._errors_lock = threading.Lock()
 
     def count_error(self) -> None:
@@ -126,12 +169,18 @@ class PolicyService:
         # the handlers quick so concurrent requests reach the queue close together (fuller batches).
         pixels = p.preprocess([ex.image for ex in examples])
         # Greedy decoding is causal: the first d of max(dims) tokens equal a d-token decode.
+        compiled = set(p.compile_seconds)
         tokens = p.decode_tokens(pixels, [ex.prompt for ex in examples], max(dims))
+        for key in set(p.compile_seconds) - compiled:
+            log.warning("compiled decoder bucket (tokens %d, batch %d, prompt length %d) while serving, in %.1f s: "
+                        "a bucket the start-up warm-up did not cover (see serve --prompt_len)", *key,
+                        p.compile_seconds[key])
         normalized = p.tokens_to_normalized(tokens)
         return [p.unnormalize(normalized[i, :d], ex.unnorm_key) for i, (ex, d) in enumerate(zip(examples, dims))]
 
-    def act(self, body: bytes) -> Tuple[Any, bool]:
-        """Request body -> (float64 action, encoded_form). Raises RequestError."""
+    def act(self, body: bytes, client_gone: Optional[Callable[[], bool]] = None) -> Tuple[Any, bool]:
+        """Request body -> (float64 action, encoded_form). Raises RequestError, or ClientGone when
+        `client_gone()` turns true while the request waits (its queued work is then cancelled)."""
         image, instruction, key, encoded = parse_payload(body, self.max_body)
         p = self.policy
         try:
@@ -146,13 +195,24 @@ class PolicyService:
             raise RequestError(503, str(e)) from None
         except RuntimeError as e:
             raise RequestError(503, str(e)) from None
-        try:
-            return future.result(timeout=self.timeout_s), encoded
-        except FutureTimeout:
-            future.cancel()
-            raise RequestError(504, f"no result within {self.timeout_s} s") from None
-        except Exception as e:  # noqa: BLE001 - model failure: reported, server stays up
-            raise RequestError(500, f"inference failed: {type(e).__name__}: {e}") from None
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            left = deadline - time.monotonic()
+            try:
+                return future.result(timeout=max(0.0, min(GONE_POLL_S, left)) if client_gone else max(0.0, left)), \
+                    encoded
+            except FutureTimeout:
+                if client_gone is not None and client_gone():
+                    queued = future.cancel()  # False once its batch is running: the result is then dropped
+                    with self._errors_lock:
+                        self.cancelled += 1
+                    raise ClientGone("cancelled while queued" if queued else "its batch was already running") \
+                        from None
+                if time.monotonic() >= deadline:
+                    future.cancel()
+                    raise RequestError(504, f"no result within {self.timeout_s} s") from None
+            except Exception as e:  # noqa: BLE001 - model failure: reported, server stays up
+                raise RequestError(500, f"inference failed: {type(e).__name__}: {e}") from None
 
     def health(self) -> Dict[str, Any]:
         b = self.batcher
@@ -160,7 +220,7 @@ class PolicyService:
                 "batching": {"max_batch": b.max_batch, "window_ms": b.window * 1e3, "waiting": b.waiting,
                              "batches": b.batches, "requests": b.examples,
                              "mean_batch": round(b.examples / b.batches, 3) if b.batches else 0.0},
-                "errors": self.errors}
+                "errors": self.errors, "cancelled": self.cancelled}
 
     def close(self) -> None:
         self.batcher.close()
@@ -175,32 +235,69 @@ def _handler_class(service: PolicyService):
             log.debug("%s - " + fmt, self.address_string(), *args)
 
         def setup(self):
-            super().setup()
+            self.connection = self.request
             # Small request/response pairs on a kept-alive connection: without TCP_NODELAY, Nagle's
             # algorithm and delayed ACKs add ~40 ms stalls.
-            self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            limits = self.server.limits
+            self.reader = DeadlineReader(self.connection, limits, lambda: self.server.count("timed_out"))
+            self.rfile = io.BufferedReader(self.reader, 1 << 16)
+            self.wfile = SocketWriter(self.connection, limits.write_timeout_s)
 
-        def _send(self, status: int, text: str) -> None:
+        def handle_one_request(self):
+            self.reader.expect_request()
+            super().handle_one_request()
+
+        def _send(self, status: int, text: str, head: bool = False, headers: Sequence[Tuple[str, str]] = ()) -> None:
             data = text.encode("utf-8")
+            if self.request_version == "HTTP/0.9":  # a garbled request line: answer with a status line anyway
+                self.request_version, self.close_connection = "HTTP/1.0", True
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))
-            self._headers_buffer.append(b"\r\n" + data)  # headers and body leave in one write
+            for k, v in headers:
+                self.send_header(k, v)
+            if self.close_connection:
+                self.send_header("Connection", "close")
+            self._headers_buffer.append(b"\r\n" + (b"" if head else data))  # headers and body leave in one write
             self.flush_headers()
 
-        def _error(self, status: int, message: str, close: bool = False) -> None:
+        def _error(self, status: int, message: str, close: bool = False, head: bool = False,
+                   headers: Sequence[Tuple[str, str]] = ()) -> None:
             service.count_error()
             if close:
                 self.close_connection = True
-            self._send(status, json.dumps({"error": message, "status": status}))
+            self._send(status, json.dumps({"error": message, "status": status}), head=head, headers=headers)
+
+        def send_error(self, code, message=None, explain=None):
+            """The stdlib's own errors (bad request line, header too long, unknown method): JSON like ours."""
+            self.close_connection = True
+            text = message or self.responses.get(code, ("error",))[0]
+            self._error(code, f"{text}{': ' + explain if explain else ''}", close=True,
+                        head=getattr(self, "command", None) == "HEAD")
+
+        def _get(self, head: bool = False):
+            self.reader.request_read()
+            path = self.path.split("?")[0]
+            if path == "/health":
+                info = service.health()
+                info["connections"] = self.server.stats()
+                self._send(200, json.dumps(info), head=head)
+            elif path == "/act":
+                self._error(405, "use POST /act", head=head, headers=[("Allow", "POST")])
+            else:
+                self._error(404, f"unknown path {self.path!r}; use POST /act or GET /health", head=head)
 
         def do_GET(self):
-            if self.path.split("?")[0] == "/health":
-                self._send(200, json.dumps(service.health()))
-            elif self.path.split("?")[0] == "/act":
-                self._error(405, "use POST /act")
-            else:
-                self._error(404, f"unknown path {self.path!r}; use POST /act or GET /health")
+            self._get()
+
+        def do_HEAD(self):
+            self._get(head=True)
+
+        def do_OPTIONS(self):
+            self.reader.request_read()
+            self._error(405, "OPTIONS is not supported; use POST /act or GET /health", close=True,
+                        headers=[("Allow", "GET, HEAD, POST")])
 
         def _drain(self, n: int) -> None:
             """Reads and drops an over-limit body (up to DRAIN_FACTOR x the limit), so the client finishes
@@ -222,14 +319,20 @@ def _handler_class(service: PolicyService):
                 self._drain(n)
                 return self._error(413, f"body of {n} bytes exceeds the {service.max_body}-byte limit", close=True)
             body = self.rfile.read(n)
+            self.reader.request_read()
             if len(body) != n:
                 return self._error(400, f"body ended after {len(body)} of {n} bytes", close=True)
             if path == "/health":
-                return self._error(405, "use GET /health")
+                return self._error(405, "use GET /health", headers=[("Allow", "GET, HEAD")])
             if path != "/act":
                 return self._error(404, f"unknown path {self.path!r}; use POST /act")
             try:
-                action, encoded = service.act(body)
+                action, encoded = service.act(body, client_gone=lambda: peer_closed(self.connection))
+            except ClientGone as e:
+                self.server.count("cancelled")
+                log.info("client %s:%s left before its action was ready (%s)", *self.client_address[:2], e)
+                self.close_connection = True
+                return
             except RequestError as e:
                 return self._error(e.status, e.message)
             except Exception as e:  # noqa: BLE001 - never let a request take the server down
@@ -239,7 +342,8 @@ def _handler_class(service: PolicyService):
             self._send(200, json.dumps(out) if encoded else out)
 
         def do_PUT(self):
-            self._error(405, "use POST /act or GET /health", close=True)
+            self.reader.request_read()
+            self._error(405, "use POST /act or GET /health", close=True, headers=[("Allow", "GET, HEAD, POST")])
 
         do_DELETE = do_PATCH = do_PUT
 
@@ -247,12 +351,12 @@ def _handler_class(service: PolicyService):
 
 
 class Server:
-    """ThreadingHTTPServer on (host, port) serving `service`; port 0 picks a free port."""
+    """Hardened threaded HTTP server (`connections.py`) on (host, port) serving `service`; port 0 picks a free port."""
 
-    def __init__(self, service: PolicyService, host: str = "127.0.0.1", port: int = 8000):
+    def __init__(self, service: PolicyService, host: str = "127.0.0.1", port: int = 8000,
+                 limits: ConnectionLimits = ConnectionLimits()):
         self.service = service
-        self.httpd = ThreadingHTTPServer((host, port), _handler_class(service))
-        self.httpd.daemon_threads = True
+        self.httpd = HardenedHTTPServer((host, port), _handler_class(service), limits)
         self._thread: Optional[threading.Thread] = None
 
     @property
