@@ -1,6 +1,8 @@
 """HTTP front end compatible with OpenVLA's `vla-scripts/deploy.py` clients (stdlib only).
 
-POST /act  body: {"image": <json_numpy uint8 [H, W, 3]>, "instruction": str, "unnorm_key": str (optional)}
+POST /act  body: {"image": <json_numpy uint8 [H, W, 3]>, "instruction": str, "unnorm_key": str (optional),
+                  "gripper": "openvla" (default: 1 = open, 0 = closed) | "dataset" (optional; the dataset's
+                  registered convention, `Policy.convert_gripper`)}
            or {"encoded": "<that object as a JSON string>"}.
            -> the action as a json_numpy float64 [action_dim] object; for the "encoded" form, that
               object serialised into a JSON string (exactly what deploy.py returns).
@@ -72,8 +74,8 @@ def _as_image(value: Any, max_bytes: int) -> np.ndarray:
     return value
 
 
-def parse_payload(body: bytes, max_bytes: int) -> Tuple[np.ndarray, str, Optional[str], bool]:
-    """Request body -> (image, instruction, unnorm_key, encoded_form). Raises RequestError(400)."""
+def parse_payload(body: bytes, max_bytes: int) -> Tuple[np.ndarray, str, Optional[str], bool, str]:
+    """Request body -> (image, instruction, unnorm_key, encoded_form, gripper). Raises RequestError(400)."""
     try:
         payload = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -101,7 +103,10 @@ def parse_payload(body: bytes, max_bytes: int) -> Tuple[np.ndarray, str, Optiona
     key = payload.get("unnorm_key")
     if key is not None and not isinstance(key, str):
         raise RequestError(400, f"field 'unnorm_key' must be a string or null, got {type(key).__name__}")
-    return _as_image(payload["image"], max_bytes), instruction, key, encoded
+    gripper = payload.get("gripper", "openvla")
+    if gripper not in ("openvla", "dataset"):
+        raise RequestError(400, f"field 'gripper' must be 'openvla' or 'dataset', got {gripper!r}")
+    return _as_image(payload["image"], max_bytes), instruction, key, encoded, gripper
 
 
 class PolicyService:
@@ -132,10 +137,11 @@ class PolicyService:
 
     def act(self, body: bytes) -> Tuple[Any, bool]:
         """Request body -> (float64 action, encoded_form). Raises RequestError."""
-        image, instruction, key, encoded = parse_payload(body, self.max_body)
+        image, instruction, key, encoded, gripper = parse_payload(body, self.max_body)
         p = self.policy
         try:
             key = p.resolve_unnorm_key(key)
+            p.check_gripper(gripper, key)
             prompt = p.prompt_ids(instruction)
             image = p.check_image(image)
         except ValueError as e:
@@ -147,7 +153,7 @@ class PolicyService:
         except RuntimeError as e:
             raise RequestError(503, str(e)) from None
         try:
-            return future.result(timeout=self.timeout_s), encoded
+            return p.convert_gripper(future.result(timeout=self.timeout_s), key, gripper), encoded
         except FutureTimeout:
             future.cancel()
             raise RequestError(504, f"no result within {self.timeout_s} s") from None
