@@ -125,3 +125,24 @@ def test_server_gripper_payload_key(llama_tokenizer_path):
         assert status == 400 and "'gripper' must be 'openvla' or 'dataset'" in json.loads(body)["error"]
     finally:
         server.shutdown()
+
+
+def test_offline_eval_reports_raw_units_in_the_chosen_convention(llama_tokenizer_path):
+    from vla_jax.data import oxe
+    from vla_jax.evaluation import offline
+    from vla_jax.evaluation.episodes import Episode
+
+    cfg = oxe.DatasetConfig(name="inverted_robot", image_key="image", gripper="absolute_inverted")
+    policy = _policy_with(llama_tokenizer_path, {cfg.name: cfg})
+    rng = np.random.default_rng(8)
+    actions = np.concatenate([rng.uniform(-0.02, 0.02, (3, 6)), [[1.0], [0.0], [1.0]]], 1).astype(np.float32)
+    ep = Episode(cfg.name, 0, np.stack(random_images(3, seed=9)), actions, ["pick up the block"] * 3)
+    base = offline.evaluate(policy, [ep], batch_size=8, progress=False)
+    own = offline.evaluate(policy, [ep], batch_size=8, progress=False, gripper="dataset")
+    b, o = base.episodes[0], own.episodes[0]
+    np.testing.assert_array_equal(o.true_raw[:, -1], [0.0, 1.0, 0.0])  # recorded open/closed/open, 1 = closed
+    np.testing.assert_allclose(o.pred_raw[:, -1], 1.0 - b.pred_raw[:, -1], atol=1e-15)
+    np.testing.assert_array_equal(o.pred_raw[:, :-1], b.pred_raw[:, :-1])
+    s_base, s_own = base.per_dataset[cfg.name].summary(), own.per_dataset[cfg.name].summary()
+    assert s_own["action_token_accuracy"] == s_base["action_token_accuracy"]
+    assert s_own["gripper_accuracy"] == s_base["gripper_accuracy"]  # 1 - x flips both sides alike

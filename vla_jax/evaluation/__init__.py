@@ -5,6 +5,7 @@ metrics.py   token accuracy, L1/MSE (normalized and raw), gripper accuracy, mean
 offline.py   runs the policy over every frame, accumulates metrics, keeps a few trajectories
 plots.py     PNG plots of predicted vs recorded trajectories (PIL)
 report.py    report.json and report.md
+inputs.py    what to evaluate on when only the checkpoint is given (its training-data record)
 """
 
 from __future__ import annotations
