@@ -18,7 +18,8 @@ flags.DEFINE_string("split", "val", "Split to evaluate on ('val' falls back to t
 flags.DEFINE_integer("episodes", 0, "Episodes per dataset (0: all).")
 flags.DEFINE_string("out", None, "Output folder for the report and plots (default: RUN/eval).")
 flags.DEFINE_enum("gripper", "openvla", ["openvla", "dataset"], "Gripper convention of the raw-unit metrics and "
-                  "plots: 'openvla' (1 = open, 0 = closed) or 'dataset' (the convention the dataset was registered with).")
+                  "plots: 'openvla' (1 = open, 0 = closed) or 'dataset' (the convention the dataset was "
+                  "registered with).")
 flags.DEFINE_string("unnorm_key", None, "Statistics to un-normalize with (default: each dataset's own name).")
 flags.DEFINE_integer("batch_size", 32, "Frames decoded together.")
 flags.DEFINE_integer("plots", 3, "Episodes per dataset to plot.")
@@ -71,7 +72,8 @@ def main(argv):
     cache = {None: None, "default": True, "off": False}.get(FLAGS.compilation_cache, FLAGS.compilation_cache)
 
     def load_policy():
-        return Policy.load(FLAGS.checkpoint, center_crop={"auto": None, "true": True, "false": False}[FLAGS.center_crop],
+        crop = {"auto": None, "true": True, "false": False}[FLAGS.center_crop]
+        return Policy.load(FLAGS.checkpoint, center_crop=crop,
                            action_tokens_only=FLAGS.action_tokens_only, compilation_cache=cache)
     if FLAGS.sim:
         if not FLAGS.out:

@@ -31,7 +31,7 @@ $PY -m vla_jax.serve --checkpoint="$WORK/run" --port="$PORT" --max_batch=1 &
 SERVER=$!
 trap 'kill $SERVER 2>/dev/null || true' EXIT
 for _ in $(seq 600); do
-    $PY -c "import requests, sys; sys.exit(requests.get('http://127.0.0.1:$PORT/health', timeout=2).status_code != 200)" \
+    $PY -c "import requests; requests.get('http://127.0.0.1:$PORT/health', timeout=2).raise_for_status()" \
         2>/dev/null && break
     kill -0 $SERVER 2>/dev/null || { echo "the server stopped" >&2; exit 1; }
     sleep 1

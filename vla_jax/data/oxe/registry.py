@@ -30,8 +30,8 @@ _LOADED_FILES: dict[str, tuple[str, list[str]]] = {}
 # The flag of each entry point that loads a dataset-config file (README: "Train on your own robot data").
 HOW_TO_REGISTER = ("To use your own dataset, describe it in a JSON file and pass "
                    "--config.data.dataset_configs=FILE.json to train.py (--dataset_configs=FILE.json to eval.py "
-                   "and python -m vla_jax.data.inspect); in code, vla_jax.data.oxe.register_dataset(DatasetConfig(...)) "
-                   "or load_dataset_configs(FILE).")
+                   "and python -m vla_jax.data.inspect); in code, "
+                   "vla_jax.data.oxe.register_dataset(DatasetConfig(...)) or load_dataset_configs(FILE).")
 _HOW_TO_REGISTER = HOW_TO_REGISTER
 
 
