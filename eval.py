@@ -1,7 +1,9 @@
-"""Evaluate a policy: `python eval.py --checkpoint=CKPT --data_dir=D --dataset=NAME --out=DIR`.
+"""Evaluate a policy: `python eval.py --checkpoint=RUN` (or `--checkpoint=CKPT --data_dir=D --dataset=NAME --out=DIR`).
 
 Offline (default): the policy acts on every frame of held-out episodes of a registered dataset or
-mixture; OUT gets report.json, report.md and plots/*.png (vla_jax/evaluation/).
+mixture; OUT gets report.json, report.md and plots/*.png (vla_jax/evaluation/). A vla_jax checkpoint
+records what it trained on (data_dir, mixture, the dataset configs), so `--checkpoint=RUN` alone
+evaluates on the held-out split of its training datasets and writes RUN/eval/.
 Closed loop: `--sim=metaworld [--sim_episodes=N ...]`: Meta-World on held-out configurations
 (vla_jax/sim/closed_loop.py); OUT gets report.json and GIF rollouts.
 """
@@ -9,11 +11,15 @@ Closed loop: `--sim=metaworld [--sim_episodes=N ...]`: Meta-World on held-out co
 from absl import app, flags
 
 flags.DEFINE_string("checkpoint", None, "vla_jax workdir / step folder, or an HF OpenVLA folder.")
-flags.DEFINE_string("data_dir", None, "Folder holding the TFDS builder folders (offline evaluation).")
-flags.DEFINE_string("dataset", None, "Registered dataset or mixture name.")
+flags.DEFINE_string("data_dir", None, "Folder holding the TFDS builder folders (default: the one the checkpoint "
+                    "trained on).")
+flags.DEFINE_string("dataset", None, "Registered dataset or mixture name (default: the checkpoint's training mixture).")
 flags.DEFINE_string("split", "val", "Split to evaluate on ('val' falls back to the last 5% of train).")
 flags.DEFINE_integer("episodes", 0, "Episodes per dataset (0: all).")
-flags.DEFINE_string("out", None, "Output folder for the report and plots.")
+flags.DEFINE_string("out", None, "Output folder for the report and plots (default: RUN/eval).")
+flags.DEFINE_enum("gripper", "openvla", ["openvla", "dataset"], "Gripper convention of the raw-unit metrics and "
+                  "plots: 'openvla' (1 = open, 0 = closed) or 'dataset' (the convention the dataset was "
+                  "registered with).")
 flags.DEFINE_string("unnorm_key", None, "Statistics to un-normalize with (default: each dataset's own name).")
 flags.DEFINE_integer("batch_size", 32, "Frames decoded together.")
 flags.DEFINE_integer("plots", 3, "Episodes per dataset to plot.")
@@ -33,7 +39,7 @@ flags.DEFINE_integer("sim_workers", 2, "Simulator worker processes.")
 flags.DEFINE_integer("sim_videos", 2, "GIF rollouts per task and policy.")
 flags.DEFINE_string("sim_reference_cache", "", "Folder that keeps the expert/random reference lines between "
                     "evaluations with the same settings (they do not depend on the checkpoint); '' = always run them.")
-flags.mark_flags_as_required(["checkpoint", "out"])
+flags.mark_flags_as_required(["checkpoint"])
 FLAGS = flags.FLAGS
 
 
@@ -64,21 +70,35 @@ def main(argv):
     from vla_jax.policy import Policy
 
     cache = {None: None, "default": True, "off": False}.get(FLAGS.compilation_cache, FLAGS.compilation_cache)
-    policy = Policy.load(FLAGS.checkpoint, center_crop={"auto": None, "true": True, "false": False}[FLAGS.center_crop],
-                         action_tokens_only=FLAGS.action_tokens_only, compilation_cache=cache)
+
+    def load_policy():
+        crop = {"auto": None, "true": True, "false": False}[FLAGS.center_crop]
+        return Policy.load(FLAGS.checkpoint, center_crop=crop,
+                           action_tokens_only=FLAGS.action_tokens_only, compilation_cache=cache)
     if FLAGS.sim:
-        return run_sim(policy)
-    if not FLAGS.data_dir or not FLAGS.dataset:
-        raise app.UsageError("offline evaluation needs --data_dir and --dataset")
-    rep = run_offline(policy, checkpoint=FLAGS.checkpoint, data_dir=FLAGS.data_dir, dataset=FLAGS.dataset,
-                      out_dir=FLAGS.out, split=FLAGS.split, episodes=FLAGS.episodes or None,
+        if not FLAGS.out:
+            raise app.UsageError("--sim needs --out=FOLDER")
+        return run_sim(load_policy())
+    from vla_jax.evaluation.inputs import resolve_eval_data
+    from vla_jax.policy_loading import is_hf_dir
+
+    try:  # before loading the model: a missing flag is reported at once
+        where = resolve_eval_data(FLAGS.checkpoint, data_dir=FLAGS.data_dir, dataset=FLAGS.dataset, out=FLAGS.out,
+                                  dataset_configs=FLAGS.dataset_configs, is_hf=is_hf_dir(FLAGS.checkpoint))
+    except ValueError as e:
+        raise app.UsageError(str(e)) from None
+    policy = load_policy()
+    logging.info("evaluating on %s (split %s) in %s; report in %s", where.dataset, FLAGS.split, where.data_dir,
+                 where.out)
+    rep = run_offline(policy, checkpoint=FLAGS.checkpoint, data_dir=where.data_dir, dataset=where.dataset,
+                      out_dir=where.out, split=FLAGS.split, episodes=FLAGS.episodes or None,
                       unnorm_key=FLAGS.unnorm_key, batch_size=FLAGS.batch_size, num_plots=FLAGS.plots,
-                      dataset_configs=FLAGS.dataset_configs, progress=FLAGS.progress)
+                      dataset_configs=FLAGS.dataset_configs, progress=FLAGS.progress, gripper=FLAGS.gripper)
     m = rep["overall"] or next(iter(rep["per_dataset"].values()))
     print(json.dumps({"frames": m["frames"], "action_token_accuracy": round(m["action_token_accuracy"], 4),
                       "l1_normalized": round(m["l1_normalized"], 4),
                       "baseline_l1_normalized": round(m["baseline_mean_action"]["l1_normalized"], 4),
-                      "gripper_accuracy": m["gripper_accuracy"], "report": f"{FLAGS.out}/report.md"}))
+                      "gripper_accuracy": m["gripper_accuracy"], "report": f"{where.out}/report.md"}))
 
 
 if __name__ == "__main__":

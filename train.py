@@ -4,6 +4,7 @@ Restarting the same command resumes from the latest checkpoint in DIR/checkpoint
 checkpoint and exits cleanly. The machinery lives in vla_jax/training/ and vla_jax/checkpoints.py.
 """
 
+import atexit
 import logging
 import os
 import sys
@@ -48,12 +49,15 @@ def main(argv):
     model = OpenVLA(model_cfg)
     mesh = run.make_mesh(cfg.mesh)
     per_process_batch = run.check_batch_layout(cfg, mesh)
+    run.fit_warmup(cfg)
     tx, schedule = st.make_optimizer(st.OptimConfig.from_config(cfg.optim), cfg.num_steps)
     hooks = run.param_hooks(cfg)
     example = run.example_inputs(model_cfg, cfg.data.max_seq_len)
     mask = run.trainable(cfg, st.abstract_params(model, example, hooks), hooks)
     shardings, abstract = st.abstract_train_state(model, tx, mesh, shd.LOGICAL_RULES, cfg.seed, example, mask, hooks)
 
+    new_dirs = [d for d in (os.path.join(workdir, "checkpoints"), workdir) if not os.path.exists(d)]
+    atexit.register(lambda: [run.remove_if_empty(d) for d in new_dirs])  # a failed run leaves no empty folders
     ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), cfg.keep_checkpoints, cfg.async_checkpoints)
     start = ckpt.latest_step() or 0
     if start:
@@ -72,7 +76,8 @@ def main(argv):
         params = run.load_pretrained(cfg.init_from, abstract.params, model_cfg) if cfg.init_from else None
         state = st.create_train_state(model, tx, mesh, shd.LOGICAL_RULES, cfg.seed, example, mask, hooks,
                                       params=params)[0]
-    assets = {"config": cfg.to_dict(), "dataset_statistics": data.statistics, "tokenizer": data.tokenizer_asset}
+    assets = {"config": cfg.to_dict(), "dataset_statistics": data.statistics, "tokenizer": data.tokenizer_asset,
+              "training_data": data.training_data}
     summary = st.param_summary(abstract.params, mask)
 
     batch_shapes = {"pixel_values": (cfg.global_batch_size, model_cfg.image_size, model_cfg.image_size, 3),

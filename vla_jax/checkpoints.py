@@ -7,6 +7,8 @@ Layout of `WORKDIR/checkpoints/<step>/`:
   config/config.json        the resolved run config
   dataset_statistics/dataset_statistics.json   OpenVLA's normalization statistics (un-normalizing actions)
   tokenizer/tokenizer.json  tokenizer and action-tokenizer settings (+ the SentencePiece model, base64)
+  training_data/training_data.json   what the run trained on: data_dir, mixture, the registered configs of
+                            its datasets (content, not a path), the tokenizer path (absent in older checkpoints)
 
 Saves are asynchronous (orbax copies the arrays off the devices before `save` returns, then writes in
 the background); keep-N deletes the oldest. `Checkpointer.check_compatible` compares a checkpoint's
@@ -31,8 +33,11 @@ JSON_ITEMS = {
     "config": "config.json",
     "dataset_statistics": "dataset_statistics.json",
     "tokenizer": "tokenizer.json",
+    "training_data": "training_data.json",
 }
 ASSET_ITEMS = ("config", "dataset_statistics", "tokenizer")
+# Saved when given, read when present (checkpoints written before they existed lack them).
+OPTIONAL_ASSET_ITEMS = ("training_data",)
 
 
 def _registry() -> ocp.handlers.DefaultCheckpointHandlerRegistry:
@@ -136,6 +141,7 @@ class Checkpointer:
         if missing:
             raise ValueError(f"checkpoint assets {missing} are missing; every checkpoint carries {ASSET_ITEMS}")
         items.update({k: ocp.args.JsonSave(assets[k]) for k in ASSET_ITEMS})
+        items.update({k: ocp.args.JsonSave(assets[k]) for k in OPTIONAL_ASSET_ITEMS if assets.get(k) is not None})
         return self.manager.save(int(step), args=ocp.args.Composite(**items), force=force)
 
     def restore(self, step: int, abstract_state: Any) -> Tuple[Any, Dict[str, Any]]:
@@ -170,10 +176,15 @@ def resolve_step_dir(path: str) -> epath.Path:
 
 
 def load_assets(path: str) -> Dict[str, Any]:
-    """{'config', 'dataset_statistics', 'tokenizer', 'meta'} of the checkpoint at `path`."""
+    """{'config', 'dataset_statistics', 'tokenizer', 'meta'} of the checkpoint at `path`, plus the
+    optional assets it has (e.g. 'training_data')."""
     step_dir = resolve_step_dir(path)
-    return {name: json.loads((step_dir / name / JSON_ITEMS[name]).read_text())
-            for name in ASSET_ITEMS + ("meta",)}
+    out = {name: json.loads((step_dir / name / JSON_ITEMS[name]).read_text()) for name in ASSET_ITEMS + ("meta",)}
+    for name in OPTIONAL_ASSET_ITEMS:
+        f = step_dir / name / JSON_ITEMS[name]
+        if f.exists():
+            out[name] = json.loads(f.read_text())
+    return out
 
 
 def load_params(path: str, abstract_params: Any) -> Any:

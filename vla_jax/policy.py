@@ -18,6 +18,9 @@ What happens (OPENVLA_REFERENCE.md §2-§4, §9):
 4. Tokens -> bin centers (float64) -> `where(mask, 0.5 (a + 1) (q99 - q01) + q01, a)` with the
    statistics of `unnorm_key`; unmasked dimensions (the gripper) come back raw. Like OpenVLA's
    `predict_action`, the result is a float64 numpy array, computed in float64.
+5. Gripper: OpenVLA's convention (1 = open, 0 = closed) by default; `gripper="dataset"` returns it
+   in the convention the dataset was registered with (the inverse of its transform,
+   `vla_jax.data.oxe.gripper_output`; the checkpoint records its datasets' configs).
 
 By default the argmax runs over the whole vocabulary, as OpenVLA's `generate` does;
 `action_tokens_only=True` restricts it to the action tokens.
@@ -41,7 +44,7 @@ from vla_jax.models.config import OpenVLAConfig
 from vla_jax.models.decode import greedy_decode, is_split, split_layers, stack_layers
 from vla_jax.models.openvla import OpenVLA
 from vla_jax.policy_loading import (enable_compilation_cache, is_hf_dir, load_hf_checkpoint,  # noqa: F401
-                                    load_vla_checkpoint)
+                                    load_vla_checkpoint, recorded_dataset_configs)
 from vla_jax.tokenizer import VLATokenizer
 
 DEFAULT_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
@@ -66,7 +69,7 @@ class Policy:
     def __init__(self, config: OpenVLAConfig, params: Any, tokenizer: VLATokenizer, norm_stats: Mapping[str, Any], *,
                  center_crop: bool = False, action_tokens_only: bool = False,
                  batch_buckets: Sequence[int] = DEFAULT_BATCH_BUCKETS, prompt_bucket: int = DEFAULT_PROMPT_BUCKET,
-                 source: str = ""):
+                 source: str = "", dataset_configs: Optional[Mapping[str, Mapping[str, Any]]] = None):
         buckets = sorted({int(b) for b in batch_buckets})
         if not buckets or buckets[0] < 1:
             raise ValueError(f"batch_buckets must be positive sizes, got {batch_buckets!r}")
@@ -85,6 +88,8 @@ class Policy:
         # training layout are split here (a copy; Policy.load splits and frees its freshly loaded ones).
         self.decode_params = params if is_split(params) else split_layers(params)
         self.norm_stats = {k: v for k, v in dict(norm_stats).items()}
+        # {dataset name: DatasetConfig fields} the checkpoint trained on (its gripper convention).
+        self.dataset_configs = {k: dict(v) for k, v in dict(dataset_configs or {}).items()}
         self._center_crop, self.action_tokens_only = bool(center_crop), bool(action_tokens_only)
         self.batch_buckets, self.prompt_bucket, self.source = tuple(buckets), int(prompt_bucket), source
         self.model = OpenVLA(config)
@@ -128,6 +133,7 @@ class Policy:
             cfg, params, stats, tok, aug = load_hf_checkpoint(path, dtype=dtype, param_dtype=param_dtype,
                                                               tokenizer=tokenizer, device=device)
         else:
+            kw.setdefault("dataset_configs", recorded_dataset_configs(path))
             cfg, params, stats, tok, aug = load_vla_checkpoint(path, dtype=dtype, param_dtype=param_dtype,
                                                                device=device)
             if tokenizer:
@@ -297,6 +303,40 @@ class Policy:
             raise ValueError(f"actions have {x.shape[-1]} dims but the {unnorm_key!r} statistics have {q01.shape[0]}")
         return np.where(mask, 0.5 * (x + 1.0) * (q99 - q01) + q01, x)
 
+    def dataset_config(self, unnorm_key: Optional[str] = None) -> Mapping[str, Any]:
+        """DatasetConfig fields of the dataset behind `unnorm_key`: as the checkpoint recorded them, else
+        as registered in this process (built-in datasets, `vla_jax.data.oxe.load_dataset_configs`)."""
+        key = self.resolve_unnorm_key(unnorm_key)
+        if key in self.dataset_configs:
+            return self.dataset_configs[key]
+        import dataclasses
+
+        from vla_jax.data import oxe  # the registry (and TensorFlow): only for checkpoints without the record
+
+        if key in oxe.registered_datasets():
+            return dataclasses.asdict(oxe.get_dataset_config(key))
+        raise ValueError(f"gripper='dataset': the checkpoint ({self.source or 'in memory'}) does not record how dataset "
+                         f"{key!r} was registered (written before checkpoints kept their dataset configs) and it is "
+                         f"not registered here; pass its dataset-config file (eval.py --dataset_configs=FILE.json, "
+                         f"or vla_jax.data.oxe.load_dataset_configs(FILE) before predicting)")
+
+    def check_gripper(self, gripper: str, unnorm_key: Optional[str] = None) -> None:
+        """ValueError unless actions for `unnorm_key` can be returned in convention `gripper`."""
+        from vla_jax.data.oxe.gripper_output import check_gripper_output, dataset_convention
+
+        if check_gripper_output(gripper) == "dataset":
+            dataset_convention(self.dataset_config(unnorm_key))
+
+    def convert_gripper(self, actions: np.ndarray, unnorm_key: Optional[str] = None,
+                        gripper: str = "openvla") -> np.ndarray:
+        """float64 [..., D] actions in OpenVLA's gripper convention -> `gripper`'s: 'openvla' (unchanged,
+        1 = open, 0 = closed) or 'dataset' (the convention the dataset was registered with)."""
+        from vla_jax.data.oxe.gripper_output import check_gripper_output, to_dataset_gripper
+
+        if check_gripper_output(gripper) == "openvla":
+            return actions
+        return to_dataset_gripper(actions, self.dataset_config(unnorm_key))
+
     # -- public prediction API ------------------------------------------------------------------
 
     def predict_tokens(self, images, instructions, num_tokens: Optional[int] = None) -> np.ndarray:
@@ -315,15 +355,22 @@ class Policy:
         tokens = self.predict_tokens(images, instructions, self.action_dim(unnorm_key))
         return tokens, self.tokens_to_normalized(tokens)
 
-    def predict_actions(self, images, instructions, unnorm_key: Optional[str] = None) -> np.ndarray:
-        """B images (uint8 [H, W, 3] each, or [B, H, W, 3]) + B instructions -> float64 [B, action_dim]."""
-        key = self.resolve_unnorm_key(unnorm_key)
-        _, normalized = self.predict_normalized(images, instructions, key)
-        return self.unnormalize(normalized, key)
+    def predict_actions(self, images, instructions, unnorm_key: Optional[str] = None,
+                        gripper: str = "openvla") -> np.ndarray:
+        """B images (uint8 [H, W, 3] each, or [B, H, W, 3]) + B instructions -> float64 [B, action_dim].
 
-    def predict_action(self, image, instruction: str, unnorm_key: Optional[str] = None) -> np.ndarray:
-        """One uint8 RGB image [H, W, 3] (or PIL image) + instruction -> float64 [action_dim]."""
-        return self.predict_actions([image], [instruction], unnorm_key)[0]
+        gripper: 'openvla' (default: 1 = open, 0 = closed, as OpenVLA returns it) or 'dataset' (the
+        convention the dataset was registered with; see `vla_jax.data.oxe.gripper_output`)."""
+        key = self.resolve_unnorm_key(unnorm_key)
+        self.check_gripper(gripper, key)  # before decoding: a non-invertible convention fails fast
+        _, normalized = self.predict_normalized(images, instructions, key)
+        return self.convert_gripper(self.unnormalize(normalized, key), key, gripper)
+
+    def predict_action(self, image, instruction: str, unnorm_key: Optional[str] = None,
+                       gripper: str = "openvla") -> np.ndarray:
+        """One uint8 RGB image [H, W, 3] (or PIL image) + instruction -> float64 [action_dim] (gripper: see
+        `predict_actions`)."""
+        return self.predict_actions([image], [instruction], unnorm_key, gripper)[0]
 
     def warmup(self, batch_sizes: Sequence[int] = (1,), prompt_lengths: Optional[Sequence[int]] = None,
                num_tokens: Optional[int] = None) -> Dict[Tuple[int, int, int], float]:

@@ -157,6 +157,15 @@ def load_vla_checkpoint(path: str, *, dtype: Optional[str] = None, param_dtype: 
     return cfg, params, dict(assets.get("dataset_statistics") or {}), tok, random_crop
 
 
+def recorded_dataset_configs(path: str) -> dict:
+    """{dataset name: DatasetConfig fields} of the datasets a vla_jax checkpoint trained on (its
+    `training_data` asset); {} for checkpoints written before that asset existed."""
+    from vla_jax import checkpoints as ckpt_lib
+
+    record = ckpt_lib.load_assets(path).get("training_data") or {}
+    return {d["name"]: dict(d) for d in record.get("datasets", [])}
+
+
 def is_hf_dir(path: str) -> bool:
     """True for an HF OpenVLA folder (False when vla_jax.hf is not installed)."""
     try:

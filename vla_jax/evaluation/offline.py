@@ -51,12 +51,15 @@ def _progress(total: Optional[int], enabled: bool):
 
 
 def evaluate(policy, episodes: Iterable[Episode], *, unnorm_key: Optional[str] = None, batch_size: int = 32,
-             keep_episodes: int = 3, progress: bool = True, total: Optional[int] = None) -> EvalResult:
+             keep_episodes: int = 3, progress: bool = True, total: Optional[int] = None,
+             gripper: str = "openvla") -> EvalResult:
     """Runs `policy` on every frame of `episodes`.
 
     unnorm_key: statistics to use for every dataset (default: each episode's dataset name, which
     must be among the checkpoint's statistics). keep_episodes: how many episodes per dataset keep
-    their trajectories (for plots).
+    their trajectories (for plots). gripper: the convention of the raw-unit gripper values, for the
+    prediction and the recording alike ('openvla': 1 = open, 0 = closed; 'dataset': the one the
+    dataset was registered with, `Policy.convert_gripper`).
     """
     from vla_jax.data.normalization import normalize_actions
 
@@ -67,6 +70,7 @@ def evaluate(policy, episodes: Iterable[Episode], *, unnorm_key: Optional[str] =
     bar = _progress(total, progress)
     for ep in episodes:
         key = policy.resolve_unnorm_key(unnorm_key or ep.dataset)
+        policy.check_gripper(gripper, key)
         entry = policy.norm_stats[key]
         dim = len(entry["action"]["q01"])
         if ep.actions.shape[1] != dim:
@@ -90,8 +94,11 @@ def evaluate(policy, episodes: Iterable[Episode], *, unnorm_key: Optional[str] =
         m = per.get(ep.dataset)
         if m is None:
             m = per[ep.dataset] = ActionMetrics(dim, gripper_dims(entry))
+        base_norm = normalize_actions(mean_raw, entry)
+        # Normalized metrics and tokens stay in OpenVLA's convention (what the model predicts).
+        pred_raw, true_raw, mean_raw = (policy.convert_gripper(a, key, gripper) for a in (pred_raw, true_raw, mean_raw))
         m.update(pred_tokens, true_tokens, pred_norm, true_norm, pred_raw, true_raw,
-                 base_norm=normalize_actions(mean_raw, entry), base_raw=mean_raw)
+                 base_norm=base_norm, base_raw=mean_raw)
         m.episodes += 1
         if kept_count.get(ep.dataset, 0) < keep_episodes:
             kept_count[ep.dataset] = kept_count.get(ep.dataset, 0) + 1
@@ -112,7 +119,10 @@ def evaluate(policy, episodes: Iterable[Episode], *, unnorm_key: Optional[str] =
     return EvalResult(per, overall, kept, skipped, time.perf_counter() - t0)
 
 
-def plot_episodes(result: EvalResult, out_dir: str) -> List[str]:
+GRIPPER_LABELS = {"openvla": "gripper 1 = open, 0 = closed (OpenVLA)", "dataset": "gripper in the dataset's convention"}
+
+
+def plot_episodes(result: EvalResult, out_dir: str, gripper: str = "openvla") -> List[str]:
     """One PNG per kept episode under out_dir/plots/; returns the paths relative to out_dir."""
     from vla_jax.evaluation.plots import plot_trajectory
 
@@ -120,7 +130,7 @@ def plot_episodes(result: EvalResult, out_dir: str) -> List[str]:
     paths = []
     for ep in result.episodes:
         rel = os.path.join("plots", f"{ep.dataset}_episode{ep.index:04d}.png")
-        title = f"{ep.dataset} episode {ep.index}: \"{ep.instruction}\" (raw units)"
+        title = f"{ep.dataset} episode {ep.index}: \"{ep.instruction}\" (raw units; {GRIPPER_LABELS[gripper]})"
         plot_trajectory(ep.true_raw, ep.pred_raw, os.path.join(out_dir, rel), title=title)
         paths.append(rel)
     return paths

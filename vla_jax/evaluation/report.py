@@ -54,6 +54,9 @@ def write_markdown(report: Mapping[str, Any], out_dir: str) -> str:
              f"({report['episodes_per_dataset'] or 'all'} episodes per dataset)",
              f"- decoding: greedy, {'action tokens only' if report['action_tokens_only'] else 'full vocabulary'}; "
              f"center crop: {report['center_crop']}",
+             f"- raw units: the dataset's action units; gripper "
+             + ("in the dataset's registered convention" if report.get("gripper_convention") == "dataset"
+                else "in OpenVLA's convention (1 = open, 0 = closed)"),
              f"- time: {report['timing']['seconds']} s ({report['timing']['frames_per_second']} frames/s)", ""]
     if report.get("overall"):
         lines += _metrics_block("All datasets", report["overall"])
@@ -69,8 +72,10 @@ def write_markdown(report: Mapping[str, Any], out_dir: str) -> str:
 
 
 def build_report(summary: Mapping[str, Any], *, checkpoint: str, dataset: str, split: str, data_dir: str,
-                 episodes: Optional[int], policy, unnorm_keys: Dict[str, str], plots: Sequence[str]) -> Dict[str, Any]:
+                 episodes: Optional[int], policy, unnorm_keys: Dict[str, str], plots: Sequence[str],
+                 gripper: str = "openvla") -> Dict[str, Any]:
     return {"checkpoint": checkpoint, "dataset": dataset, "split": split, "data_dir": data_dir,
+            "gripper_convention": gripper,
             "episodes_per_dataset": episodes or None, "center_crop": policy.center_crop,
             "action_tokens_only": policy.action_tokens_only, "image_size": policy.config.image_size,
             "unnorm_keys": unnorm_keys, **summary, "plots": list(plots)}

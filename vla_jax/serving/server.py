@@ -1,6 +1,8 @@
 """HTTP front end compatible with OpenVLA's `vla-scripts/deploy.py` clients (stdlib only).
 
-POST /act  body: {"image": <json_numpy uint8 [H, W, 3]>, "instruction": str, "unnorm_key": str (optional)}
+POST /act  body: {"image": <json_numpy uint8 [H, W, 3]>, "instruction": str, "unnorm_key": str (optional),
+                  "gripper": "openvla" (default: 1 = open, 0 = closed) | "dataset" (optional; the dataset's
+                  registered convention, `Policy.convert_gripper`)}
            or {"encoded": "<that object as a JSON string>"}.
            -> the action as a json_numpy float64 [action_dim] object; for the "encoded" form, that
               object serialised into a JSON string (exactly what deploy.py returns).
@@ -120,8 +122,8 @@ def _json(text, what: str):
         raise RequestError(400, f"{what} nests JSON arrays/objects too deeply") from None
 
 
-def parse_payload(body: bytes, max_bytes: int) -> Tuple[np.ndarray, str, Optional[str], bool]:
-    """Request body -> (image, instruction, unnorm_key, encoded_form). Raises RequestError(400)."""
+def parse_payload(body: bytes, max_bytes: int) -> Tuple[np.ndarray, str, Optional[str], bool, str]:
+    """Request body -> (image, instruction, unnorm_key, encoded_form, gripper). Raises RequestError(400)."""
     payload = _json(body, "body")
     encoded = isinstance(payload, dict) and "encoded" in payload
     if encoded:
@@ -143,7 +145,10 @@ def parse_payload(body: bytes, max_bytes: int) -> Tuple[np.ndarray, str, Optiona
     key = payload.get("unnorm_key")
     if key is not None and not isinstance(key, str):
         raise RequestError(400, f"field 'unnorm_key' must be a string or null, got {type(key).__name__}")
-    return _as_image(payload["image"], max_bytes), instruction, key, encoded
+    gripper = payload.get("gripper", "openvla")
+    if gripper not in ("openvla", "dataset"):
+        raise RequestError(400, f"field 'gripper' must be 'openvla' or 'dataset', got {gripper!r}")
+    return _as_image(payload["image"], max_bytes), instruction, key, encoded, gripper
 
 
 class PolicyService:
@@ -181,10 +186,11 @@ class PolicyService:
     def act(self, body: bytes, client_gone: Optional[Callable[[], bool]] = None) -> Tuple[Any, bool]:
         """Request body -> (float64 action, encoded_form). Raises RequestError, or ClientGone when
         `client_gone()` turns true while the request waits (its queued work is then cancelled)."""
-        image, instruction, key, encoded = parse_payload(body, self.max_body)
+        image, instruction, key, encoded, gripper = parse_payload(body, self.max_body)
         p = self.policy
         try:
             key = p.resolve_unnorm_key(key)
+            p.check_gripper(gripper, key)
             prompt = p.prompt_ids(instruction)
             image = p.check_image(image)
         except ValueError as e:
@@ -199,8 +205,7 @@ class PolicyService:
         while True:
             left = deadline - time.monotonic()
             try:
-                return future.result(timeout=max(0.0, min(GONE_POLL_S, left)) if client_gone else max(0.0, left)), \
-                    encoded
+                result = future.result(timeout=max(0.0, min(GONE_POLL_S, left)) if client_gone else max(0.0, left))
             except FutureTimeout:
                 if client_gone is not None and client_gone():
                     queued = future.cancel()  # False once its batch is running: the result is then dropped
@@ -213,6 +218,8 @@ class PolicyService:
                     raise RequestError(504, f"no result within {self.timeout_s} s") from None
             except Exception as e:  # noqa: BLE001 - model failure: reported, server stays up
                 raise RequestError(500, f"inference failed: {type(e).__name__}: {e}") from None
+            else:
+                return p.convert_gripper(result, key, gripper), encoded
 
     def health(self) -> Dict[str, Any]:
         b = self.batcher

@@ -111,6 +111,26 @@ def check_run_config(cfg) -> None:
         raise ValueError("config.lora.enabled trains only the adapters; config.freeze.* must stay False with LoRA")
 
 
+def fit_warmup(cfg) -> None:
+    """A warmup as long as the run or longer (e.g. `--config.num_steps=4` on configs/debug.py, whose warmup
+    is 10 steps) is shortened to half the run, with a warning, instead of stopping it: a short smoke run
+    should run. Edits cfg.optim.warmup_steps (the checkpoint's config asset records the value used)."""
+    warm, steps = int(cfg.optim.warmup_steps), int(cfg.num_steps)
+    if cfg.optim.schedule != "constant" and steps > 0 and warm >= steps:
+        cfg.optim.warmup_steps = steps // 2
+        log.warning("config.optim.warmup_steps=%d is not shorter than config.num_steps=%d: warming up over %d "
+                    "steps instead", warm, steps, cfg.optim.warmup_steps)
+
+
+def remove_if_empty(path: str) -> None:
+    """Removes folder `path` if it exists and is empty (a failed run leaves no empty checkpoints/ behind)."""
+    try:
+        if os.path.isdir(path) and not os.listdir(path):
+            os.rmdir(path)
+    except OSError:  # another process wrote into it meanwhile, or a remote path: leave it
+        pass
+
+
 def example_inputs(cfg: OpenVLAConfig, text_len: int) -> Tuple[np.ndarray, np.ndarray]:
     """model.init arguments: uint8 [1, S, S, 3] and int32 [1, text_len] (numpy: concrete for the model's checks)."""
     return (np.zeros((1, cfg.image_size, cfg.image_size, 3), np.uint8), np.ones((1, text_len), np.int32))
@@ -171,6 +191,7 @@ class Data:
     dataset_names: list
     statistics: Dict[str, Any]
     tokenizer_asset: Dict[str, Any]
+    training_data: Any = None  # checkpoint asset: what the run trains on (vla_jax.data.oxe.record); None if synthetic
 
 
 def make_data(cfg, model_cfg: OpenVLAConfig, per_process_batch: int, mesh) -> Data:
@@ -192,9 +213,12 @@ def make_data(cfg, model_cfg: OpenVLAConfig, per_process_batch: int, mesh) -> Da
     from vla_jax.data import pipeline
     from vla_jax.tokenizer import VLATokenizer
 
-    if not cfg.tokenizer:
-        raise ValueError("config.tokenizer is empty; set it to the Llama-2 tokenizer.model (e.g. the one in an "
-                         "HF OpenVLA checkpoint folder)")
+    if not cfg.tokenizer or not os.path.isfile(cfg.tokenizer):
+        what = "config.tokenizer is empty" if not cfg.tokenizer else f"config.tokenizer={cfg.tokenizer!r} is not a file"
+        raise ValueError(f"{what}: pass --config.tokenizer=PATH/tokenizer.model, the Llama-2 SentencePiece model. "
+                         f"Fine-tuning: the tokenizer.model in the HF OpenVLA folder you start from (e.g. a download of "
+                         f"openvla/openvla-7b); pretraining: the one in the base Llama-2 folder (meta-llama/Llama-2-7b-hf). "
+                         f"Tests and configs/debug.py use tests/fixtures/data/llama2_tokenizer/tokenizer.model")
     tok = VLATokenizer.from_file(cfg.tokenizer, max_len=cfg.data.max_seq_len, n_bins=model_cfg.n_action_bins,
                                  action_dim=model_cfg.action_dim)
     if tok.tokenizer.vocab_size != model_cfg.base_vocab_size:
@@ -203,7 +227,11 @@ def make_data(cfg, model_cfg: OpenVLAConfig, per_process_batch: int, mesh) -> Da
     data_cfg = pipeline.DataConfig.from_config(dict(cfg.data.to_dict(), batch_size=per_process_batch,
                                                     resize_size=model_cfg.image_size, seed=cfg.seed, repeat=True))
     it = pipeline.make_train_iterator(data_cfg, tok)
-    return Data(it, list(it.dataset_names), it.dataset_statistics, tokenizer_asset(tok, model_cfg.action_dim))
+    from vla_jax.data.oxe.record import training_data_record
+
+    record = training_data_record(cfg.data.data_dir, cfg.data.mixture, cfg.data.split, cfg.data.dataset_configs,
+                                  cfg.tokenizer)
+    return Data(it, list(it.dataset_names), it.dataset_statistics, tokenizer_asset(tok, model_cfg.action_dim), record)
 
 
 # ----------------------------------------------------------------------------------------------

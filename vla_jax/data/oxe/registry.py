@@ -27,9 +27,12 @@ _FRAME_FILTERS: dict[str, Callable] = {}
 # resolved path -> (sha256 of its content, dataset names it registered): loading a file twice is a no-op.
 _LOADED_FILES: dict[str, tuple[str, list[str]]] = {}
 
-_HOW_TO_REGISTER = ("To add a dataset, call vla_jax.data.oxe.register_dataset(DatasetConfig(...)) "
-                    "(with register_standardize for a custom transform), or list it in a .json or .py "
-                    "file named by the training config's `dataset_configs` field.")
+# The flag of each entry point that loads a dataset-config file (README: "Train on your own robot data").
+HOW_TO_REGISTER = ("To use your own dataset, describe it in a JSON file and pass "
+                   "--config.data.dataset_configs=FILE.json to train.py (--dataset_configs=FILE.json to eval.py "
+                   "and python -m vla_jax.data.inspect); in code, "
+                   "vla_jax.data.oxe.register_dataset(DatasetConfig(...)) or load_dataset_configs(FILE).")
+_HOW_TO_REGISTER = HOW_TO_REGISTER
 
 
 def _names(names, limit: int = 12) -> str:
@@ -93,7 +96,7 @@ def get_dataset_config(name: str) -> DatasetConfig:
     """The config registered under `name`; unknown names raise ValueError listing the registered ones."""
     if name not in _DATASETS:
         raise ValueError(f"unknown dataset {name!r}. Registered datasets ({len(_DATASETS)}): "
-                         f"{_names(_DATASETS)}. {_HOW_TO_REGISTER}")
+                         f"{_names(_DATASETS, 100)}. {HOW_TO_REGISTER}")
     return _DATASETS[name]
 
 
