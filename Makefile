@@ -8,7 +8,7 @@ REQ_HASH := $(shell cat $(REQS) | sha256sum | cut -c1-16)
 STAMP := $(VENV)/.vla_jax-installed-$(REQ_HASH)
 PYTEST_ARGS ?= -q
 
-.PHONY: setup test demo bench clean-venv
+.PHONY: setup test test-quick demo bench clean-venv
 
 # The package itself is installed editable (so `python -m vla_jax...` and `python /path/to/train.py`
 # work from any folder); its stamp names this checkout's path, so a venv shared between checkouts
@@ -32,6 +32,11 @@ $(EDITABLE): $(STAMP) pyproject.toml
 
 test: setup
 	$(PY) -m pytest tests $(PYTEST_ARGS)
+
+# The inner loop: everything but the tests marked slow (end-to-end training, multi-process, simulation,
+# server load, the accelerator suite's CPU run, the 7B compile). CI runs `make test`.
+test-quick: setup
+	$(PY) -m pytest tests -m "not slow" $(PYTEST_ARGS)
 
 demo: setup
 	$(PY) -m vla_jax.demo

@@ -60,6 +60,7 @@ def test_trajectory_plot_is_a_png_with_both_series(tmp_path):
         plot_trajectory(true, true[:, :3], str(tmp_path / "q.png"))
 
 
+@pytest.mark.slow
 def test_eval_py_on_bridge_episodes_writes_report_and_plots(llama_tokenizer_path, bridge_data_dir, tmp_path):
     from vla_jax.data.normalization import normalize_actions
     from vla_jax.evaluation.episodes import iter_episodes

@@ -1,11 +1,15 @@
 """bench/gpu_suite.py runs end to end on CPU with the tiny preset, so a lent accelerator is never its
-first run: every part produces its fields, finite and positive."""
+first run: every part produces its fields, and the derived fields are what their definitions say
+(the hardware limit from the geometry's FLOPs and weight bytes, MFU and throughput from the raw
+timings and the model FLOPs, parameter counts from the model's own parameter tree)."""
 
 import importlib.util
 import math
 import os
 
 import pytest
+
+pytestmark = pytest.mark.slow  # the accelerator suite's full CPU run (four parts, a torch child process)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -21,12 +25,15 @@ def _positive(x) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
 
 
+TEXT_LEN, PROMPT_LEN = 16, 10
+
+
 @pytest.fixture(scope="module")
 def report():
     suite = _load_suite()
     # fp32 (bf16 is emulated on CPU and compiles slower); 2 steps, batch sizes 1 and 2.
-    return suite.main(["--preset=tiny", "--quick", "--dtype=float32", "--train-layers=0", "--text-len=16",
-                       "--prompt-len=10", "--prompt-bucket=16", "--budget-s=1000"])
+    return suite.main(["--preset=tiny", "--quick", "--dtype=float32", "--train-layers=0", f"--text-len={TEXT_LEN}",
+                       f"--prompt-len={PROMPT_LEN}", "--prompt-bucket=16", "--budget-s=1000"])
 
 
 def test_every_part_ran(report):
@@ -45,6 +52,50 @@ def test_inference_fields(report):
     lim = inf["limit"]
     assert all(_positive(lim[k]) for k in ("prefill_tflop", "decode_step_gb", "limit_ms_per_action", "limit_hz"))
     assert _positive(inf["memory"]["host_peak_rss_gb"])
+    for b in (1, 2):
+        t = inf[f"batch{b}"]
+        assert t["ms_per_action"] == round(t["median_ms"] / b, 3)
+        assert t["actions_per_s"] == round(1e3 * b / t["median_ms"], 2)
+    assert inf["ms_per_action_batch1"] == inf["batch1"]["median_ms"]
+
+
+def _llm_weights_without_embedding(cfg) -> int:
+    """Parameters of the LLM's layers, final norm and lm_head, counted on the model's own (abstract)
+    parameter tree: what each cached decoding step reads."""
+    import flax.linen as nn
+    import jax
+    import numpy as np
+
+    from vla_jax.models.openvla import OpenVLA
+
+    s = cfg.image_size
+    shapes = nn.meta.unbox(jax.eval_shape(lambda: OpenVLA(cfg).init(
+        jax.random.PRNGKey(0), np.zeros((1, s, s, 3), np.uint8), np.ones((1, 4), np.int32))))["params"]["llm"]
+    flat = jax.tree_util.tree_flatten_with_path(shapes)[0]
+    embed = [jax.tree_util.keystr(p) for p, _ in flat if "embed" in jax.tree_util.keystr(p)]
+    assert len(embed) == 1, embed  # exactly one embedding table is left out
+    return sum(math.prod(x.shape) for p, x in flat if "embed" not in jax.tree_util.keystr(p))
+
+
+def test_inference_limit_is_the_geometry_over_the_peaks(report):
+    """limit = prefill FLOPs (the analytic count test_train_configs checks against XLA's) / peak FLOP/s
+    + 6 cached steps x LLM weight bytes / bandwidth, from the reported peaks; the fraction of the
+    limit divides it by the measured batch-1 latency."""
+    from vla_jax.training import metrics as mlib
+
+    suite = _load_suite()
+    cfg = suite.model_config("tiny", "float32", "float32", remat=False)
+    inf, lim = report["inference"], report["inference"]["limit"]
+    flops = sum(mlib.forward_flops(cfg, PROMPT_LEN, 1).values())
+    weight_bytes = 4 * _llm_weights_without_embedding(cfg)
+    assert lim["prefill_tflop"] == round(flops / 1e12, 6)
+    assert lim["decode_step_gb"] == round(weight_bytes / 1e9, 6)
+    ms = 1e3 * (flops / (report["peak_tflops_used"] * 1e12) + 6 * weight_bytes / (report["peak_tbps_used"] * 1e12))
+    assert lim["limit_ms_per_action"] == pytest.approx(ms, rel=1e-6, abs=1e-4)
+    assert lim["limit_hz"] == pytest.approx(1e3 / ms, abs=0.051)
+    assert inf["fraction_of_limit"] == pytest.approx(lim["limit_ms_per_action"] / inf["ms_per_action_batch1"],
+                                                     rel=1e-5, abs=1e-6)
+    assert 0 < inf["fraction_of_limit"] < 1  # nothing beats the hardware bound
 
 
 def test_train_fields(report):
@@ -57,6 +108,27 @@ def test_train_fields(report):
     assert full["trainable"] > 0.5 * full["params"]
     assert 0 < lora["trainable"] < 0.5 * lora["params"]
     assert lora["lora"] and not full["lora"]
+
+
+def test_train_throughput_and_mfu_follow_from_the_raw_fields(report):
+    """model FLOPs = batch x train_flops_per_example (every part trained: x3 of the forward, for full
+    fine-tuning and for LoRA alike); tokens/s, achieved TFLOP/s and MFU = those counts over the
+    measured median step time and the reported peak."""
+    from vla_jax.training import metrics as mlib
+
+    suite = _load_suite()
+    peak = report["peak_tflops_used"] * 1e12
+    for name in ("train_full", "train_lora"):
+        part = report[name]
+        cfg = suite.model_config("tiny", "float32", "float32", remat=True)
+        assert part["tokens_per_example"] == TEXT_LEN + (cfg.image_size // cfg.dino.patch_size) ** 2
+        flops = part["batch"] * 3 * sum(mlib.forward_flops(cfg, TEXT_LEN, 8).values())
+        assert part["model_tflop_per_step"] == round(flops / 1e12, 6), name
+        sec = part["step_median_ms"] / 1e3
+        assert part["achieved_tflops"] == pytest.approx(flops / sec / 1e12, rel=1e-9, abs=1e-6), name
+        assert part["mfu"] == pytest.approx(flops / sec / peak, rel=1e-9, abs=1e-8), name
+        assert part["tokens_per_s"] == pytest.approx(part["batch"] * part["tokens_per_example"] / sec, abs=0.051)
+        assert part["step_p90_ms"] >= part["step_median_ms"]
 
 
 def test_hardware_limit_matches_the_issue_numbers():
@@ -75,6 +147,18 @@ def test_torch_baseline_fields(report):
     the quotient of the two batch-1 latencies."""
     t = report["torch_generate"]
     assert t["params"] == report["inference"]["params"], (t["params"], report["inference"]["params"])
+    # ... and both equal the tiny preset's parameter count, from the model's own tree.
+    import flax.linen as nn
+    import jax
+    import numpy as np
+
+    from vla_jax.models.openvla import OpenVLA
+
+    cfg = _load_suite().model_config("tiny", "float32", "float32", remat=False)
+    s = cfg.image_size
+    shapes = jax.eval_shape(lambda: OpenVLA(cfg).init(jax.random.PRNGKey(0), np.zeros((1, s, s, 3), np.uint8),
+                                                      np.ones((1, 4), np.int32)))
+    assert t["params"] == sum(math.prod(x.shape) for x in jax.tree.leaves(nn.meta.unbox(shapes)))
     for b in ("batch1", "batch2"):
         assert _positive(t[b]["median_ms"]) and _positive(t[b]["actions_per_s"]) and t[b]["n"] >= 1
     assert report["speedup_vs_torch"] == round(t["ms_per_action_batch1"] / report["inference"]["ms_per_action_batch1"], 3)

@@ -1,5 +1,7 @@
-"""Bounded load test on loopback: 8 concurrent clients x 50 requests, no failures; batching concurrent
-requests gives more throughput than serving them one at a time (same policy, same compiled buckets)."""
+"""Bounded load test on loopback: 8 concurrent clients x 50 requests, no failures; concurrent requests
+are decoded together (mean server batch > 2) and a server limited to batch 1 really decodes one at a
+time; no compile happens while serving. (The throughput gain of batching is a wall-clock ratio:
+`python bench/serve_batching.py` measures it, BENCHMARKS.md reports it.)"""
 
 import json
 
@@ -7,11 +9,13 @@ import pytest
 
 from tests.test_policy_helpers import cached_policy
 
+pytestmark = pytest.mark.slow  # a server under 560 requests
+
 
 @pytest.fixture(scope="module")
 def policy(llama_tokenizer_path):
     p = cached_policy(str(llama_tokenizer_path))
-    p.warmup(batch_sizes=(1, 8), prompt_lengths=(22,))  # compile outside the timed runs
+    p.warmup(batch_sizes=(1, 8), prompt_lengths=(22,))  # compile before serving
     return p
 
 
@@ -28,13 +32,12 @@ def _serve_and_load(policy, max_batch: int, clients: int, requests: int):
     return result
 
 
-def test_load_8_clients_x_50_requests_and_batching_gain(policy):
+def test_load_8_clients_x_50_requests_batched_and_one_at_a_time(policy):
     batched = _serve_and_load(policy, max_batch=8, clients=8, requests=50)
     print("\nbatched (max_batch 8):", json.dumps(batched))
     assert batched["failures"] == 0 and batched["requests"] == 400, batched["failure_examples"]
     assert batched["mean_batch"] > 2.0, batched  # concurrent requests really were decoded together
     single = _serve_and_load(policy, max_batch=1, clients=8, requests=20)
     print("one at a time (max_batch 1):", json.dumps(single))
-    assert single["failures"] == 0 and single["mean_batch"] == 1.0
-    assert batched["throughput_rps"] > 1.2 * single["throughput_rps"], (batched, single)
+    assert single["failures"] == 0 and single["requests"] == 160 and single["mean_batch"] == 1.0
     assert set(policy.compile_seconds) == {(7, 1, 32), (7, 8, 32)}  # no compile during serving

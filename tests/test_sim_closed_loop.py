@@ -13,6 +13,8 @@ from PIL import Image
 from vla_jax.sim.closed_loop import ExpertPolicy, evaluate, run_evaluation
 from vla_jax.sim.worker import SimWorkers
 
+pytestmark = pytest.mark.slow  # Meta-World closed-loop episodes
+
 TASKS = ["reach", "drawer-close"]
 MAX_STEPS = 100  # the expert needs ~50 (reach) and ~80 (drawer-close) steps
 SIZE = 64

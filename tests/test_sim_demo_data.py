@@ -17,6 +17,8 @@ from vla_jax.data.pipeline import DataConfig, make_dataset
 from vla_jax.sim.demos import DemoSpec, generate
 from vla_jax.sim.worker import SimWorkers
 
+pytestmark = pytest.mark.slow  # generates and replays Meta-World demo episodes
+
 # drawer-close: the expert closes the gripper (effort +1); drawer-open: it keeps it open (effort -1).
 TASKS = ("drawer-close", "drawer-open")
 SPEC = DemoSpec(tasks=TASKS, episodes_per_task=2, val_episodes_per_task=1, image_size=64, max_steps=150)

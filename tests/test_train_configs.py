@@ -96,6 +96,7 @@ def test_analytic_forward_flops_match_xla_count():
     assert 1.0 <= xla / ours < 1.03, (xla, ours)
 
 
+@pytest.mark.slow
 def test_plan_compiles_the_7b_step_for_simulated_devices(tmp_path):
     out = tmp_path / "plan.json"
     res = subprocess.run([sys.executable, "-m", "vla_jax.plan", "--config=configs/oxe.py", "--devices=8",

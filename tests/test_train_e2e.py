@@ -18,6 +18,8 @@ import time
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.slow  # trains the debug model through train.py several times
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 OVERFIT_STEPS = 60
 

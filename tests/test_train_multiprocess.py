@@ -14,6 +14,9 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import traverse_util
+import pytest
+
+pytestmark = pytest.mark.slow  # two jax.distributed processes plus a reference run
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 ARGS = ["--config=configs/debug.py", "--config.data_source=synthetic", "--config.model.preset=tiny",

@@ -1,0 +1,218 @@
+"""Mutation check (not part of CI): does the suite catch realistic one-line bugs?
+
+    python tests/mutations.py                 # every mutant, its targeted tests only
+    python tests/mutations.py --only=clip     # mutants whose name contains 'clip'
+    python tests/mutations.py --list
+
+Copies the checkout (the files git tracks or would track) to a temporary folder once, then for
+each mutant: replaces one exact snippet in one file (it must occur exactly once, so a mutant that
+no longer applies is reported, not silently skipped), runs the mutant's targeted tests there with
+`pytest -x`, and restores the file. A mutant is KILLED when the tests fail, SURVIVED when they pass
+(a gap in the suite), ERROR when pytest could not run them (exit code >= 2, e.g. a syntax error).
+Prints a markdown table; exits 1 if any mutant survived or errored.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Tuple
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+@dataclasses.dataclass(frozen=True)
+class Mutant:
+    name: str
+    path: str
+    old: str
+    new: str
+    tests: Tuple[str, ...]
+
+
+MUTANTS = (
+    Mutant("RoPE sign flipped", "vla_jax/models/llama.py",
+           "rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)",
+           "rotated = jnp.concatenate([x[..., half:], -x[..., :half]], axis=-1)",
+           ("tests/test_llama_parity.py::test_full_forward_matches_hf",)),
+    Mutant("action id off by one", "vla_jax/tokenizer.py",
+           "return (self.vocab_size - np.digitize(a, self.bins)).astype(np.int32)",
+           "return (self.vocab_size - 1 - np.digitize(a, self.bins)).astype(np.int32)",
+           ("tests/test_tokenizer.py",)),
+    Mutant("action clip to [-1, 1] dropped", "vla_jax/tokenizer.py",
+           "a = np.clip(np.asarray(actions), self.min_action, self.max_action)",
+           "a = np.asarray(actions)",
+           ("tests/test_tokenizer.py",)),
+    Mutant("normalization clip dropped (numpy)", "vla_jax/data/normalization.py",
+           "y = np.where(mask, np.clip(2 * (x - q01) / (q99 - q01 + np.float32(1e-8)) - 1, -1, 1), x)",
+           "y = np.where(mask, 2 * (x - q01) / (q99 - q01 + np.float32(1e-8)) - 1, x)",
+           ("tests/test_normalization.py",)),
+    Mutant("normalization clip dropped (tf.data)", "vla_jax/data/normalization.py",
+           "y = tf.where(mask, tf.clip_by_value(2 * (x - q01) / (q99 - q01 + np.float32(1e-8)) - 1, -1.0, 1.0), x)",
+           "y = tf.where(mask, 2 * (x - q01) / (q99 - q01 + np.float32(1e-8)) - 1, x)",
+           ("tests/test_normalization.py",)),
+    Mutant("data position not restored", "vla_jax/data/pipeline.py",
+           'self._build(skip_batches=int(s["batches"]))',
+           "self._build(skip_batches=0)",
+           ("tests/test_data_pipeline.py::test_resume_continues_with_the_next_batch",)),
+    Mutant("loss not masked by valid", "vla_jax/training/step.py",
+           '"ce_sum": jnp.sum(ce * validf), "tokens": jnp.sum(validf),',
+           '"ce_sum": jnp.sum(ce), "tokens": jnp.sum(validf),',
+           ("tests/test_loss_mask.py",)),
+    Mutant("supervised logit position off by one", "vla_jax/training/step.py",
+           "positions = jnp.maximum(order + num_patches - 1, 0)",
+           "positions = jnp.maximum(order + num_patches, 0)",
+           ("tests/test_loss_mask.py",)),
+    Mutant("loss divided per micro-batch, not by the global count", "vla_jax/training/step.py",
+           "(_, sums), g = grad_of(mb, jax.random.fold_in(step_rng, i))",
+           "(_, sums), g = jax.value_and_grad(lambda t: loss_fn(merge(mask, t, frozen), mb, jnp.maximum("
+           "jnp.sum((mb['labels'] != IGNORE_INDEX).astype(jnp.float32)), 1.0), jax.random.fold_in(step_rng, i)), "
+           "has_aux=True)(trainable)",
+           ("tests/test_loss_mask.py",)),
+    Mutant("gradient clipping dropped", "vla_jax/training/state.py",
+           "parts = [optax.clip_by_global_norm(cfg.grad_clip)] if cfg.grad_clip > 0 else []",
+           "parts = []",
+           ("tests/test_optimizer_vs_torch.py",)),
+    Mutant("clipping after Adam instead of before", "vla_jax/training/state.py",
+           "return optax.chain(*parts), schedule",
+           "return optax.chain(*parts[::-1]), schedule",
+           ("tests/test_optimizer_vs_torch.py",)),
+    Mutant("Adam eps inside the square root", "vla_jax/training/state.py",
+           "parts.append(optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, eps_root=0.0,",
+           "parts.append(optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=0.0, eps_root=cfg.eps,",
+           ("tests/test_optimizer_vs_torch.py",)),
+    Mutant("weight decay not passed to AdamW", "vla_jax/training/state.py",
+           "weight_decay=cfg.weight_decay, mask=None))",
+           "weight_decay=0.0, mask=None))",
+           ("tests/test_optimizer_vs_torch.py",)),
+    Mutant("warmup one step late", "vla_jax/training/state.py",
+           "return optax.join_schedules([optax.linear_schedule(0.0, lr, warm), optax.constant_schedule(lr)], [warm])",
+           "return optax.join_schedules([optax.linear_schedule(0.0, lr, warm + 1), optax.constant_schedule(lr)], [warm + 1])",
+           ("tests/test_optimizer_vs_torch.py",)),
+    Mutant("unused tower params trained", "vla_jax/training/state.py",
+           'UNUSED_VISION_PARAMS = ("last_block", "norm", "attn_pool")',
+           'UNUSED_VISION_PARAMS = ("last_block", "attn_pool")',
+           ("tests/test_optimizer_vs_torch.py",)),
+    Mutant("LoRA adapters of unused modules trained", "vla_jax/models/lora.py",
+           "return bool(keys and keys[-1] in (LORA_A, LORA_B) and not _is_unused(keys))",
+           "return bool(keys and keys[-1] in (LORA_A, LORA_B))",
+           ("tests/test_optimizer_vs_torch.py",)),
+    Mutant("augmentation: saturation never applied", "vla_jax/data/transforms.py",
+           "x = tf.image.stateless_random_saturation(x, p[0], p[1], sd)",
+           "x = x",
+           ("tests/test_augment_reference.py",)),
+    Mutant("augmentation: hue never applied", "vla_jax/data/transforms.py",
+           "x = tf.image.stateless_random_hue(x, p[0], sd)",
+           "x = x",
+           ("tests/test_augment_reference.py",)),
+    Mutant("augmentation: contrast never applied", "vla_jax/data/transforms.py",
+           "x = tf.image.stateless_random_contrast(x, p[0], p[1], sd)",
+           "x = x",
+           ("tests/test_augment_reference.py",)),
+    Mutant("augmentation: brightness never applied", "vla_jax/data/transforms.py",
+           "x = tf.image.stateless_random_brightness(x, p[0], sd)",
+           "x = x",
+           ("tests/test_augment_reference.py",)),
+    Mutant("augmentation: crop never applied", "vla_jax/data/transforms.py",
+           "x = random_resized_crop(x, sd, **p)",
+           "x = x",
+           ("tests/test_augment_reference.py",)),
+    Mutant("augmentation: every op gets the same seed", "vla_jax/data/transforms.py",
+           "p, sd = params[op], seeds[i]",
+           "p, sd = params[op], seeds[0]",
+           ("tests/test_augment_reference.py",)),
+    Mutant("augmentation: saturation range widened", "vla_jax/data/transforms.py",
+           '"random_saturation": (0.8, 1.2),',
+           '"random_saturation": (0.5, 1.5),',
+           ("tests/test_augment_reference.py",)),
+    Mutant("augmentation: no clip between ops", "vla_jax/data/transforms.py",
+           "        x = tf.clip_by_value(x, 0.0, 1.0)\n    return tf.image.convert_image_dtype(x, tf.uint8, saturate=True)",
+           "    return tf.image.convert_image_dtype(x, tf.uint8, saturate=True)",
+           ("tests/test_augment_reference.py",)),
+    Mutant("augmentation: frame seed ignores the process", "vla_jax/data/transforms.py",
+           "base = tf.constant([base_seed, process_index], tf.int64)",
+           "base = tf.constant([base_seed, 0], tf.int64)",
+           ("tests/test_augment_reference.py",)),
+    # Last: its targeted test runs the accelerator suite's whole CPU smoke run (~2 CPU minutes).
+    Mutant("gpu suite: tokens/s without the image patches", "bench/gpu_suite.py",
+           "tokens = batch_size * (a.text_len + cfg.num_patches)",
+           "tokens = batch_size * a.text_len",
+           ("tests/test_gpu_suite.py::test_train_throughput_and_mfu_follow_from_the_raw_fields",)),
+)
+
+
+def copy_checkout(dst: pathlib.Path) -> None:
+    """The files git tracks plus untracked ones it does not ignore (what CI copies)."""
+    files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
+                           check=True, capture_output=True).stdout.decode().split("\0")
+    for f in filter(None, files):
+        src = REPO / f
+        if src.is_file():
+            (dst / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dst / f)
+
+
+def run_mutant(root: pathlib.Path, m: Mutant, timeout_s: float) -> Tuple[str, float, str]:
+    path = root / m.path
+    original = path.read_text()
+    n = original.count(m.old)
+    if n != 1:
+        return f"ERROR (snippet found {n} times)", 0.0, ""
+    path.write_text(original.replace(m.old, m.new))
+    env = dict(os.environ, PYTHONPATH=str(root), PYTHONDONTWRITEBYTECODE="1")
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *m.tests],
+                              cwd=root, env=env, capture_output=True, text=True, timeout=timeout_s)
+        rc, out = proc.returncode, proc.stdout + proc.stderr
+    except subprocess.TimeoutExpired:
+        rc, out = -1, "timeout"
+    finally:
+        path.write_text(original)
+    secs = time.perf_counter() - t0
+    tail = next((l for l in reversed(out.splitlines()) if l.strip()), "")
+    if rc == 0:
+        return "SURVIVED", secs, tail
+    if rc == 1:
+        first = next((l for l in out.splitlines() if l.startswith("FAILED")), tail)
+        return "killed", secs, first
+    return f"ERROR (exit {rc})", secs, tail
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--only", default="", help="run only mutants whose name contains this (case-insensitive)")
+    p.add_argument("--list", action="store_true")
+    p.add_argument("--timeout-s", type=float, default=900.0, help="per mutant")
+    a = p.parse_args(argv)
+    mutants = [m for m in MUTANTS if a.only.lower() in m.name.lower()]
+    if a.list:
+        for m in mutants:
+            print(f"{m.name}: {m.path} -> {' '.join(m.tests)}")
+        return 0
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="vla_mutants_") as tmp:
+        root = pathlib.Path(tmp)
+        copy_checkout(root)
+        for m in mutants:
+            verdict, secs, detail = run_mutant(root, m, a.timeout_s)
+            rows.append((m, verdict, secs, detail))
+            print(f"{verdict:>10}  {secs:6.0f} s  {m.name}  ({detail[:150]})", flush=True)
+    print("\n| mutant | file | targeted tests | result | time |\n|---|---|---|---|---|")
+    for m, verdict, secs, _ in rows:
+        tests = ", ".join(t.replace("tests/", "") for t in m.tests)
+        print(f"| {m.name} | {m.path} | {tests} | {verdict} | {secs:.0f} s |")
+    bad = [m.name for m, v, _, _ in rows if v != "killed"]
+    print(f"\n{len(rows) - len(bad)}/{len(rows)} killed" + (f"; not killed: {bad}" if bad else ""))
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
