@@ -29,6 +29,7 @@ VLA_JAX_COMPILATION_CACHE environment variable) lets later processes skip compil
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -47,6 +48,7 @@ from vla_jax.tokenizer import VLATokenizer
 DEFAULT_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 DEFAULT_PROMPT_BUCKET = 16
 _WARMUP_INSTRUCTION = "pick up the object and put it in the bowl"
+log = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -244,9 +246,13 @@ class Policy:
                 args = (self.decode_params, jax.ShapeDtypeStruct((batch, s, s, 3), np.uint8),
                         jax.ShapeDtypeStruct((batch, length), np.int32), jax.ShapeDtypeStruct((batch,), np.int32))
                 fn = jax.jit(lambda p, x, i, l: greedy_decode(self.model, p, x, i, l, num_tokens, self._allowed))
+                log.info("compiling the decoder for batch %d, prompt length %d, %d tokens ...", batch, length,
+                         num_tokens)
                 t0 = time.perf_counter()
                 self._executables[key] = fn.lower(*args).compile()
                 self.compile_seconds[key] = time.perf_counter() - t0
+                log.info("compiled the decoder for batch %d, prompt length %d in %.1f s", batch, length,
+                         self.compile_seconds[key])
             return self._executables[key]
 
     def buckets_for(self, batch: int, prompt_len: int, num_tokens: Optional[int] = None) -> Tuple[int, int]:

@@ -40,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="persistent XLA cache folder, 'default' (~/.cache/vla_jax/jax_cache) or 'off'; "
                         "unset: $VLA_JAX_COMPILATION_CACHE decides")
     p.add_argument("--no_warmup", action="store_true", help="compile on first request instead of at start")
+    p.add_argument("--verbose", action="store_true", help="also show third-party INFO logs (absl/orbax/TF/jax)")
     return p
 
 
@@ -51,7 +52,9 @@ def _cache_setting(value: Optional[str]):
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from vla_jax import logs
+
+    logs.setup(verbose=args.verbose)
     from vla_jax.policy import Policy
     from vla_jax.serving.server import PolicyService, Server
 
