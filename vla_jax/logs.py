@@ -51,9 +51,12 @@ def setup(verbose: bool = False) -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "0" if verbose else "2")
     root = logging.getLogger()
     if not root.handlers:  # absl's app.run installs its own handler on the root logger; keep it
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter(FORMAT))
-        root.addHandler(handler)
+        root.addHandler(logging.StreamHandler(sys.stderr))
+    for handler in root.handlers:
+        # Ours, or the bare one that absl.logging's first call adds through logging.basicConfig().
+        if type(handler) is logging.StreamHandler and getattr(handler.formatter, "_fmt", None) in (
+                None, logging.BASIC_FORMAT):
+            handler.setFormatter(logging.Formatter(FORMAT))
     root.setLevel(logging.INFO)
     logging.getLogger("vla_jax").setLevel(logging.INFO)
     for name in THIRD_PARTY:
@@ -63,8 +66,6 @@ def setup(verbose: bool = False) -> None:
             logger.removeFilter(_FILTER)
         else:
             logger.addFilter(_FILTER)
-    if "tensorflow" in sys.modules:  # AutoGraph's own switch (its warnings also go to the tensorflow logger)
-        sys.modules["tensorflow"].autograph.set_verbosity(1 if verbose else 0)
 
 
 class compile_on_first_call:
