@@ -25,8 +25,8 @@ FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 THIRD_PARTY = ("absl", "tensorflow", "jax", "etils", "orbax", "tensorflow_datasets")
 # Warnings that say nothing a user can act on. Each pattern names its source and why it is harmless.
 HARMLESS = (
-    # orbax: checkpoints written by vla_jax.checkpoints carry no `_CHECKPOINT_METADATA` file; orbax
-    # restores them fully without it and warns on every restore.
+    # orbax: vla_jax checkpoints keep `_CHECKPOINT_METADATA` in the step folder, not in the `state`
+    # item folder that loading restores from directly; orbax restores fully without it and warns.
     re.compile(r"Metadata file does not exist: .*_CHECKPOINT_METADATA"),
     # AutoGraph cannot convert a Python for/else (vla_jax.data.oxe.transforms.get_path walks feature
     # names, plain Python strings): it runs the function as written, which is what is meant.
