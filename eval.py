@@ -28,6 +28,7 @@ flags.DEFINE_bool("action_tokens_only", False, "Restrict the argmax to the 256 a
 flags.DEFINE_string("dataset_configs", None, "Extra dataset/mixture registrations (.json/.py).")
 flags.DEFINE_string("compilation_cache", None, "Persistent XLA cache folder, 'default' or 'off'.")
 flags.DEFINE_bool("progress", True, "Show a progress bar.")
+flags.DEFINE_bool("verbose", False, "Also show third-party INFO logs (absl/orbax/TF/jax); see vla_jax/logs.py.")
 flags.DEFINE_string("sim", "", "Closed-loop simulator evaluation instead of offline ('metaworld').")
 # Closed-loop (--sim=metaworld) settings: vla_jax/sim/closed_loop.py.
 flags.DEFINE_list("sim_tasks", ["reach", "drawer-close", "button-press-topdown", "window-open", "drawer-open", "push"],
@@ -63,9 +64,10 @@ def run_sim(policy):
 def main(argv):
     del argv
     import json
-    import logging
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from vla_jax import logs
+
+    logs.setup(verbose=FLAGS.verbose or FLAGS["verbosity"].present)  # before TF is imported
     from vla_jax.evaluation import run_offline
     from vla_jax.policy import Policy
 

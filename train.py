@@ -9,10 +9,7 @@ import logging
 import os
 import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # TensorFlow (input pipeline only): warnings and up
-
 from absl import app, flags
-from absl import logging as absl_logging
 from ml_collections import config_flags
 
 config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py[:args]).", lock_config=True)
@@ -21,6 +18,7 @@ flags.DEFINE_enum("distributed", "auto", ["auto", "true", "false"], "Call jax.di
 flags.DEFINE_string("coordinator", "", "host:port of process 0 (multi-process runs without auto-detection).")
 flags.DEFINE_integer("num_processes", 0, "Number of processes (with --coordinator).")
 flags.DEFINE_integer("process_id", -1, "This process's index (with --coordinator).")
+flags.DEFINE_bool("verbose", False, "Also show third-party INFO logs (absl/orbax/TF/jax); see vla_jax/logs.py.")
 flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
 
@@ -28,8 +26,9 @@ FLAGS = flags.FLAGS
 def main(argv):
     del argv
     cfg, workdir = FLAGS.config, FLAGS.workdir
-    if not FLAGS["verbosity"].present:  # orbax logs every save at INFO; keep the terminal for the progress bar
-        absl_logging.set_verbosity(absl_logging.WARNING)
+    from vla_jax import logs
+
+    logs.setup(verbose=FLAGS.verbose or FLAGS["verbosity"].present)  # before TF is imported
     import jax  # noqa: E402 (after flag parsing, so --help is fast)
     from vla_jax import checkpoints as ckpt_lib
     from vla_jax import sharding as shd
@@ -101,6 +100,10 @@ def main(argv):
                                   cfg.log.progress, cfg.to_dict())
     writer.message(f"params {summary['total']:,} (trainable {summary['trainable']:,}); mesh {dict(mesh.shape)}; "
                    f"global batch {cfg.global_batch_size}; steps {start}->{cfg.num_steps}")
+    train_step = logs.compile_on_first_call(train_step, "the train step", writer.message)
+    if train_steps is not None:
+        chunk_step = logs.compile_on_first_call(chunk_step, f"the {cfg.steps_per_call}-step train program",
+                                                writer.message)
     preemption = run.Preemption()
 
     def save(step, state, data_state):

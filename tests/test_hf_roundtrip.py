@@ -146,8 +146,9 @@ def test_lora_adapters_are_merged_before_export(params, tmp_path):
 
 
 def test_reader_and_writer_agree_with_the_safetensors_library(tmp_path):
-    """Our plain-read tensors equal safe_open(framework='numpy')'s (bf16 as ml_dtypes.bfloat16), and
-    the library reads what our writer writes."""
+    """Tensors read one per `safe_open` equal those of one `safe_open` held for the whole file (bf16 as
+    ml_dtypes.bfloat16), in the file's data order; the library reads what the sharded writer writes,
+    and the shards get a plain file's permissions (the library alone creates them 0600)."""
     import safetensors.numpy
     from safetensors import safe_open
 
@@ -171,6 +172,9 @@ def test_reader_and_writer_agree_with_the_safetensors_library(tmp_path):
     for n in names[:2]:
         back.update(safetensors.numpy.load_file(str(tmp_path / n)))
     assert {k: v.tobytes() for k, v in back.items()} == {k: v.tobytes() for k, v in tensors.items()}
+    mask = os.umask(0o022)
+    os.umask(mask)
+    assert [oct(os.stat(tmp_path / n).st_mode & 0o777) for n in names] == [oct(0o666 & ~mask)] * 3
 
 
 def test_training_init_from_an_hf_folder(params, tmp_path):

@@ -25,6 +25,8 @@ What happens (OPENVLA_REFERENCE.md §2-§4, §9):
 By default the argmax runs over the whole vocabulary, as OpenVLA's `generate` does;
 `action_tokens_only=True` restricts it to the action tokens.
 
+One difference from OpenVLA's `predict_action`, on purpose: see `upstream_eos_ids` (`stop_at_eos`).
+
 Compilation: `warmup()` compiles chosen buckets up front; the persistent XLA cache
 (`enable_compilation_cache`, opt-in via `Policy.load(compilation_cache=...)` or the
 VLA_JAX_COMPILATION_CACHE environment variable) lets later processes skip compilation.
@@ -32,6 +34,7 @@ VLA_JAX_COMPILATION_CACHE environment variable) lets later processes skip compil
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -50,6 +53,26 @@ from vla_jax.tokenizer import VLATokenizer
 DEFAULT_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 DEFAULT_PROMPT_BUCKET = 16
 _WARMUP_INSTRUCTION = "pick up the object and put it in the bowl"
+log = logging.getLogger(__name__)
+
+
+def upstream_eos_ids(prompt: Sequence[int], tokens, eos_id: int) -> np.ndarray:
+    """The ids OpenVLA's `predict_action` decodes when EOS comes early: prompt ids [T] + greedy tokens int [n]
+    -> int [n].
+
+    Upstream runs `generate(max_new_tokens=n)`, which stops right after an EOS, and then decodes the
+    last n ids of the whole sequence, so an EOS at step k (0-based) yields the last n-k-1 prompt ids,
+    the k tokens before EOS and EOS itself (all but the action ids decode to the clipped extreme bin).
+    vla_jax always decodes the n generated positions instead: every action dimension then comes
+    from a token predicted for it, which is what training supervises. Greedy tokens before the EOS
+    are the same either way, so this is a pure rearrangement of ids, used by `stop_at_eos=True`.
+    """
+    tokens = np.asarray(tokens)
+    hits = np.flatnonzero(tokens == eos_id)
+    if hits.size == 0:
+        return tokens
+    seq = np.concatenate([np.asarray(prompt, tokens.dtype), tokens[:hits[0] + 1]])
+    return seq[-len(tokens):]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -250,9 +273,13 @@ class Policy:
                 args = (self.decode_params, jax.ShapeDtypeStruct((batch, s, s, 3), np.uint8),
                         jax.ShapeDtypeStruct((batch, length), np.int32), jax.ShapeDtypeStruct((batch,), np.int32))
                 fn = jax.jit(lambda p, x, i, l: greedy_decode(self.model, p, x, i, l, num_tokens, self._allowed))
+                log.info("compiling the decoder for batch %d, prompt length %d, %d tokens ...", batch, length,
+                         num_tokens)
                 t0 = time.perf_counter()
                 self._executables[key] = fn.lower(*args).compile()
                 self.compile_seconds[key] = time.perf_counter() - t0
+                log.info("compiled the decoder for batch %d, prompt length %d in %.1f s", batch, length,
+                         self.compile_seconds[key])
             return self._executables[key]
 
     def buckets_for(self, batch: int, prompt_len: int, num_tokens: Optional[int] = None) -> Tuple[int, int]:
@@ -339,8 +366,10 @@ class Policy:
 
     # -- public prediction API ------------------------------------------------------------------
 
-    def predict_tokens(self, images, instructions, num_tokens: Optional[int] = None) -> np.ndarray:
-        """B images + B instructions (or one for all) -> int32 [B, num_tokens] (default config.action_dim)."""
+    def predict_tokens(self, images, instructions, num_tokens: Optional[int] = None, *,
+                       stop_at_eos: bool = False) -> np.ndarray:
+        """B images + B instructions (or one for all) -> int32 [B, num_tokens] (default config.action_dim).
+        stop_at_eos: rows with an early EOS get OpenVLA's ids instead (`upstream_eos_ids`)."""
         images = list(images) if not isinstance(images, np.ndarray) or images.ndim == 4 else [images]
         if isinstance(instructions, (str, bytes)):
             instructions = [instructions] * len(images)
@@ -348,29 +377,42 @@ class Policy:
             raise ValueError(f"{len(images)} images but {len(instructions)} instructions")
         prompts = [self.prompt_ids(s) for s in instructions]
         n = int(num_tokens or self.config.action_dim)
-        return self.decode_tokens(self.preprocess(images), prompts, n)
+        tokens = self.decode_tokens(self.preprocess(images), prompts, n)
+        if stop_at_eos:
+            eos = self.tokenizer.tokenizer.eos_id
+            tokens = np.stack([upstream_eos_ids(p, t, eos) for p, t in zip(prompts, tokens)])
+        return tokens
 
-    def predict_normalized(self, images, instructions, unnorm_key: Optional[str] = None):
+    def predict_normalized(self, images, instructions, unnorm_key: Optional[str] = None, *,
+                           stop_at_eos: bool = False):
         """-> (tokens int32 [B, D], normalized float64 [B, D]); D is the key's action dim."""
-        tokens = self.predict_tokens(images, instructions, self.action_dim(unnorm_key))
+        tokens = self.predict_tokens(images, instructions, self.action_dim(unnorm_key), stop_at_eos=stop_at_eos)
         return tokens, self.tokens_to_normalized(tokens)
 
     def predict_actions(self, images, instructions, unnorm_key: Optional[str] = None,
-                        gripper: str = "openvla") -> np.ndarray:
+                        gripper: str = "openvla", *, stop_at_eos: bool = False) -> np.ndarray:
         """B images (uint8 [H, W, 3] each, or [B, H, W, 3]) + B instructions -> float64 [B, action_dim].
 
         gripper: 'openvla' (default: 1 = open, 0 = closed, as OpenVLA returns it) or 'dataset' (the
-        convention the dataset was registered with; see `vla_jax.data.oxe.gripper_output`)."""
+        convention the dataset was registered with; see `vla_jax.data.oxe.gripper_output`).
+        stop_at_eos: upstream's early-EOS decoding, for parity studies (see `predict_action`)."""
         key = self.resolve_unnorm_key(unnorm_key)
         self.check_gripper(gripper, key)  # before decoding: a non-invertible convention fails fast
-        _, normalized = self.predict_normalized(images, instructions, key)
+        _, normalized = self.predict_normalized(images, instructions, key, stop_at_eos=stop_at_eos)
         return self.convert_gripper(self.unnormalize(normalized, key), key, gripper)
 
     def predict_action(self, image, instruction: str, unnorm_key: Optional[str] = None,
-                       gripper: str = "openvla") -> np.ndarray:
-        """One uint8 RGB image [H, W, 3] (or PIL image) + instruction -> float64 [action_dim] (gripper: see
-        `predict_actions`)."""
-        return self.predict_actions([image], [instruction], unnorm_key, gripper)[0]
+                       gripper: str = "openvla", *, stop_at_eos: bool = False) -> np.ndarray:
+        """One uint8 RGB image [H, W, 3] (or PIL image) + instruction -> float64 [action_dim]
+        (gripper: see `predict_actions`).
+
+        Differs from OpenVLA's `predict_action` in one case, on purpose: when the model emits EOS
+        before the last action token, upstream's `generate` stops there and upstream decodes the last
+        action_dim ids of the whole sequence (prompt ids included, EOS too); vla_jax always decodes
+        the action_dim generated positions. `stop_at_eos=True` gives upstream's result, for parity
+        studies (`upstream_eos_ids`). Without an early EOS both agree.
+        """
+        return self.predict_actions([image], [instruction], unnorm_key, gripper, stop_at_eos=stop_at_eos)[0]
 
     def warmup(self, batch_sizes: Sequence[int] = (1,), prompt_lengths: Optional[Sequence[int]] = None,
                num_tokens: Optional[int] = None) -> Dict[Tuple[int, int, int], float]:

@@ -13,6 +13,7 @@ from typing import Any, Mapping, Optional, Tuple, Union
 import jax
 import numpy as np
 
+from vla_jax import permissions
 from vla_jax.models.config import OpenVLAConfig, config_from_dict, with_dtypes
 from vla_jax.models.openvla import OpenVLA
 from vla_jax.tokenizer import VLATokenizer
@@ -71,7 +72,7 @@ def tokenizer_from_asset(asset: Mapping[str, Any], where: str) -> VLATokenizer:
         try:
             if not os.path.isfile(path):
                 os.makedirs(folder, exist_ok=True)
-                fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
+                fd, tmp = permissions.mkstemp(dir=folder, suffix=".tmp")  # not 0600
                 with os.fdopen(fd, "wb") as f:
                     f.write(data)
                 os.replace(tmp, path)

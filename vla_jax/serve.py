@@ -59,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max_connections", type=int, default=512,
                    help="open connections (one thread each) beyond this get HTTP 503")
     p.add_argument("--backlog", type=int, default=1024, help="listen queue for connections not yet accepted")
+    p.add_argument("--verbose", action="store_true", help="also show third-party INFO logs (absl/orbax/TF/jax)")
     return p
 
 
@@ -70,7 +71,9 @@ def _cache_setting(value: Optional[str]):
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from vla_jax import logs
+
+    logs.setup(verbose=args.verbose)
     from vla_jax.policy import Policy
     from vla_jax.serving.connections import ConnectionLimits
     from vla_jax.serving.server import PolicyService, Server

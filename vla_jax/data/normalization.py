@@ -25,10 +25,11 @@ import json
 import logging
 import os
 import sys
-import tempfile
 from typing import Callable, Dict, Iterable, Mapping, Optional, Sequence
 
 import numpy as np
+
+from vla_jax import permissions
 
 log = logging.getLogger(__name__)
 
@@ -172,7 +173,7 @@ def _write_json(path: str, obj) -> None:
             json.dump(obj, f)
         return
     # Atomic: processes computing the same statistics may race; each writes identical content.
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".stats_", suffix=".json")
+    fd, tmp = permissions.mkstemp(dir=folder, prefix=".stats_", suffix=".json")  # not 0600
     with os.fdopen(fd, "w") as f:
         json.dump(obj, f)
     os.replace(tmp, path)

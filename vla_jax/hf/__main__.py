@@ -21,8 +21,10 @@ PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m vla_jax.hf", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--verbose", action="store_true", help="also show third-party INFO logs (absl/orbax/jax)")
 
-    imp = sub.add_parser("import", help="HF OpenVLA folder -> vla_jax orbax checkpoint with assets")
+    imp = sub.add_parser("import", parents=[common], help="HF OpenVLA folder -> vla_jax orbax checkpoint with assets")
     imp.add_argument("hf_dir", help="HF OpenVLA folder (or a Prismatic .pt with --allow_pickle)")
     imp.add_argument("out_dir", help="output workdir (OUT/checkpoints/0/...)")
     imp.add_argument("--param_dtype", default="checkpoint", choices=["checkpoint", "float32", "bfloat16"],
@@ -33,7 +35,7 @@ def _parser() -> argparse.ArgumentParser:
     imp.add_argument("--hf_config", help="with --allow_pickle: an HF OpenVLA config.json describing the model")
     imp.add_argument("--overwrite", action="store_true")
 
-    base = sub.add_parser("import-base", help="timm DINOv2 + SigLIP and HF Llama-2 -> vla_jax checkpoint")
+    base = sub.add_parser("import-base", parents=[common], help="timm DINOv2 + SigLIP and HF Llama-2 -> vla_jax checkpoint")
     base.add_argument("out_dir")
     base.add_argument("--dino", required=True, help="timm vit_large_patch14_reg4_dinov2 model.safetensors")
     base.add_argument("--siglip", required=True, help="timm vit_so400m_patch14_siglip_224 model.safetensors")
@@ -45,9 +47,9 @@ def _parser() -> argparse.ArgumentParser:
     base.add_argument("--seed", type=int, default=0, help="projector init and new vocabulary rows")
     base.add_argument("--overwrite", action="store_true")
 
-    exp = sub.add_parser("export", help="vla_jax checkpoint -> HF OpenVLA folder")
+    exp = sub.add_parser("export", parents=[common], help="vla_jax checkpoint -> HF OpenVLA folder")
     exp.add_argument("ckpt", help="workdir, its checkpoints/ folder, or one step folder")
-    exp.add_argument("out_dir")
+    exp.add_argument("out_dir", help="output folder (missing parent folders are created)")
     exp.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
     exp.add_argument("--tokenizer", help="tokenizer.model or a folder of tokenizer files (default: the embedded one)")
     exp.add_argument("--max_shard_size", default="5GB")
@@ -63,6 +65,9 @@ def _dtype(arg: str):
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
+    from vla_jax import logs
+
+    logs.setup(verbose=args.verbose)
     say = lambda s: print(s, flush=True)  # noqa: E731
     t0 = time.perf_counter()
     try:

@@ -1,15 +1,18 @@
-"""Streaming safetensors: validated headers, one-tensor-at-a-time reads, shards written as they fill.
+"""HF safetensors shards through the `safetensors` library: index checks, one-tensor-at-a-time reads,
+shards written with `safetensors.numpy.save_file`.
 
-Reading: our own header check first (a truncated or malformed file is reported by name before
-anything is converted), then plain reads of one tensor at a time into numpy arrays (bf16 as
-`ml_dtypes.bfloat16`, exactly what `safetensors.safe_open(framework="numpy")` returns; a test
-checks both agree). Not memory-mapped: mapped shard pages would count as resident memory. Writing uses our own writer: every tensor's shape and dtype
-are known in advance, so each shard's header is written first and the tensor bytes follow one at a
-time; nothing is buffered beyond the tensor being written.
+Reading: `safe_open` checks each file's header (a truncated or malformed file is reported by name
+before anything is converted) and gives tensors as numpy arrays (bf16 as `ml_dtypes.bfloat16`).
+Each tensor is read with its own short-lived `safe_open`: the library memory-maps the whole file,
+and while a map is open every page read through it counts as resident memory of this process, so
+keeping a 5 GB shard open through an import would add up to 5 GB to its peak; reopening (a header
+parse, microseconds) keeps the peak at one tensor. Writing: each shard's tensors are collected and
+written by `save_file` when the shard is complete (the library writes straight from the arrays, no
+copy), so an export holds at most one shard of converted tensors; the library creates files as
+0600, so they are given normal permissions afterwards (vla_jax.permissions).
 
 File format (safetensors spec): u64 little-endian header length N, N bytes of JSON
-`{key: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}}`, then the data,
-offsets relative to the end of the header, contiguous and without gaps.
+`{key: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}}`, then the data.
 """
 
 from __future__ import annotations
@@ -18,11 +21,14 @@ import dataclasses
 import json
 import os
 import re
-import struct
 from typing import Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import ml_dtypes
 import numpy as np
+import safetensors
+import safetensors.numpy
+
+from vla_jax import permissions
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -32,7 +38,7 @@ DTYPES: Dict[str, np.dtype] = {
     "I16": np.dtype(np.int16), "I8": np.dtype(np.int8), "U8": np.dtype(np.uint8), "BOOL": np.dtype(np.bool_),
 }
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
-_MAX_HEADER = 100 * 2 ** 20
+_TRUNCATED = ("header too small", "incomplete metadata", "header too large")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,12 +47,11 @@ class TensorInfo:
     shape: Tuple[int, ...]
     dtype: str  # safetensors name, e.g. "BF16"
     file: str
-    begin: int  # data offsets, relative to the end of the header
-    end: int
+    position: int  # index in the file's data order (`safe_open.offset_keys()`)
 
     @property
     def nbytes(self) -> int:
-        return self.end - self.begin
+        return int(np.prod(self.shape, dtype=np.int64)) * DTYPES[self.dtype].itemsize
 
 
 def parse_size(size) -> int:
@@ -66,43 +71,31 @@ def parse_size(size) -> int:
 # Reading
 
 
-def read_header(path: str) -> Tuple[Dict[str, TensorInfo], Dict[str, str]]:
-    """-> ({key: TensorInfo}, metadata). ValueError naming `path` if it is missing, truncated or malformed."""
+def _open(path: str):
+    """`safe_open(path)`; ValueError naming `path` if it is missing, truncated or malformed."""
     if not os.path.isfile(path):
         raise ValueError(f"safetensors file {path} does not exist")
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise ValueError(f"{path} is truncated: {size} bytes, too short for a safetensors header")
-        (n,) = struct.unpack("<Q", head)
-        if n > _MAX_HEADER or 8 + n > size:
-            raise ValueError(f"{path} is truncated or not a safetensors file: header length {n}, file size {size}")
-        try:
-            header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{path} has a malformed safetensors header: {e}") from None
-    if not isinstance(header, dict):
-        raise ValueError(f"{path} has a malformed safetensors header (not a JSON object)")
-    meta = header.pop("__metadata__", None) or {}
-    infos, ends = {}, []
-    for key, h in header.items():
-        try:
-            dtype, shape, (b, e) = h["dtype"], tuple(int(d) for d in h["shape"]), h["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise ValueError(f"{path}: malformed header entry for tensor {key!r}: {h!r}") from None
-        if dtype not in DTYPES:
-            raise ValueError(f"{path}: tensor {key!r} has unsupported dtype {dtype!r}")
-        want = int(np.prod(shape, dtype=np.int64)) * DTYPES[dtype].itemsize
-        if e - b != want or b < 0:
-            raise ValueError(f"{path}: tensor {key!r} spans bytes [{b}, {e}) but shape {list(shape)} {dtype} "
-                             f"needs {want} bytes")
-        infos[key] = TensorInfo(key, shape, dtype, path, int(b), int(e))
-        ends.append(e)
-    data_size = max(ends, default=0)
-    if 8 + n + data_size > size:
-        raise ValueError(f"{path} is truncated: its header describes {8 + n + data_size} bytes but the file has "
-                         f"{size}")
+    try:
+        return safetensors.safe_open(path, framework="numpy")
+    except safetensors.SafetensorError as e:
+        why = str(e).replace("Error while deserializing header: ", "")
+        if any(t in why for t in _TRUNCATED):
+            raise ValueError(f"{path} is truncated or not a safetensors file ({why}; {os.path.getsize(path)} "
+                             f"bytes)") from None
+        raise ValueError(f"{path} has a malformed safetensors header: {why}") from None
+
+
+def read_header(path: str) -> Tuple[Dict[str, TensorInfo], Dict[str, str]]:
+    """-> ({key: TensorInfo}, metadata). ValueError naming `path` if it is missing, truncated or malformed."""
+    infos = {}
+    with _open(path) as f:
+        meta = f.metadata() or {}
+        for i, key in enumerate(f.offset_keys()):
+            sl = f.get_slice(key)
+            dtype = sl.get_dtype()
+            if dtype not in DTYPES:
+                raise ValueError(f"{path}: tensor {key!r} has unsupported dtype {dtype!r}")
+            infos[key] = TensorInfo(key, tuple(int(d) for d in sl.get_shape()), dtype, path, i)
     return infos, meta
 
 
@@ -164,40 +157,19 @@ def index_tensors(directory: str) -> Dict[str, TensorInfo]:
 
 def read_order(infos: Iterable[TensorInfo]) -> List[TensorInfo]:
     """File by file, in on-disk order (sequential reads)."""
-    return sorted(infos, key=lambda i: (i.file, i.begin))
-
-
-def read_tensor(f, info: TensorInfo, data_start: int) -> np.ndarray:
-    """Reads one tensor from the open file `f` straight into a fresh numpy array."""
-    arr = np.empty(info.shape, DTYPES[info.dtype])
-    f.seek(data_start + info.begin)
-    view = arr.reshape(-1).view(np.uint8)
-    got = f.readinto(view)
-    if got != info.nbytes:
-        raise ValueError(f"{info.file}: tensor {info.key!r} is cut short ({got} of {info.nbytes} bytes)")
-    return arr
+    return sorted(infos, key=lambda i: (i.file, i.position))
 
 
 def iter_tensors(infos: Sequence[TensorInfo]) -> Iterator[Tuple[TensorInfo, np.ndarray]]:
-    """Yields (info, numpy array) one tensor at a time (bf16 as ml_dtypes.bfloat16, like
-    `safe_open(framework="numpy")`).
-
-    Plain reads rather than a memory map: the bytes go straight into the array, and the pages of a
-    mapped 5 GB shard would otherwise count as resident memory of this process until it is closed.
-    """
-    current, f, data_start = None, None, 0
-    try:
-        for info in infos:
-            if info.file != current:
-                if f is not None:
-                    f.close()
-                current, f = info.file, open(info.file, "rb")
-                (n,) = struct.unpack("<Q", f.read(8))
-                data_start = 8 + n
-            yield info, read_tensor(f, info, data_start)
-    finally:
-        if f is not None:
-            f.close()
+    """Yields (info, numpy array) one tensor at a time (bf16 as ml_dtypes.bfloat16), each read with its
+    own `safe_open` so that no more than one tensor's mapped pages are resident (module docstring)."""
+    for info in infos:
+        with _open(info.file) as f:
+            arr = f.get_tensor(info.key)
+        if arr.shape != info.shape or arr.dtype != DTYPES[info.dtype]:
+            raise ValueError(f"{info.file}: tensor {info.key!r} changed while reading ({arr.dtype}{list(arr.shape)}, "
+                             f"header said {info.dtype}{list(info.shape)})")
+        yield info, arr
 
 
 # ----------------------------------------------------------------------------------------------
@@ -229,23 +201,13 @@ def plan_shards(entries: Sequence[Entry], max_shard_size: int) -> List[List[Entr
     return shards if shards[0] else []
 
 
-def _header_bytes(entries: Sequence[Entry], metadata: Mapping[str, str]) -> bytes:
-    header, offset = {"__metadata__": dict(metadata)}, 0
-    for e in entries:
-        header[e.key] = {"dtype": DTYPE_NAMES[np.dtype(e.dtype)], "shape": list(e.shape),
-                         "data_offsets": [offset, offset + e.nbytes]}
-        offset += e.nbytes
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)  # the reference writer pads the header to 8-byte alignment
-    return struct.pack("<Q", len(raw)) + raw
-
-
 class ShardedWriter:
-    """Writes `entries` (in order) into HF-named shards under `directory`, one tensor at a time.
+    """Writes `entries` (in order) into HF-named shards under `directory`.
 
     `write(key, array)` must be called once per entry, in order; the array must match the entry's
-    shape and dtype. `close()` writes `model.safetensors.index.json` (when there are several shards)
-    and returns the file names. One shard is written as `model.safetensors`, as transformers does.
+    shape and dtype. A shard's file is written (`save_file`) when its last tensor arrives, so at most
+    one shard's arrays are held. `close()` writes `model.safetensors.index.json` (when there are several
+    shards) and returns the file names. One shard is written as `model.safetensors`, as transformers does.
     """
 
     def __init__(self, directory: str, entries: Sequence[Entry], max_shard_size: int,
@@ -257,7 +219,7 @@ class ShardedWriter:
                       [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)])
         self.metadata = dict(metadata or {"format": "pt"})
         self._queue = [(s, e) for s, shard in enumerate(self.shards) for e in shard]
-        self._pos, self._file, self._file_index = 0, None, -1
+        self._pos, self._pending = 0, {}
 
     def write(self, key: str, array: np.ndarray) -> None:
         if self._pos >= len(self._queue):
@@ -269,21 +231,16 @@ class ShardedWriter:
         if tuple(arr.shape) != tuple(entry.shape) or arr.dtype != np.dtype(entry.dtype):
             raise ValueError(f"tensor {key!r} is {arr.dtype}{list(arr.shape)}, planned "
                              f"{np.dtype(entry.dtype)}{list(entry.shape)}")
-        if shard != self._file_index:
-            self._close_file()
-            self._file_index = shard
-            self._file = open(os.path.join(self.directory, self.names[shard]), "wb")
-            self._file.write(_header_bytes(self.shards[shard], self.metadata))
-        self._file.write(arr.reshape(-1).view(np.uint8).data)
+        self._pending[key] = arr
         self._pos += 1
-
-    def _close_file(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        if self._pos == len(self._queue) or self._queue[self._pos][0] != shard:  # the shard is complete
+            path = os.path.join(self.directory, self.names[shard])
+            safetensors.numpy.save_file(self._pending, path, metadata=self.metadata)
+            os.chmod(path, permissions.file_mode())  # the library creates files 0600
+            self._pending = {}
 
     def close(self) -> List[str]:
-        self._close_file()
+        self._pending = {}
         if self._pos != len(self._queue):
             raise ValueError(f"only {self._pos} of {len(self._queue)} planned tensors were written; next "
                              f"{self._queue[self._pos][1].key!r}")
@@ -297,4 +254,4 @@ class ShardedWriter:
         return list(self.names)
 
     def abort(self) -> None:
-        self._close_file()
+        self._pending = {}

@@ -27,12 +27,12 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 import time
 from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
+from vla_jax import permissions
 from vla_jax.sim.instructions import instruction_for, resolve_task
 from vla_jax.sim.metaworld_env import CONFIGS_PER_SEED as HELDOUT_CONFIGS
 from vla_jax.sim.video import write_gif
@@ -260,7 +260,7 @@ def _store_reference(folder: str, report: dict, key: dict) -> None:
     """Writes the report (GIF paths made relative) and its GIFs; a complete folder or nothing."""
     parent = os.path.dirname(folder)
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
+    tmp = permissions.mkdtemp(prefix=".tmp-", dir=parent)  # not 0700
     stored = dict(report, videos=[os.path.basename(v) for v in report["videos"]], key=key)
     for v in report["videos"]:
         shutil.copy2(v, tmp)
