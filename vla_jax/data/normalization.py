@@ -9,8 +9,9 @@ linear), once, and cached as `dataset_statistics_{key}.json` next to the data, o
 folder when the data folder is read-only. The key hashes the dataset's structure (features,
 split sizes; not its path), a content fingerprint of every data file (`file_fingerprint`: size,
 modification time and SHA-256 of the whole file up to FULL_HASH_BYTES, of SAMPLE_BLOCKS evenly
-spaced blocks beyond; cost in BENCHMARKS.md, "statistics cache key") and the source of the
-standardize transform, so it changes when any of them changes. A copy that keeps modification
+spaced blocks beyond; not for remote objects, see `file_fingerprint`; cost in BENCHMARKS.md,
+"Integrity checks") and the source of the standardize transform, so it changes when any of them
+changes. A copy that keeps modification
 times (cp -p, rsync -t) shares the cache entry; a plain copy computes the statistics again. A
 change to a large file that keeps its size and modification time and misses every sampled block is
 not seen (delete the cache file, named in the log, to recompute). A cache hit is logged as a
@@ -131,33 +132,20 @@ SAMPLE_BLOCKS = 16
 SAMPLE_BYTES = 64 << 10
 
 
-def _stat(path: str):
-    """(size, mtime in ns) of a local or remote (gs://) file."""
-    if "://" in path:
-        import tensorflow as tf
-
-        st = tf.io.gfile.stat(path)
-        return int(st.length), int(st.mtime_nsec)
-    st = os.stat(path)
-    return int(st.st_size), int(st.st_mtime_ns)
-
-
-def _open(path: str):
-    if "://" in path:
-        import tensorflow as tf
-
-        return tf.io.gfile.GFile(path, "rb")
-    return open(path, "rb")
-
-
 def file_fingerprint(path: str) -> str:
-    """'size:mtime_ns:sha256' of a data file; the hash covers the whole file up to FULL_HASH_BYTES,
-    else SAMPLE_BLOCKS evenly spaced blocks (the first and the last included). 'missing' when the
-    file cannot be read."""
+    """'size:mtime_ns:sha256' of a local data file; the hash covers the whole file up to
+    FULL_HASH_BYTES, else SAMPLE_BLOCKS evenly spaced blocks (the first and the last included).
+    'missing' when the file cannot be read. Remote objects (gs://, s3://) give 'remote', as the old
+    size-only key did: a request per shard (several, for sampled blocks) over the thousands of
+    shards of an OXE mixture would slow every start, and bucket releases are not rewritten in
+    place; delete the cache file (named in the log) after changing remote data."""
+    if "://" in path:
+        return "remote"
     try:
-        size, mtime = _stat(path)
+        st = os.stat(path)
+        size, mtime = int(st.st_size), int(st.st_mtime_ns)
         h = hashlib.sha256()
-        with _open(path) as f:
+        with open(path, "rb") as f:
             if size <= FULL_HASH_BYTES:
                 while True:
                     block = f.read(8 << 20)
@@ -172,8 +160,6 @@ def file_fingerprint(path: str) -> str:
         return f"{size}:{mtime}:{h.hexdigest()}"
     except OSError:
         return "missing"
-    except Exception as e:  # noqa: BLE001 - remote stores raise their own errors (tf.errors.*)
-        return f"unreadable:{type(e).__name__}"
 
 
 def data_fingerprint(builder) -> str:
