@@ -10,22 +10,37 @@ Layout of `WORKDIR/checkpoints/<step>/`:
   training_data/training_data.json   what the run trained on: data_dir, mixture, the registered configs of
                             its datasets (content, not a path), the tokenizer path (absent in older checkpoints)
 
+  vla_jax_checksums.json    size and SHA-256 of every file above, and whether the state was finite
+                            (vla_jax.checkpoint_integrity; written once the save has completed)
+
 Saves are asynchronous (orbax copies the arrays off the devices before `save` returns, then writes in
-the background); keep-N deletes the oldest. `Checkpointer.check_compatible` compares a checkpoint's
-stored shapes with the current run before anything is restored or written.
+the background). A save's checksums are written when it is known complete: at the next save, `wait`,
+`close` or `latest_step`. `latest_step` returns the newest checkpoint that verifies, moving newer
+ones that do not aside (`<step>.corrupt`) with a warning naming the file and what is wrong, so a
+resume never reads changed bytes. keep-N counts only checksummed checkpoints and deletes the oldest
+only once N newer ones are checksummed, so it never deletes the last verified one.
+`Checkpointer.check_compatible` compares a checkpoint's stored shapes with the current run before
+anything is restored or written.
 """
 
 from __future__ import annotations
 
 import base64
 import json
+import logging
 import os
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+
+from vla_jax import checkpoint_integrity as integrity
+from vla_jax.checkpoint_integrity import CheckpointError
+
+log = logging.getLogger(__name__)
 
 JSON_ITEMS = {
     "data": "data.json",
@@ -83,24 +98,141 @@ def decode_data_state(data: Dict[str, Any], process_index: int, process_count: i
     return np.frombuffer(base64.b64decode(data["states"][process_index]), np.uint8).copy()
 
 
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}"
+
+
+@jax.jit
+def _finite_flag(tree: Any) -> jax.Array:
+    flags = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(flags)) if flags else jnp.bool_(True)
+
+
+def all_finite(tree: Any) -> bool:
+    """Whether every floating-point value of `tree` (arrays, possibly sharded over processes) is finite."""
+    return bool(_finite_flag(tree))
+
+
 class Checkpointer:
-    """Orbax CheckpointManager for `directory` (normally WORKDIR/checkpoints)."""
+    """Orbax CheckpointManager for `directory` (normally WORKDIR/checkpoints), with content checksums.
+
+    max_to_keep: keep the newest N checksummed checkpoints (None: all). Orbax's own keep-N is off:
+    it would count a save still in flight, or one that no longer verifies.
+    In a multi-process run process 0 alone reads and writes checksums and decides which step to
+    resume from; the others follow its decision (`latest_step`).
+    """
 
     def __init__(self, directory: str, max_to_keep: Optional[int] = 3, async_save: bool = True,
                  create: bool = True):
         self.directory = epath.Path(directory)
-        options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, enable_async_checkpointing=async_save,
+        self.max_to_keep = max_to_keep
+        options = ocp.CheckpointManagerOptions(max_to_keep=None, enable_async_checkpointing=async_save,
                                                create=create, cleanup_tmp_directories=True)
         self.manager = ocp.CheckpointManager(self.directory, options=options, handler_registry=_registry())
+        self._pending: Dict[int, bool] = {}  # saved, not yet checksummed: step -> state finite
+        self._verified: set = set()  # steps known to match their checksums, with a finite state
+        self._primary = jax.process_index() == 0
+
+    def step_dir(self, step: int) -> epath.Path:
+        return self.directory / str(int(step))
+
+    def _finish_pending(self) -> None:
+        """Waits for the save in flight, writes its checksums, then applies keep-N."""
+        if not self._pending:
+            return
+        self.manager.wait_until_finished()
+        for step, finite in sorted(self._pending.items()):
+            if self._primary:
+                integrity.write_checksums(os.fspath(self.step_dir(step)), finite)
+            if finite:
+                self._verified.add(step)
+        self._pending.clear()
+        self._prune()
+
+    def _prune(self) -> None:
+        """Deletes every checkpoint older than the N-th newest verified one (never a verified one among
+        the newest N, never anything while fewer than N have verified)."""
+        if not self.max_to_keep:
+            return
+        steps = sorted(self.manager.all_steps())
+        verified = [s for s in steps if s in self._verified]
+        if len(verified) < self.max_to_keep:
+            return
+        oldest_kept = verified[-self.max_to_keep]
+        for s in steps:
+            if s < oldest_kept:
+                self.manager.delete(s)
+                self._verified.discard(s)
+
+    def _set_aside(self, step: int) -> epath.Path:
+        src = self.step_dir(step)
+        dst, n = self.directory / f"{step}.corrupt", 1
+        while dst.exists():
+            dst, n = self.directory / f"{step}.corrupt-{n}", n + 1
+        os.rename(os.fspath(src), os.fspath(dst))
+        return dst
+
+    def _choose(self) -> Optional[int]:
+        """(process 0) The newest step that verifies; newer ones are set aside with a warning."""
+        problems, chosen = [], None
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            reason = None if step in self._verified else integrity.verify(os.fspath(self.step_dir(step)))
+            if reason is None:
+                self._verified.add(step)
+                chosen = step
+                break
+            problems.append((step, reason))
+        if problems and chosen is None:
+            raise CheckpointError(
+                f"no checkpoint in {self.directory} verifies: " +
+                "; ".join(f"checkpoint {s}: {r}" for s, r in problems) +
+                ". Move them away (or use a fresh --workdir) to start over.")
+        for step, reason in problems:
+            dst = self._set_aside(step)
+            log.warning("checkpoint %d (%s) skipped: %s. Moved aside to %s; using checkpoint %d.",
+                        step, self.step_dir(step), reason, dst, chosen)
+        if problems:
+            self.manager.reload()
+        return chosen
 
     def latest_step(self) -> Optional[int]:
-        return self.manager.latest_step()
+        """The newest checkpoint that verifies and holds a finite state (None when there is none), after
+        the save in flight has completed. Newer checkpoints that fail verification are moved aside to
+        `<step>.corrupt`, each with a warning saying why; CheckpointError when checkpoints exist but
+        none verifies. Verifying reads each candidate once; steps saved by this Checkpointer are
+        verified by construction."""
+        self._finish_pending()
+        if jax.process_count() == 1:
+            return self._choose()
+        from jax.experimental import multihost_utils
+
+        chosen, failed = None, None
+        if self._primary:
+            try:
+                chosen = self._choose()
+            except CheckpointError as e:
+                failed = e
+        code = int(multihost_utils.broadcast_one_to_all(
+            np.int64(-2 if failed else (-1 if chosen is None else chosen))))
+        if failed is not None:
+            raise failed
+        if code == -2:
+            raise CheckpointError(f"no checkpoint in {self.directory} verifies (see process 0's log)")
+        self.manager.reload()
+        if code >= 0:
+            self._verified.add(code)
+        return None if code < 0 else code
 
     def all_steps(self) -> List[int]:
         return list(self.manager.all_steps())
 
     def read_json(self, step: int, name: str) -> Any:
-        return self.manager.restore(step, args=ocp.args.Composite(**{name: ocp.args.JsonRestore()}))[name]
+        try:
+            return self.manager.restore(step, args=ocp.args.Composite(**{name: ocp.args.JsonRestore()}))[name]
+        except (ValueError, OSError) as e:
+            raise CheckpointError(f"checkpoint {self.step_dir(step)}: {name}/{JSON_ITEMS[name]} cannot be read "
+                                  f"({_first_line(e)})") from None
 
     def check_compatible(self, step: int, abstract_state: Any, model_geometry: Dict[str, Any]) -> None:
         """Raises ValueError (naming the differing leaves and shapes) unless the checkpoint at `step`
@@ -133,7 +265,9 @@ class Checkpointer:
 
     def save(self, step: int, state: Any, data: Dict[str, Any], assets: Dict[str, Any],
              model_geometry: Dict[str, Any], force: bool = False) -> bool:
-        """Starts an async save of everything at `step`; returns False when the manager skipped it."""
+        """Starts an async save of everything at `step` (after completing the previous one and writing
+        its checksums); returns False when the manager skipped it. A state with NaN/inf values is
+        saved but recorded as not finite, so it is never resumed from or called good."""
         meta = {"step": int(step), "model": model_geometry, "state_shapes": leaf_shapes(state)}
         items = {"state": ocp.args.StandardSave(state), "data": ocp.args.JsonSave(data),
                  "meta": ocp.args.JsonSave(meta)}
@@ -142,18 +276,36 @@ class Checkpointer:
             raise ValueError(f"checkpoint assets {missing} are missing; every checkpoint carries {ASSET_ITEMS}")
         items.update({k: ocp.args.JsonSave(assets[k]) for k in ASSET_ITEMS})
         items.update({k: ocp.args.JsonSave(assets[k]) for k in OPTIONAL_ASSET_ITEMS if assets.get(k) is not None})
-        return self.manager.save(int(step), args=ocp.args.Composite(**items), force=force)
+        self._finish_pending()
+        finite = all_finite(state)
+        if not finite:
+            log.warning("checkpoint %d holds NaN/inf values: saved, but it will not be resumed from", step)
+        saved = self.manager.save(int(step), args=ocp.args.Composite(**items), force=force)
+        if saved:
+            self._pending[int(step)] = finite
+        return saved
 
     def restore(self, step: int, abstract_state: Any) -> Tuple[Any, Dict[str, Any]]:
-        """-> (state placed on the shardings carried by `abstract_state`'s ShapeDtypeStructs, data json)."""
-        out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
-                                                                 data=ocp.args.JsonRestore()))
+        """-> (state placed on the shardings carried by `abstract_state`'s ShapeDtypeStructs, data json).
+        Verifies the checkpoint first unless `latest_step` just did; CheckpointError names the file."""
+        where = self.step_dir(step)
+        if step not in self._verified:
+            reason = integrity.verify(os.fspath(where))
+            if reason is not None:
+                raise CheckpointError(f"checkpoint {step} ({where}): {reason}")
+            self._verified.add(step)
+        try:
+            out = self.manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+        except (ValueError, OSError, KeyError) as e:
+            raise CheckpointError(f"checkpoint {step} ({where}) cannot be restored: {_first_line(e)}") from None
         return out["state"], out["data"]
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        self._finish_pending()
 
     def close(self) -> None:
+        self._finish_pending()
         self.manager.wait_until_finished()
         self.manager.close()
 
@@ -175,32 +327,62 @@ def resolve_step_dir(path: str) -> epath.Path:
     return root / str(steps[-1])
 
 
+_VERIFIED_DIRS: set = set()  # step folders verified by this process (load_assets then load_params)
+
+
+def verify_step_dir(step_dir: epath.Path) -> None:
+    """CheckpointError naming the file when `step_dir` has checksums that its files no longer match
+    (once per folder and process). A folder without checksums (an import, an older vla_jax) is read
+    unverified; its read errors are still named by `load_assets` / `load_params`."""
+    key = os.path.abspath(os.fspath(step_dir))
+    if key in _VERIFIED_DIRS or not (step_dir / integrity.CHECKSUM_FILE).exists():
+        return
+    reason = integrity.verify(key)
+    if reason is not None:
+        raise CheckpointError(f"checkpoint {step_dir}: {reason}")
+    _VERIFIED_DIRS.add(key)
+
+
+def _read_asset(step_dir: epath.Path, name: str) -> Any:
+    path = step_dir / name / JSON_ITEMS[name]
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {step_dir}: {name}/{JSON_ITEMS[name]} cannot be read "
+                              f"({_first_line(e)})") from None
+
+
 def load_assets(path: str) -> Dict[str, Any]:
-    """{'config', 'dataset_statistics', 'tokenizer', 'meta'} of the checkpoint at `path`, plus the
-    optional assets it has (e.g. 'training_data')."""
+    """{'config', 'dataset_statistics', 'tokenizer', 'meta'} of the checkpoint at `path` (verified),
+    plus the optional assets it has (e.g. 'training_data')."""
     step_dir = resolve_step_dir(path)
-    out = {name: json.loads((step_dir / name / JSON_ITEMS[name]).read_text()) for name in ASSET_ITEMS + ("meta",)}
-    for name in OPTIONAL_ASSET_ITEMS:
-        f = step_dir / name / JSON_ITEMS[name]
-        if f.exists():
-            out[name] = json.loads(f.read_text())
+    verify_step_dir(step_dir)
+    out = {name: _read_asset(step_dir, name) for name in ASSET_ITEMS + ("meta",)}
+    out.update({name: _read_asset(step_dir, name) for name in OPTIONAL_ASSET_ITEMS
+                if (step_dir / name / JSON_ITEMS[name]).exists()})
     return out
 
 
 def load_params(path: str, abstract_params: Any) -> Any:
     """Restores only the parameters of a vla_jax checkpoint onto `abstract_params`'s shardings
-    (ShapeDtypeStructs with `.sharding`); each process reads only its shards."""
+    (ShapeDtypeStructs with `.sharding`); each process reads only its shards. The folder is
+    verified first when it has checksums; CheckpointError names the folder and the file."""
     step_dir = resolve_step_dir(path)
-    meta = json.loads((step_dir / "meta" / JSON_ITEMS["meta"]).read_text())
+    verify_step_dir(step_dir)
+    meta = _read_asset(step_dir, "meta")
     want = leaf_shapes({"params": abstract_params})
     have = {k: v for k, v in meta["state_shapes"].items() if k.startswith("params/")}
     bad = [f"{k}: {have.get(k)} in {step_dir} vs {v} in this model" for k, v in want.items() if have.get(k) != v]
     if bad:
         raise ValueError(f"init_from checkpoint {step_dir} has other parameter shapes: " + "; ".join(bad[:4]))
     restore_args = ocp.checkpoint_utils.construct_restore_args({"params": abstract_params})
-    with ocp.PyTreeCheckpointer() as ckptr:
-        out = ckptr.restore(step_dir / "state", args=ocp.args.PyTreeRestore(
-            item={"params": abstract_params}, restore_args=restore_args, partial_restore=True))
+    try:
+        with ocp.PyTreeCheckpointer() as ckptr:
+            out = ckptr.restore(step_dir / "state", args=ocp.args.PyTreeRestore(
+                item={"params": abstract_params}, restore_args=restore_args, partial_restore=True))
+    except (ValueError, OSError, KeyError) as e:
+        raise CheckpointError(f"checkpoint {step_dir}: its parameters cannot be read from state/ "
+                              f"({_first_line(e)})") from None
     return out["params"]
 
 

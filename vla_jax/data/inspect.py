@@ -39,6 +39,20 @@ def _grid(frames: List[dict], out_path: str, cell: int = 160, cols: int = 4) -> 
     sheet.save(out_path)
 
 
+def _name_corrupt_files(ds, cfg, dataset: str, split: str):
+    """Iterates `ds` as numpy; a read failure becomes the ValueError training raises, naming the
+    damaged TFRecord file(s) (vla_jax.data.rlds.corrupt_data_error)."""
+    import tensorflow as tf
+
+    from vla_jax.data import pipeline, rlds
+
+    try:
+        yield from ds.as_numpy_iterator()
+    except (tf.errors.DataLossError, tf.errors.InvalidArgumentError) as e:
+        src = next(s for s in pipeline._open_sources(cfg) if s.cfg.name == dataset)
+        raise rlds.corrupt_data_error(src.builder, split, e) from None
+
+
 def inspect_dataset(data_dir: str, dataset: str, out: str, split: str = "all", num_frames: int = 16,
                     max_episodes: Optional[int] = None, dataset_configs: Optional[str] = None,
                     stats_cache_dir: Optional[str] = None) -> dict:
@@ -53,12 +67,13 @@ def inspect_dataset(data_dir: str, dataset: str, out: str, split: str = "all", n
     ds = pipeline.standardized_trajectories(cfg, dataset=dataset, split=split)
     if max_episodes:
         ds = ds.take(max_episodes)
+    trajectories = _name_corrupt_files(ds, cfg, dataset, split)
     n_ep = n_frames = n_nonfinite = n_empty = n_unlabeled = n_empty_frames = 0
     instructions = collections.Counter()
     episode_lengths = []
     samples = []
     first_actions = []
-    for ep_i, traj in enumerate(ds.as_numpy_iterator()):
+    for ep_i, traj in enumerate(trajectories):
         n_ep += 1
         a, instr = traj["action"], traj["language_instruction"]
         t = a.shape[0]

@@ -7,8 +7,15 @@ Statistics format (one entry per dataset in OpenVLA's `dataset_statistics.json`)
 They are computed over every split of the *standardized* trajectories (float32 numpy, `np.quantile`
 linear), once, and cached as `dataset_statistics_{key}.json` next to the data, or in a cache
 folder when the data folder is read-only. The key hashes the dataset's structure (features,
-split sizes, file sizes; not its path) and the source of the standardize transform, so it
-changes when either changes. Trajectories with NaN/inf actions are left out and counted; so are
+split sizes; not its path), a content fingerprint of every data file (`file_fingerprint`: size,
+modification time and SHA-256 of the whole file up to FULL_HASH_BYTES, of SAMPLE_BLOCKS evenly
+spaced blocks beyond; not for remote objects, see `file_fingerprint`; cost in BENCHMARKS.md,
+"Integrity checks") and the source of the standardize transform, so it changes when any of them
+changes. A copy that keeps modification
+times (cp -p, rsync -t) shares the cache entry; a plain copy computes the statistics again. A
+change to a large file that keeps its size and modification time and misses every sampled block is
+not seen (delete the cache file, named in the log, to recompute). A cache hit is logged as a
+warning naming the file. Trajectories with NaN/inf actions are left out and counted; so are
 trajectories that standardize to zero steps. The cache file also holds those counts under
 "vla_jax_counts" (stripped from the exported statistics).
 
@@ -119,19 +126,50 @@ def transform_fingerprint(fn: Callable) -> str:
     return "\n".join(parts)
 
 
+# Files up to FULL_HASH_BYTES are hashed whole; larger ones by SAMPLE_BLOCKS blocks of SAMPLE_BYTES
+# spread evenly from the first byte to the last (plus size and modification time).
+FULL_HASH_BYTES = 64 << 20
+SAMPLE_BLOCKS = 16
+SAMPLE_BYTES = 64 << 10
+
+
+def file_fingerprint(path: str) -> str:
+    """'size:mtime_ns:sha256' of a local data file; the hash covers the whole file up to
+    FULL_HASH_BYTES, else SAMPLE_BLOCKS evenly spaced blocks (the first and the last included).
+    'missing' when the file cannot be read. Remote objects (gs://, s3://) give 'remote', as the old
+    size-only key did: a request per shard (several, for sampled blocks) over the thousands of
+    shards of an OXE mixture would slow every start, and bucket releases are not rewritten in
+    place; delete the cache file (named in the log) after changing remote data."""
+    if "://" in path:
+        return "remote"
+    try:
+        st = os.stat(path)
+        size, mtime = int(st.st_size), int(st.st_mtime_ns)
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            if size <= FULL_HASH_BYTES:
+                while True:
+                    block = f.read(8 << 20)
+                    if not block:
+                        break
+                    h.update(block)
+            else:
+                last = size - SAMPLE_BYTES
+                for i in range(SAMPLE_BLOCKS):
+                    f.seek(last * i // (SAMPLE_BLOCKS - 1))
+                    h.update(f.read(SAMPLE_BYTES))
+        return f"{size}:{mtime}:{h.hexdigest()}"
+    except OSError:
+        return "missing"
+
+
 def data_fingerprint(builder) -> str:
-    """Structure of the stored data, independent of where it lives."""
+    """Structure and content of the stored data, independent of where it lives."""
     info = builder.info
     splits = []
     for name, s in sorted(info.splits.items()):
         files = [os.path.join(builder.data_dir, f) for f in s.filenames]
-        sizes = []
-        for f in files:
-            try:
-                sizes.append(os.path.getsize(f) if "://" not in f else -1)
-            except OSError:
-                sizes.append(-1)
-        splits.append((name, list(s.shard_lengths), int(s.num_bytes), sizes))
+        splits.append((name, list(s.shard_lengths), int(s.num_bytes), [file_fingerprint(f) for f in files]))
     return json.dumps({"name": info.full_name, "features": str(info.features), "splits": splits})
 
 
@@ -188,7 +226,9 @@ def cached_statistics(builder, key: str, cache_dir: Optional[str], compute: Call
     for folder in (builder.data_dir, cache_dir):
         entry = _read_json(os.path.join(folder, name))
         if entry is not None:
-            log.info("loaded dataset statistics %s from %s", builder.info.full_name, folder)
+            log.warning("dataset statistics of %s from the cache: %s (keyed on the files' sizes, modification "
+                        "times and content hashes; delete it to recompute)", builder.info.full_name,
+                        os.path.join(folder, name))
             return entry
     entry = compute()
     targets = ([builder.data_dir] if _writable_dir(builder.data_dir) else []) + [cache_dir]

@@ -4,7 +4,10 @@ pickled code.
 A `torch.save` file is a zip holding `data.pkl` (the object structure) and one raw file per tensor
 storage. The unpickler below resolves only the handful of names a state dict needs (OrderedDict,
 tensor/parameter rebuild functions, storage types) and refuses everything else, so a malicious
-pickle cannot execute code. Tensors stay lazy: each is read from the zip when it is converted.
+pickle cannot execute code. Tensors stay lazy: each is read from the zip when it is converted. Before any memory is viewed,
+every tensor's layout is checked against its storage (integer offset, shape and strides, no
+negative ones, the last element it reaches inside the storage's bytes), so a crafted file gets a
+ValueError naming the file and tensor, never a crash or bytes from outside the storage.
 
 Prismatic checkpoints (`step-XXXXXX-epoch-XX-loss=X.XXXX.pt`) hold
 `{"model": {"vision_backbone": ..., "projector": ..., "llm_backbone": ...}}`; `prismatic_to_hf_keys`
@@ -15,6 +18,8 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import math
+import operator
 import pickle
 import zipfile
 from typing import Any, Dict, Tuple
@@ -30,6 +35,12 @@ _STORAGES = {
 }
 
 
+# A view may repeat storage elements (stride 0, as torch's expand saves them) up to this factor; more
+# would make the copy `load` returns a memory bomb from a tiny file.
+MAX_EXPANSION = 64
+MAX_ELEMENTS = 2**48  # numpy's limit is 2**63 bytes; no real tensor comes near either
+
+
 @dataclasses.dataclass(frozen=True)
 class _StorageType:
     name: str
@@ -41,6 +52,32 @@ class _Storage:
     member: str
     np_dtype: Any
     st_dtype: str
+    numel: Any = None  # the element count the pickle claims (torch writes it), checked against the bytes
+
+    def read(self, file: str) -> np.ndarray:
+        """The storage's elements, flat; ValueError when the member is missing or its bytes do not fit."""
+        try:
+            raw = self.zf.read(self.member)
+        except KeyError:
+            raise ValueError(f"{file}: storage {self.member} is missing from the archive") from None
+        item = np.dtype(self.np_dtype).itemsize
+        if len(raw) % item:
+            raise ValueError(f"{file}: storage {self.member} holds {len(raw)} bytes, not a whole number of "
+                             f"{item}-byte {self.st_dtype} elements")
+        if self.numel is not None and _index(self.numel, -1) != len(raw) // item:
+            raise ValueError(f"{file}: storage {self.member} holds {len(raw) // item} {self.st_dtype} elements; "
+                             f"the pickle says {self.numel!r}")
+        return np.frombuffer(raw, self.np_dtype)
+
+
+def _index(x: Any, default: int) -> int:
+    """x as a Python int (ints only: no floats, no bools), else `default`."""
+    if isinstance(x, bool):
+        return default
+    try:
+        return operator.index(x)
+    except TypeError:
+        return default
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,16 +94,61 @@ class LazyTensor:
     def dtype(self) -> str:
         return self.storage.st_dtype
 
+    def _where(self) -> str:
+        return (f"{self.file}: tensor in storage {self.storage.member} (offset {self.offset!r}, shape "
+                f"{self.shape!r}, stride {self.stride!r})")
+
+    def check_layout(self, numel: int) -> None:
+        """ValueError unless offset, shape and strides are non-negative ints of matching length and every
+        element the view reaches lies inside a storage of `numel` elements."""
+        offset = _index(self.offset, -1)
+        shape = [_index(d, -1) for d in self.shape]
+        stride = [_index(d, -1) for d in self.stride]
+        if len(stride) != len(shape):
+            raise ValueError(f"{self._where()}: {len(shape)} dims but {len(stride)} strides")
+        if offset < 0 or min(shape, default=0) < 0 or min(stride, default=0) < 0:
+            raise ValueError(f"{self._where()}: offset, sizes and strides must be non-negative integers")
+        if math.prod(d for d in shape if d) > MAX_ELEMENTS:
+            raise ValueError(f"{self._where()}: too large to represent (more than {MAX_ELEMENTS} elements)")
+        if 0 in shape:
+            return  # no element is read (torch accepts any offset here too)
+        last = offset + sum((d - 1) * st for d, st in zip(shape, stride))
+        if last >= numel:
+            raise ValueError(f"{self._where()}: reaches element {last} but the storage holds {numel} "
+                             f"{self.dtype} elements")
+        count = math.prod(shape)
+        if count > MAX_EXPANSION * numel:
+            raise ValueError(f"{self._where()}: {count} elements from a storage of {numel} (repeated strides "
+                             f"expand it more than {MAX_EXPANSION}x; the copy would not fit in memory)")
+
     def load(self) -> np.ndarray:
-        flat = np.frombuffer(self.storage.zf.read(self.storage.member), self.storage.np_dtype)
+        flat = self.storage.read(self.file)
+        self.check_layout(flat.size)
+        shape = tuple(int(d) for d in self.shape)
+        if 0 in shape:
+            return np.zeros(shape, flat.dtype)
         item = flat.itemsize
-        view = np.lib.stride_tricks.as_strided(flat[self.offset:], shape=self.shape,
-                                               strides=tuple(s * item for s in self.stride))
+        # A size-1 dim never moves: its stride (any size) does not matter and must not overflow.
+        strides = tuple(0 if d == 1 else int(st) * item for d, st in zip(shape, self.stride))
+        view = np.lib.stride_tricks.as_strided(flat[int(self.offset):], shape=shape, strides=strides,
+                                               writeable=False)
         return np.array(view)
 
 
 def _rebuild_tensor(storage, offset, size, stride, *_args, file=""):
-    return LazyTensor(storage, int(offset), tuple(size), tuple(stride), file)
+    if not isinstance(storage, _Storage):
+        raise pickle.UnpicklingError(f"{file}: a tensor's storage is {type(storage).__name__}, not a storage")
+    if not isinstance(size, (tuple, list)) or not isinstance(stride, (tuple, list)):
+        raise pickle.UnpicklingError(f"{file}: a tensor's size/stride are {type(size).__name__}/"
+                                     f"{type(stride).__name__}, not tuples")
+    values = [offset, *size, *stride]
+    ints = [_index(v, -1) for v in values]
+    if min(ints) < 0 or len(size) != len(stride):
+        raise pickle.UnpicklingError(f"{file}: a tensor in storage {storage.member} has offset {offset!r}, size "
+                                     f"{tuple(size)!r}, stride {tuple(stride)!r}: expected non-negative integers "
+                                     f"and one stride per dim")
+    n = len(size)
+    return LazyTensor(storage, ints[0], tuple(ints[1:1 + n]), tuple(ints[1 + n:]), file)
 
 
 def load_pt(path: str) -> Any:
@@ -95,12 +177,16 @@ def load_pt(path: str) -> Any:
                                          f"allowed)")
 
         def persistent_load(self, pid):
-            if not (isinstance(pid, tuple) and pid and pid[0] == "storage" and isinstance(pid[1], _StorageType)):
+            if not (isinstance(pid, tuple) and len(pid) >= 3 and pid[0] == "storage"
+                    and isinstance(pid[1], _StorageType)):
                 raise pickle.UnpicklingError(f"{path}: unsupported persistent id {pid!r}")
             key = str(pid[2])
             if key not in storages:
                 np_dtype, st_dtype = _STORAGES[pid[1].name]
-                storages[key] = _Storage(zf, f"{root}data/{key}", np_dtype, st_dtype)
+                storages[key] = _Storage(zf, f"{root}data/{key}", np_dtype, st_dtype,
+                                         pid[4] if len(pid) > 4 else None)
+            elif storages[key].np_dtype != _STORAGES[pid[1].name][0]:
+                raise pickle.UnpicklingError(f"{path}: storage {key} is used with two element types")
             return storages[key]
 
     with zf.open(pkls[0]) as f:
@@ -108,6 +194,8 @@ def load_pt(path: str) -> Any:
             return Unpickler(f).load()
         except pickle.UnpicklingError as e:
             raise ValueError(str(e)) from None
+        except (EOFError, TypeError, ValueError, IndexError, KeyError, AttributeError) as e:
+            raise ValueError(f"{path}: malformed pickle in {pkls[0]} ({type(e).__name__}: {e})") from None
 
 
 def prismatic_to_hf_keys(obj: Any, path: str) -> Dict[str, LazyTensor]:

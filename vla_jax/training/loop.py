@@ -3,7 +3,10 @@
 Kept free of model code (everything arrives as callables) so its control flow is tested directly.
 Conventions: step k is the k-th update; the checkpoint of step k holds the state after k updates and
 the data position after k batches. A step whose loss or gradient norm is not finite is neither
-logged as a record nor saved: the run stops and the latest checkpoint stays the last good one.
+logged as a record nor saved: the run stops and the latest checkpoint stays the last good one. The
+loss is computed before the update, so a step is also refused when its update exploded (a
+non-finite update norm, or one above MAX_RELATIVE_UPDATE times the parameter norm) or left
+non-finite parameters (metrics 'update_norm', 'param_norm', 'params_finite' of the train step).
 With steps_per_call n > 1 a call runs n steps wherever no checkpoint falls inside it (`chunk_size`);
 each of its steps is still recorded, and preemption is checked between calls.
 """
@@ -17,6 +20,27 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 import jax
 
 DONE, PREEMPTED, NONFINITE = "done", "preempted", "nonfinite"
+# An update larger than the trainable parameters themselves (|update| > 1 x max(|params|, 1)) is a
+# divergence, not training (AdamW moves each parameter by about lr per step; at lr 1e9 the ratio is
+# ~1e10). Measured ratios: BENCHMARKS.md, "update / parameter norm".
+MAX_RELATIVE_UPDATE = 1.0
+
+
+def diverged(metrics: Dict[str, Any], max_relative_update: float = MAX_RELATIVE_UPDATE) -> Optional[str]:
+    """Why a step's update must not be saved (None when it may): host metrics of one step with
+    'update_norm', 'param_norm' (before the update) and 'params_finite'; absent keys are not checked."""
+    if "params_finite" in metrics and not float(metrics["params_finite"]):
+        return "the updated parameters hold NaN/inf"
+    if "update_norm" not in metrics:
+        return None
+    u = float(metrics["update_norm"])
+    p = float(metrics.get("param_norm", 0.0))
+    if not math.isfinite(u):
+        return f"update norm {u}: not finite"
+    if u > max_relative_update * max(p, 1.0):
+        return (f"update norm {u:.4g} is {u / max(p, 1e-30):.3g}x the parameter norm {p:.4g} (limit "
+                f"{max_relative_update:g}x): the run diverged (learning rate too high?)")
+    return None
 
 
 def chunk_size(step: int, num_steps: int, save_every: int, steps_per_call: int) -> int:
@@ -34,7 +58,7 @@ def train_loop(state: Any, train_step: Callable, data: Iterator, *, start: int, 
                save: Callable[[int, Any, Any], None], writer, preempted: Callable[[], bool],
                latest_saved: Callable[[], Optional[int]], check_batch: Callable[[Dict], None] = lambda b: None,
                steps_per_call: int = 1, train_steps: Optional[Callable[[Any, List[Dict]], Tuple[Any, Dict]]] = None,
-               ) -> Tuple[Any, str]:
+               max_relative_update: float = MAX_RELATIVE_UPDATE) -> Tuple[Any, str]:
     """Runs steps start+1 .. num_steps. Returns (state, DONE | PREEMPTED | NONFINITE).
 
     train_step(state, global_batch) -> (state, metrics); data: iterator with get_state();
@@ -42,7 +66,9 @@ def train_loop(state: Any, train_step: Callable, data: Iterator, *, start: int, 
     save(step, state, data_state); writer: MetricWriter; preempted(): all processes agree to stop.
     steps_per_call n > 1: train_steps(state, [n host batches]) -> (state, metrics stacked [n, ...])
     runs n steps in one call wherever `chunk_size` allows. Every step still gets its record; the
-    run can stop or save only between calls.
+    run can stop or save only between calls. A step stops the run (NONFINITE, nothing saved) when its
+    loss or gradient norm is not finite or `diverged` says its update exploded.
+    latest_saved(): the latest good checkpoint (Checkpointer.latest_step: verified, finite).
     """
     if steps_per_call > 1 and train_steps is None:
         raise ValueError(f"steps_per_call={steps_per_call} needs train_steps")
@@ -73,11 +99,17 @@ def train_loop(state: Any, train_step: Callable, data: Iterator, *, start: int, 
         seconds, t_last = (now - t_last) / n, now
         for i in range(n):
             s = first + i
-            rec = record(s, metrics if n == 1 else jax.tree.map(lambda x: x[i], metrics), seconds)
-            if not (math.isfinite(rec["loss"]) and math.isfinite(rec["grad_norm"])):
-                writer.message(f"step {s}: loss {rec['loss']}, grad_norm {rec['grad_norm']}: not finite. Stopping "
-                               f"without saving; the latest good checkpoint is step {latest_saved()}.")
+            m = metrics if n == 1 else jax.tree.map(lambda x: x[i], metrics)
+            rec = record(s, m, seconds)
+            why = None if math.isfinite(rec["loss"]) and math.isfinite(rec["grad_norm"]) else \
+                f"loss {rec['loss']}, grad_norm {rec['grad_norm']}: not finite"
+            why = why or diverged(m, max_relative_update)
+            if why:
+                writer.message(f"step {s}: {why}. Stopping without saving; the latest good checkpoint is step "
+                               f"{latest_saved()}.")
                 return state, NONFINITE
+            if "update_norm" in m:
+                rec.setdefault("update_norm", float(m["update_norm"]))
             writer.progress(rec)
             if s % log_every == 0 or s == start + 1:
                 writer.write(rec)

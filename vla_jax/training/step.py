@@ -180,10 +180,16 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule
             (grads, sums), _ = jax.lax.scan(body, init, (micro, jnp.arange(n_micro)))
 
         updates, opt_state = tx.update(grads, state.opt_state, trainable)
-        new_params = merge(mask, optax.apply_updates(trainable, updates), frozen)
+        new_trainable = optax.apply_updates(trainable, updates)
+        new_params = merge(mask, new_trainable, frozen)
         metrics = finalize_metrics(sums)
         metrics["grad_norm"] = optax.tree.norm(grads)
-        metrics["param_norm"] = optax.tree.norm(trainable)
+        metrics["param_norm"] = optax.tree.norm(trainable)  # before the update
+        # The loss above was computed before the update: these two let the loop refuse to save an
+        # update that exploded while the loss still looked fine.
+        metrics["update_norm"] = optax.tree.norm(updates)
+        metrics["params_finite"] = jnp.all(jnp.stack(
+            [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(new_trainable)])).astype(jnp.float32)
         metrics["learning_rate"] = jnp.asarray(schedule(state.step), jnp.float32)
         if return_grads:
             metrics["grads"] = grads
