@@ -58,7 +58,10 @@ def main(argv):
     new_dirs = [d for d in (os.path.join(workdir, "checkpoints"), workdir) if not os.path.exists(d)]
     atexit.register(lambda: [run.remove_if_empty(d) for d in new_dirs])  # a failed run leaves no empty folders
     ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), cfg.keep_checkpoints, cfg.async_checkpoints)
-    start = ckpt.latest_step() or 0
+    try:
+        start = ckpt.latest_step() or 0
+    except ckpt_lib.CheckpointError as e:  # checkpoints exist but none verifies: one message, no traceback
+        sys.exit(f"train.py: {e}")
     if start:
         ckpt.check_compatible(start, abstract, run.geometry(model_cfg))
     if start >= cfg.num_steps:
