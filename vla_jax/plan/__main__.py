@@ -56,8 +56,8 @@ if __name__ == "__main__":
     flags.DEFINE_integer("llama_layers", 0, "Train: build the Llama with this many layers (0: the preset's); "
                          "the guard-rail test's reduced depth at full width.")
     flags.DEFINE_integer("text_len", 32, "predict_action: prompt tokens (padded bucket).")
-    flags.DEFINE_string("hlo", "", "Also write the compiled (optimized, per-chip) HLO text to this file (predict_action: one per batch, "
-                        "suffixed .batchN).")
+    flags.DEFINE_string("hlo", "", "Also write the compiled (optimized, per-chip) HLO text to this file "
+                        "(predict_action: one per batch, suffixed .batchN).")
     flags.DEFINE_string("json", "", "Also write the report(s) as JSON to this file.")
     flags.mark_flags_as_required(["config"])
 

@@ -2,12 +2,12 @@
 
 Per-chip figures, as published by Google Cloud (each generation's "System architecture" page):
 
-| chip | JAX device_kind | bf16 peak        | HBM              | HBM bandwidth | source                                 |
-|------|-----------------|------------------|------------------|---------------|----------------------------------------|
-| v4   | TPU v4          | 275 TFLOP/s      | 32 GiB (HBM2)    | 1200 GB/s     | https://cloud.google.com/tpu/docs/v4   |
-| v5e  | TPU v5 lite     | 197 TFLOP/s      | 16 GB (HBM2)     | 819 GB/s      | https://cloud.google.com/tpu/docs/v5e  |
-| v5p  | TPU v5          | 459 TFLOP/s      | 95 GB (HBM2e)    | 2765 GB/s     | https://cloud.google.com/tpu/docs/v5p  |
-| v6e  | TPU v6 lite     | 918 TFLOP/s      | 32 GB            | 1638 GB/s     | https://cloud.google.com/tpu/docs/v6e  |
+| chip | JAX device_kind | bf16 peak   | HBM           | HBM bandwidth | source                                 |
+|------|-----------------|-------------|---------------|---------------|----------------------------------------|
+| v4   | TPU v4          | 275 TFLOP/s | 32 GiB (HBM2) | 1200 GB/s     | https://cloud.google.com/tpu/docs/v4   |
+| v5e  | TPU v5 lite     | 197 TFLOP/s | 16 GB (HBM2)  | 819 GB/s      | https://cloud.google.com/tpu/docs/v5e  |
+| v5p  | TPU v5          | 459 TFLOP/s | 95 GB (HBM2e) | 2765 GB/s     | https://cloud.google.com/tpu/docs/v5p  |
+| v6e  | TPU v6 lite     | 918 TFLOP/s | 32 GB         | 1638 GB/s     | https://cloud.google.com/tpu/docs/v6e  |
 
 GB is read as 10^9 bytes (where the vendor means GiB this under-states the chip: the plan errs on the
 safe side); v4 is published in GiB. One JAX device is one chip: v4 and v5p run their two TensorCores

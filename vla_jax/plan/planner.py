@@ -18,7 +18,8 @@ def parse_mesh(text: str) -> Optional[Tuple[int, int, int]]:
     try:
         sizes = tuple(int(x) for x in text.split(","))
     except ValueError:
-        raise ValueError(f"--mesh={text!r}: expected 3 integers data,fsdp,tensor (one may be -1), e.g. 1,-1,1") from None
+        raise ValueError(f"--mesh={text!r}: expected 3 integers data,fsdp,tensor (one may be -1), "
+                         f"e.g. 1,-1,1") from None
     if len(sizes) != 3:
         raise ValueError(f"--mesh={text!r} must give 3 sizes: data,fsdp,tensor (one may be -1)")
     return sizes

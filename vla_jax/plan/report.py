@@ -28,11 +28,11 @@ def format_train(r: Dict[str, Any]) -> str:
         f"  batch             {_gb(pb['batch'], digits=3)}",
         f"  XLA arguments     {_gb(pb['xla_argument'])} (state + batch)",
         f"  XLA outputs       {_gb(pb['xla_output'])} ({_gb(pb['xla_alias'], 0)} of them reuse the donated "
-        f"arguments)",
+        "arguments)",
         f"  XLA temporaries   {_gb(pb['xla_temp'])} (activations, gradients, collectives"
         + ("; CPU estimate)" if "chip" not in r else ")"),
-        f"  peak{' estimate' if 'chip' not in r else '         '}     {_gb(pb['peak'])} (arguments + outputs - donated + "
-        f"temporaries + code)",
+        f"  peak{' estimate' if 'chip' not in r else '         '}     {_gb(pb['peak'])} (arguments + outputs - "
+        "donated + temporaries + code)",
     ]
     if "chip" in r:
         ch, fit = r["chip"], r["fit"]
@@ -50,8 +50,8 @@ def format_train(r: Dict[str, Any]) -> str:
                 lines.append("  suggestion: the state alone does not fit: use more chips (a larger slice) or "
                              "shard over more of them (--mesh)")
     a, cf = r["flops_per_device_per_step"], r["compiled_flops_per_device"]
-    lines.append(f"FLOPs per {unit} per step: compiled {cf:.3e} (matmuls; {len(r['compiled_loops'])} loops counted by trip count), "
-                 f"analytic model {a:.3e} (ratio {cf / a:.2f}: remat recomputation and "
+    lines.append(f"FLOPs per {unit} per step: compiled {cf:.3e} (matmuls; {len(r['compiled_loops'])} loops counted "
+                 f"by trip count), analytic model {a:.3e} (ratio {cf / a:.2f}: remat recomputation and "
                  f"attention padding)")
     if "estimate" in r:
         e, ch = r["estimate"], r["chip"]
