@@ -118,3 +118,27 @@ def test_cpu_devices_mode_needs_no_libtpu():
     assert "2 simulated CPU devices" in res.stdout and "peak" in res.stdout
     res = _plan_cli("--config=configs/debug.py", "--topology=v5e-4", block_libtpu=True)
     assert res.returncode != 0 and "install the `libtpu` package" in res.stderr
+
+
+def test_find_batch_searches_powers_of_two_and_the_fewest_micro_batches(monkeypatch):
+    # A stand-in for the compile: per-chip peak = 2 GB + 0.5 GB per example in one micro-batch, on a 16 GB chip.
+    # Largest power of two that fits: 16 (10 GB; 32 would need 18 GB). The config's 2048 over 16 chips is 128
+    # per chip: 8 micro-batches of 16.
+    import ml_collections
+
+    calls = []
+
+    def fake_train_plan(cfg, devices, where, mesh, batch, grad_accum, remat_policy):
+        dp = mesh[0] * mesh[1]
+        micro = batch // dp // grad_accum
+        calls.append((batch, grad_accum))
+        peak = 2e9 + 0.5e9 * micro
+        return {"per_device_bytes": {"peak": peak}, "chip": {"hbm_bytes": 16e9},
+                "fit": planner.fit_verdict(peak, 16e9)}
+
+    monkeypatch.setattr(planner, "train_plan", fake_train_plan)
+    cfg = ml_collections.ConfigDict({"global_batch_size": 2048, "mesh": {"data": 1, "fsdp": -1, "tensor": 1}})
+    res = planner.find_batch(cfg, list(range(16)), "v5e-16", log=lambda *a: None)
+    assert res["largest_per_chip_batch"] == 16
+    assert res["grad_accum_steps"] == 8
+    assert calls[:5] == [(2048, 1), (1024, 1), (512, 1), (256, 1), (2048, 8)]
