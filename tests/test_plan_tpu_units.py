@@ -115,7 +115,7 @@ def test_cli_bad_topology_and_mesh_are_clear_errors():
 def test_cpu_devices_mode_needs_no_libtpu():
     res = _plan_cli("--config=configs/debug.py", "--devices=2", "--batch=2", block_libtpu=True)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert "2 simulated CPU devices" in res.stdout and "peak" in res.stdout
+    assert "2 simulated CPU devices" in res.stdout and "per device:" in res.stdout and "peak estimate" in res.stdout
     res = _plan_cli("--config=configs/debug.py", "--topology=v5e-4", block_libtpu=True)
     assert res.returncode != 0 and "install the `libtpu` package" in res.stderr
 
