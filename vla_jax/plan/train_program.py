@@ -12,7 +12,6 @@ import dataclasses
 import time
 from typing import Any, Dict, Optional, Sequence
 
-import flax.linen as nn
 import jax
 import numpy as np
 
@@ -188,8 +187,7 @@ def sharding_table(prog: TrainProgram, compiled=None) -> list:
         if len(leaves) != len(shards):
             raise AssertionError(f"{part}: {len(leaves)} leaves but {len(shards)} shardings")
         for (path, leaf), sh in zip(leaves, shards):
-            spec = tuple(sh.spec) if hasattr(sh, "spec") else str(sh)
-            spec = tuple(s for s in spec)
+            spec = tuple(sh.spec)
             while spec and spec[-1] is None:  # P('fsdp', None) == P('fsdp')
                 spec = spec[:-1]
             name = f"{part}/" + "/".join(_key(k) for k in path)
@@ -202,7 +200,3 @@ def _key(k) -> str:
         if hasattr(k, attr):
             return str(getattr(k, attr))
     return str(k)
-
-
-def unbox(tree):
-    return nn.meta.unbox(tree)
