@@ -5,6 +5,12 @@
 
 Hyperparameters are OpenVLA's (OPENVLA_REFERENCE.md §7: prismatic/conf/vla.py,
 Exp_DinoSigLIP_224px_OXE_Magic_Soup_Plus, and the FSDP strategy's AdamW).
+
+Planned for a TPU v5p-128 slice (64 chips): FSDP over all 64, 32 examples per chip, as OpenVLA's 64
+GPUs x 32. The TPU compiler's plan (`python -m vla_jax.plan --config=configs/oxe.py --topology=v5p-128`,
+BENCHMARKS.md "TPU plans"): 15.6 GB peak per chip of the 95 GB HBM; 1.44 s/step at the compute roofline,
+2.85 s at 40% MFU, i.e. ~10 days for OpenVLA's 295k steps. The state needs >= 90 GB in all (fp32 weights
++ Adam), so slices with less HBM in total cannot hold it at any batch.
 """
 
 from configs.common import base_config
@@ -44,7 +50,8 @@ def get_config(arg=None):
     c.freeze.projector = False
     c.freeze.llm = False
 
-    # Full FSDP over every device of the slice (ZeRO-3): 7.5B fp32 params + Adam = 90 GB sharded.
+    # Full FSDP over every device of the slice (ZeRO-3): 7.5B fp32 params + Adam = 90 GB sharded
+    # (on v5p-128: 1.41 GB per chip; the rest of the 15.6 GB peak is activations and gradients).
     # On GPU nodes OpenVLA used HYBRID_SHARD (shard within 8 GPUs, replicate across nodes):
     # --config.mesh.data=-1 --config.mesh.fsdp=8.
     c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 1

@@ -1,0 +1,97 @@
+"""The 7B `predict_action` program (prefill + 6 cached greedy steps), compiled ahead of time for a mesh.
+
+Built from the model and decoding functions the policy runs (`vla_jax.models.decode.greedy_decode`
+on the split-layer parameter layout), with bf16 weights as `Policy.load` keeps them. The weights are
+placed by the same logical-axis rules as training on a mesh (data, fsdp, tensor): the default
+`tensor=N` is Megatron-style tensor parallelism (attention heads, MLP hidden and vocabulary split over
+chips, the model width replicated); the KV cache and activations follow by XLA's propagation.
+
+Shapes: B prompts of `text_len` tokens (OpenVLA's prompt is ~20-30 tokens, padded to a bucket) plus
+256 image patches: ~290 positions, then 7 action tokens; the cache holds text_len + 256 + 7 slots.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from typing import Any, Dict, Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+from vla_jax import sharding as shd
+from vla_jax.models.config import get_preset, with_dtypes
+from vla_jax.models.decode import greedy_decode
+from vla_jax.models.openvla import OpenVLA
+from vla_jax.plan import hlo_cost
+from vla_jax.plan.train_program import memory_report, shard_bytes
+
+ACTION_TOKENS = 7
+
+
+def _drop_layer_axis(spec: PartitionSpec) -> PartitionSpec:
+    return PartitionSpec(*tuple(spec)[1:])
+
+
+def abstract_decode_params(model: OpenVLA, mesh, rules=shd.LOGICAL_RULES):
+    """ShapeDtypeStructs (with NamedShardings) of the params in the decoding layout
+    {'shared': ..., 'layers': (L per-layer trees)} (`decode.split_layers`), nothing allocated."""
+    cfg = model.config
+    px = np.zeros((1, cfg.image_size, cfg.image_size, 3), np.uint8)
+    ids = np.ones((1, 8), np.int32)
+    boxed = jax.eval_shape(model.init, jax.random.PRNGKey(0), px, ids)["params"]
+    specs = nn.logical_to_mesh(nn.get_partition_spec(boxed), rules)
+    params = nn.meta.unbox(boxed)
+
+    def leaf(x, spec, layer=False):
+        shape = x.shape[1:] if layer else x.shape
+        spec = _drop_layer_axis(spec) if layer else spec
+        return jax.ShapeDtypeStruct(shape, x.dtype, sharding=NamedSharding(mesh, spec))
+
+    is_spec = lambda s: isinstance(s, PartitionSpec)
+    shared = {k: v for k, v in params.items()}
+    shared_specs = {k: v for k, v in specs.items()}
+    shared["llm"] = {k: v for k, v in params["llm"].items() if k != "layers"}
+    shared_specs["llm"] = {k: v for k, v in specs["llm"].items() if k != "layers"}
+    shared_abs = jax.tree.map(leaf, shared, shared_specs, is_leaf=lambda x: is_spec(x) or hasattr(x, "shape"))
+    one_layer = jax.tree.map(functools.partial(leaf, layer=True), params["llm"]["layers"], specs["llm"]["layers"],
+                             is_leaf=lambda x: is_spec(x) or hasattr(x, "shape"))
+    return {"shared": shared_abs, "layers": tuple(one_layer for _ in range(cfg.llama.num_layers))}
+
+
+def compile_predict_action(devices: Sequence[Any], mesh_shape=(1, 1, -1), batch: int = 1, text_len: int = 32,
+                           preset: str = "openvla-7b", dtype: str = "bfloat16") -> Dict[str, Any]:
+    """Compiles greedy decoding of ACTION_TOKENS tokens for `devices`; returns the per-chip report."""
+    model_cfg = with_dtypes(get_preset(preset), dtype, dtype)
+    model_cfg = dataclasses.replace(model_cfg, llama=dataclasses.replace(model_cfg.llama, attention_query_block=0))
+    model = OpenVLA(model_cfg)
+    mesh = shd.make_mesh(mesh_shape, devices)
+    params = abstract_decode_params(model, mesh)
+    dp = int(np.prod([mesh.shape[a] for a in shd.BATCH_AXES]))
+    if batch % dp:
+        raise ValueError(f"batch {batch} must divide by the data-parallel size {dp} (mesh data x fsdp)")
+    s = model_cfg.image_size
+    inputs = {"pixel_values": jax.ShapeDtypeStruct((batch, s, s, 3), np.uint8, sharding=shd.batch_sharding(mesh, 4)),
+              "input_ids": jax.ShapeDtypeStruct((batch, text_len), np.int32, sharding=shd.batch_sharding(mesh, 2)),
+              "lengths": jax.ShapeDtypeStruct((batch,), np.int32, sharding=shd.batch_sharding(mesh, 1))}
+    fn = jax.jit(functools.partial(greedy_decode, model, num_tokens=ACTION_TOKENS))
+    t0 = time.perf_counter()
+    with shd.mesh_rules(mesh):
+        lowered = fn.lower(params, inputs["pixel_values"], inputs["input_ids"], inputs["lengths"])
+    t1 = time.perf_counter()
+    compiled = lowered.compile()
+    t2 = time.perf_counter()
+    hlo = compiled.as_text()
+    counted = hlo_cost.analyze(hlo)
+    return {"_hlo": hlo,
+        "program": "predict_action", "preset": preset, "dtype": dtype, "batch": batch, "text_len": text_len,
+        "sequence_len": text_len + model_cfg.num_patches, "new_tokens": ACTION_TOKENS,
+        "devices": mesh.devices.size, "device_kind": mesh.devices.flat[0].device_kind, "mesh": dict(mesh.shape),
+        "per_device_bytes": dict(params=shard_bytes(params), inputs=shard_bytes(inputs), **memory_report(compiled)),
+        "compiled_flops_per_device": counted["flops"], "compiled_bytes_per_device": counted["bytes"],
+        "compiled_collective_bytes_per_device": counted["collective_bytes"], "compiled_loops": counted["loops"],
+        "seconds": {"trace_and_lower": t1 - t0, "compile": t2 - t1},
+    }
