@@ -8,6 +8,8 @@ Closed loop: `--sim=metaworld [--sim_episodes=N ...]`: Meta-World on held-out co
 (vla_jax/sim/closed_loop.py); OUT gets report.json and GIF rollouts.
 """
 
+import logging
+
 from absl import app, flags
 
 flags.DEFINE_string("checkpoint", None, "vla_jax workdir / step folder, or an HF OpenVLA folder.")
@@ -90,7 +92,7 @@ def main(argv):
     except ValueError as e:
         raise app.UsageError(str(e)) from None
     policy = load_policy()
-    logging.info("evaluating on %s (split %s) in %s; report in %s", where.dataset, FLAGS.split, where.data_dir,
+    logging.getLogger("vla_jax.eval").info("evaluating on %s (split %s) in %s; report in %s", where.dataset, FLAGS.split, where.data_dir,
                  where.out)
     rep = run_offline(policy, checkpoint=FLAGS.checkpoint, data_dir=where.data_dir, dataset=where.dataset,
                       out_dir=where.out, split=FLAGS.split, episodes=FLAGS.episodes or None,
