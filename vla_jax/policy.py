@@ -39,6 +39,7 @@ import numpy as np
 
 from vla_jax.models.config import OpenVLAConfig
 from vla_jax.models.decode import greedy_decode, is_split, split_layers, stack_layers
+from vla_jax import policy_mesh
 from vla_jax.models.openvla import OpenVLA
 from vla_jax.policy_loading import (enable_compilation_cache, is_hf_dir, load_hf_checkpoint,  # noqa: F401
                                     load_vla_checkpoint)
@@ -66,7 +67,7 @@ class Policy:
     def __init__(self, config: OpenVLAConfig, params: Any, tokenizer: VLATokenizer, norm_stats: Mapping[str, Any], *,
                  center_crop: bool = False, action_tokens_only: bool = False,
                  batch_buckets: Sequence[int] = DEFAULT_BATCH_BUCKETS, prompt_bucket: int = DEFAULT_PROMPT_BUCKET,
-                 source: str = ""):
+                 source: str = "", mesh=None):
         buckets = sorted({int(b) for b in batch_buckets})
         if not buckets or buckets[0] < 1:
             raise ValueError(f"batch_buckets must be positive sizes, got {batch_buckets!r}")
@@ -84,6 +85,11 @@ class Policy:
         # The decoding layout (one array per layer: decode.split_layers); params in the stacked
         # training layout are split here (a copy; Policy.load splits and frees its freshly loaded ones).
         self.decode_params = params if is_split(params) else split_layers(params)
+        # Sharded inference (vla_jax.policy_mesh): params placed over the mesh with training's rules.
+        self.mesh = None if mesh is None else policy_mesh.as_mesh(mesh)
+        if self.mesh is not None:
+            self.decode_params = jax.device_put(self.decode_params,
+                                                policy_mesh.param_shardings(config, self.mesh, split=True))
         self.norm_stats = {k: v for k, v in dict(norm_stats).items()}
         self._center_crop, self.action_tokens_only = bool(center_crop), bool(action_tokens_only)
         self.batch_buckets, self.prompt_bucket, self.source = tuple(buckets), int(prompt_bucket), source
@@ -114,27 +120,52 @@ class Policy:
     @classmethod
     def load(cls, path: str, *, center_crop: Optional[bool] = None, action_tokens_only: bool = False,
              dtype: Optional[str] = None, param_dtype: Optional[str] = None, tokenizer: Optional[str] = None,
-             compilation_cache: Union[None, bool, str] = None, device=None, **kw) -> "Policy":
+             compilation_cache: Union[None, bool, str] = None, device=None, mesh=None,
+             device_memory: Optional[int] = None, **kw) -> "Policy":
         """Loads a vla_jax checkpoint (the latest step of a workdir) or an HF OpenVLA folder.
 
         center_crop: None = what the checkpoint records (its run config's data.image_aug with the random crop).
         dtype / param_dtype: override the compute / parameter dtypes (e.g. 'bfloat16' on accelerators).
         tokenizer: a tokenizer.model to use instead of the checkpoint's.
         compilation_cache: see `enable_compilation_cache` (None = the environment variable decides).
+        mesh: shard the parameters and run the decoder over a device mesh (`vla_jax.policy_mesh`): a
+          jax Mesh with axes (data, fsdp, tensor), "D,F,T" or (D, F, T). Before any weight reaches a
+          device, the mesh is checked against the sharded dimensions and the decoder is compiled for
+          the smallest batch bucket and a 2 * prompt_bucket-token prompt; a program needing more than
+          `device_memory` bytes per device (default: what the device reports; CPUs report nothing)
+          raises ValueError with its per-device figure.
         """
         enable_compilation_cache(compilation_cache)
         path = os.fspath(path)
+        precompiled = {}
+        placement_fn = None
+        if mesh is not None:
+            mesh = policy_mesh.as_mesh(mesh)
+
+            def placement_fn(cfg):
+                shardings = policy_mesh.param_shardings(cfg, mesh)  # checks the mesh divides the dimensions
+                batch = min(int(b) for b in kw.get("batch_buckets", DEFAULT_BATCH_BUCKETS))
+                key = (cfg.action_dim, batch, 2 * int(kw.get("prompt_bucket", DEFAULT_PROMPT_BUCKET)))
+                compiled = policy_mesh.compile_decoder(OpenVLA(cfg), policy_mesh.abstract_split_params(cfg, mesh),
+                                                       mesh, key[1], key[2], key[0])
+                policy_mesh.check_fits(compiled, mesh, device_memory, what=path)
+                if not action_tokens_only:  # same program as the policy's own for this bucket
+                    precompiled[key] = compiled
+                return shardings
         if is_hf_dir(path):
             cfg, params, stats, tok, aug = load_hf_checkpoint(path, dtype=dtype, param_dtype=param_dtype,
-                                                              tokenizer=tokenizer, device=device)
+                                                              tokenizer=tokenizer, device=device,
+                                                              placement_fn=placement_fn)
         else:
             cfg, params, stats, tok, aug = load_vla_checkpoint(path, dtype=dtype, param_dtype=param_dtype,
-                                                               device=device)
+                                                               device=device, placement_fn=placement_fn)
             if tokenizer:
                 tok = VLATokenizer.from_file(tokenizer, n_bins=cfg.n_action_bins, action_dim=cfg.action_dim)
         params = split_layers(params, consume=True)  # freshly loaded: no second copy of the layers
-        return cls(cfg, params, tok, stats, center_crop=aug if center_crop is None else center_crop,
-                   action_tokens_only=action_tokens_only, source=path, **kw)
+        policy = cls(cfg, params, tok, stats, center_crop=aug if center_crop is None else center_crop,
+                     action_tokens_only=action_tokens_only, source=path, mesh=mesh, **kw)
+        policy._executables.update(precompiled)
+        return policy
 
     # -- statistics -----------------------------------------------------------------------------
 
@@ -245,7 +276,11 @@ class Policy:
                         jax.ShapeDtypeStruct((batch, length), np.int32), jax.ShapeDtypeStruct((batch,), np.int32))
                 fn = jax.jit(lambda p, x, i, l: greedy_decode(self.model, p, x, i, l, num_tokens, self._allowed))
                 t0 = time.perf_counter()
-                self._executables[key] = fn.lower(*args).compile()
+                if self.mesh is not None:
+                    self._executables[key] = policy_mesh.compile_decoder(
+                        self.model, self.decode_params, self.mesh, batch, length, num_tokens, self._allowed)
+                else:
+                    self._executables[key] = fn.lower(*args).compile()
                 self.compile_seconds[key] = time.perf_counter() - t0
             return self._executables[key]
 
@@ -345,4 +380,4 @@ class Policy:
                 "unnorm_keys": self.unnorm_keys, "center_crop": self.center_crop,
                 "action_tokens_only": self.action_tokens_only, "batch_buckets": list(self.batch_buckets),
                 "compiled_buckets": [list(k) for k in sorted(self._executables)],
-                "dtype": self.config.dtype}
+                "dtype": self.config.dtype, "mesh": None if self.mesh is None else dict(self.mesh.shape)}

@@ -1,6 +1,6 @@
 """Serve a policy over HTTP, compatible with OpenVLA's deploy.py clients.
 
-    python -m vla_jax.serve --checkpoint=CKPT [--host=127.0.0.1] [--port=8000]
+    python -m vla_jax.serve --checkpoint=CKPT [--host=127.0.0.1] [--port=8000] [--mesh=1,1,4]
 
 CKPT is a vla_jax workdir / step folder or an HF OpenVLA folder. Clients POST OpenVLA's payload
 to /act (see vla_jax/serving/server.py); GET /health reports the model and batching state.
@@ -40,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="persistent XLA cache folder, 'default' (~/.cache/vla_jax/jax_cache) or 'off'; "
                         "unset: $VLA_JAX_COMPILATION_CACHE decides")
     p.add_argument("--no_warmup", action="store_true", help="compile on first request instead of at start")
+    p.add_argument("--mesh", default=None,
+                   help="shard the model over devices: data,fsdp,tensor sizes, e.g. 1,1,4 (tensor-parallel over "
+                        "4 chips); unset: one device")
     return p
 
 
@@ -62,7 +65,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     crop = {"auto": None, "true": True, "false": False}[args.center_crop]
     policy = Policy.load(args.checkpoint, center_crop=crop, action_tokens_only=args.action_tokens_only,
                          dtype=args.dtype, param_dtype=args.param_dtype, tokenizer=args.tokenizer,
-                         compilation_cache=_cache_setting(args.compilation_cache))
+                         compilation_cache=_cache_setting(args.compilation_cache), mesh=args.mesh)
     log.info("loaded %s in %.1f s (image %d px, unnorm keys %s, center crop %s)", args.checkpoint,
              time.perf_counter() - t0, policy.config.image_size, policy.unnorm_keys, policy.center_crop)
     if not args.no_warmup:
