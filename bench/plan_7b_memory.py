@@ -113,16 +113,24 @@ def infer_part(devices_list, batches, prompt_len: int = 32, num_tokens: int = 7,
     return out
 
 
-def _run_child(args: list, devices: int, backend: str) -> list:
-    """Runs this script in a child process; returns the JSON rows it printed."""
+def _run_child(args: list, devices: int, backend: str, on_row=None) -> list:
+    """Runs this script in a child process; returns the JSON rows it printed (each also passed to
+    `on_row` as it arrives, so that a long run keeps what it has measured)."""
     env = _child_env(devices)
     if backend == "tpu":  # libtpu's compiler only (no TPU attached); other processes may hold its lock file
         env["ALLOW_MULTIPLE_LIBTPU_LOAD"] = "1"
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__)] + args + ["--backend", backend], env=env,
-                          capture_output=True, text=True)
-    if proc.returncode:
-        raise RuntimeError(f"{args} failed:\n{proc.stderr[-4000:]}")
-    return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    proc = subprocess.Popen([sys.executable, os.path.abspath(__file__)] + args + ["--backend", backend], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    rows = []
+    for line in proc.stdout:
+        if line.startswith("{"):
+            rows.append(json.loads(line))
+            if on_row is not None:
+                on_row(rows)
+    err = proc.stderr.read()
+    if proc.wait():
+        raise RuntimeError(f"{args} failed:\n{err[-4000:]}")
+    return rows
 
 
 def main() -> None:
@@ -156,10 +164,12 @@ def main() -> None:
                                  for v in ("merged", "per_layer")]
         json.dump(result, open(args.out, "w"), indent=2)
     if "infer" in parts:
-        result["infer" + sfx] = _run_child(["--child", "infer", "--infer_devices", args.infer_devices,
-                                            "--infer_batches", args.infer_batches],
-                                           max(int(x) for x in args.infer_devices.split(",")), args.backend)
-        json.dump(result, open(args.out, "w"), indent=2)
+        def save(rows):
+            result["infer" + sfx] = list(rows)
+            json.dump(result, open(args.out, "w"), indent=2)
+
+        save(_run_child(["--child", "infer", "--infer_devices", args.infer_devices, "--infer_batches",
+                         args.infer_batches], max(int(x) for x in args.infer_devices.split(",")), args.backend, save))
     bits = []
     if "train" + sfx in result:
         m, pl = (r["per_device_bytes"]["peak_estimate"] / GB for r in result["train" + sfx])

@@ -22,6 +22,10 @@ What happens (OPENVLA_REFERENCE.md §2-§4, §9):
 By default the argmax runs over the whole vocabulary, as OpenVLA's `generate` does;
 `action_tokens_only=True` restricts it to the action tokens.
 
+Sharded inference: `Policy.load(path, mesh=(data, fsdp, tensor))` places the weights over a device mesh
+and runs the same decoder there (`vla_jax.policy_mesh`: training's logical-axis rules, KV cache split
+over heads, mesh and memory checked before anything is loaded).
+
 Compilation: `warmup()` compiles chosen buckets up front; the persistent XLA cache
 (`enable_compilation_cache`, opt-in via `Policy.load(compilation_cache=...)` or the
 VLA_JAX_COMPILATION_CACHE environment variable) lets later processes skip compilation.
