@@ -41,9 +41,9 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import jax
 import numpy as np
 
+from vla_jax import policy_mesh
 from vla_jax.models.config import OpenVLAConfig
 from vla_jax.models.decode import greedy_decode, is_split, split_layers, stack_layers
-from vla_jax import policy_mesh
 from vla_jax.models.openvla import OpenVLA
 from vla_jax.policy_loading import (enable_compilation_cache, is_hf_dir, load_hf_checkpoint,  # noqa: F401
                                     load_vla_checkpoint)
@@ -146,16 +146,19 @@ class Policy:
         if mesh is not None:
             mesh = policy_mesh.as_mesh(mesh)
 
-            def placement_fn(cfg):
+            def place(cfg):
                 shardings = policy_mesh.param_shardings(cfg, mesh)  # checks the mesh divides the dimensions
                 batch = min(int(b) for b in kw.get("batch_buckets", DEFAULT_BATCH_BUCKETS))
                 key = (cfg.action_dim, batch, 2 * int(kw.get("prompt_bucket", DEFAULT_PROMPT_BUCKET)))
+                t0 = time.perf_counter()
                 compiled = policy_mesh.compile_decoder(OpenVLA(cfg), policy_mesh.abstract_split_params(cfg, mesh),
                                                        mesh, key[1], key[2], key[0])
                 policy_mesh.check_fits(compiled, mesh, device_memory, what=path)
                 if not action_tokens_only:  # same program as the policy's own for this bucket
-                    precompiled[key] = compiled
+                    precompiled[key] = (compiled, time.perf_counter() - t0)
                 return shardings
+
+            placement_fn = place
         if is_hf_dir(path):
             cfg, params, stats, tok, aug = load_hf_checkpoint(path, dtype=dtype, param_dtype=param_dtype,
                                                               tokenizer=tokenizer, device=device,
@@ -168,7 +171,8 @@ class Policy:
         params = split_layers(params, consume=True)  # freshly loaded: no second copy of the layers
         policy = cls(cfg, params, tok, stats, center_crop=aug if center_crop is None else center_crop,
                      action_tokens_only=action_tokens_only, source=path, mesh=mesh, **kw)
-        policy._executables.update(precompiled)
+        for key, (compiled, seconds) in precompiled.items():
+            policy._executables[key], policy.compile_seconds[key] = compiled, seconds
         return policy
 
     # -- statistics -----------------------------------------------------------------------------
