@@ -27,6 +27,10 @@ By default the argmax runs over the whole vocabulary, as OpenVLA's `generate` do
 
 One difference from OpenVLA's `predict_action`, on purpose: see `upstream_eos_ids` (`stop_at_eos`).
 
+Sharded inference: `Policy.load(path, mesh=(data, fsdp, tensor))` places the weights over a device mesh
+and runs the same decoder there (`vla_jax.policy_mesh`: training's logical-axis rules, KV cache split
+over heads, mesh and memory checked before anything is loaded).
+
 Compilation: `warmup()` compiles chosen buckets up front; the persistent XLA cache
 (`enable_compilation_cache`, opt-in via `Policy.load(compilation_cache=...)` or the
 VLA_JAX_COMPILATION_CACHE environment variable) lets later processes skip compilation.
@@ -43,6 +47,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import jax
 import numpy as np
 
+from vla_jax import policy_mesh
 from vla_jax.models.config import OpenVLAConfig
 from vla_jax.models.decode import greedy_decode, is_split, split_layers, stack_layers
 from vla_jax.models.openvla import OpenVLA
@@ -92,7 +97,8 @@ class Policy:
     def __init__(self, config: OpenVLAConfig, params: Any, tokenizer: VLATokenizer, norm_stats: Mapping[str, Any], *,
                  center_crop: bool = False, action_tokens_only: bool = False,
                  batch_buckets: Sequence[int] = DEFAULT_BATCH_BUCKETS, prompt_bucket: int = DEFAULT_PROMPT_BUCKET,
-                 source: str = "", dataset_configs: Optional[Mapping[str, Mapping[str, Any]]] = None):
+                 source: str = "", dataset_configs: Optional[Mapping[str, Mapping[str, Any]]] = None,
+                 mesh=None):
         buckets = sorted({int(b) for b in batch_buckets})
         if not buckets or buckets[0] < 1:
             raise ValueError(f"batch_buckets must be positive sizes, got {batch_buckets!r}")
@@ -110,6 +116,11 @@ class Policy:
         # The decoding layout (one array per layer: decode.split_layers); params in the stacked
         # training layout are split here (a copy; Policy.load splits and frees its freshly loaded ones).
         self.decode_params = params if is_split(params) else split_layers(params)
+        # Sharded inference (vla_jax.policy_mesh): params placed over the mesh with training's rules.
+        self.mesh = None if mesh is None else policy_mesh.as_mesh(mesh)
+        if self.mesh is not None:
+            self.decode_params = jax.device_put(self.decode_params,
+                                                policy_mesh.param_shardings(config, self.mesh, split=True))
         self.norm_stats = {k: v for k, v in dict(norm_stats).items()}
         # {dataset name: DatasetConfig fields} the checkpoint trained on (its gripper convention).
         self.dataset_configs = {k: dict(v) for k, v in dict(dataset_configs or {}).items()}
@@ -142,28 +153,57 @@ class Policy:
     @classmethod
     def load(cls, path: str, *, center_crop: Optional[bool] = None, action_tokens_only: bool = False,
              dtype: Optional[str] = None, param_dtype: Optional[str] = None, tokenizer: Optional[str] = None,
-             compilation_cache: Union[None, bool, str] = None, device=None, **kw) -> "Policy":
+             compilation_cache: Union[None, bool, str] = None, device=None, mesh=None,
+             device_memory: Optional[int] = None, **kw) -> "Policy":
         """Loads a vla_jax checkpoint (the latest step of a workdir) or an HF OpenVLA folder.
 
         center_crop: None = what the checkpoint records (its run config's data.image_aug with the random crop).
         dtype / param_dtype: override the compute / parameter dtypes (e.g. 'bfloat16' on accelerators).
         tokenizer: a tokenizer.model to use instead of the checkpoint's.
         compilation_cache: see `enable_compilation_cache` (None = the environment variable decides).
+        mesh: shard the parameters and run the decoder over a device mesh (`vla_jax.policy_mesh`): a
+          jax Mesh with axes (data, fsdp, tensor), "D,F,T" or (D, F, T). Before any weight reaches a
+          device, the mesh is checked against the sharded dimensions and the decoder is compiled for
+          the smallest batch bucket and a 2 * prompt_bucket-token prompt; a program needing more than
+          `device_memory` bytes per device (default: what the device reports; CPUs report nothing)
+          raises ValueError with its per-device figure.
         """
         enable_compilation_cache(compilation_cache)
         path = os.fspath(path)
+        precompiled = {}
+        placement_fn = None
+        if mesh is not None:
+            mesh = policy_mesh.as_mesh(mesh)
+
+            def place(cfg):
+                shardings = policy_mesh.param_shardings(cfg, mesh)  # checks the mesh divides the dimensions
+                batch = min(int(b) for b in kw.get("batch_buckets", DEFAULT_BATCH_BUCKETS))
+                key = (cfg.action_dim, batch, 2 * int(kw.get("prompt_bucket", DEFAULT_PROMPT_BUCKET)))
+                t0 = time.perf_counter()
+                compiled = policy_mesh.compile_decoder(OpenVLA(cfg), policy_mesh.abstract_split_params(cfg, mesh),
+                                                       mesh, key[1], key[2], key[0])
+                policy_mesh.check_fits(compiled, mesh, device_memory, what=path)
+                if not action_tokens_only:  # same program as the policy's own for this bucket
+                    precompiled[key] = (compiled, time.perf_counter() - t0)
+                return shardings
+
+            placement_fn = place
         if is_hf_dir(path):
             cfg, params, stats, tok, aug = load_hf_checkpoint(path, dtype=dtype, param_dtype=param_dtype,
-                                                              tokenizer=tokenizer, device=device)
+                                                              tokenizer=tokenizer, device=device,
+                                                              placement_fn=placement_fn)
         else:
             kw.setdefault("dataset_configs", recorded_dataset_configs(path))
             cfg, params, stats, tok, aug = load_vla_checkpoint(path, dtype=dtype, param_dtype=param_dtype,
-                                                               device=device)
+                                                               device=device, placement_fn=placement_fn)
             if tokenizer:
                 tok = VLATokenizer.from_file(tokenizer, n_bins=cfg.n_action_bins, action_dim=cfg.action_dim)
         params = split_layers(params, consume=True)  # freshly loaded: no second copy of the layers
-        return cls(cfg, params, tok, stats, center_crop=aug if center_crop is None else center_crop,
-                   action_tokens_only=action_tokens_only, source=path, **kw)
+        policy = cls(cfg, params, tok, stats, center_crop=aug if center_crop is None else center_crop,
+                     action_tokens_only=action_tokens_only, source=path, mesh=mesh, **kw)
+        for key, (compiled, seconds) in precompiled.items():
+            policy._executables[key], policy.compile_seconds[key] = compiled, seconds
+        return policy
 
     # -- statistics -----------------------------------------------------------------------------
 
@@ -276,7 +316,11 @@ class Policy:
                 log.info("compiling the decoder for batch %d, prompt length %d, %d tokens ...", batch, length,
                          num_tokens)
                 t0 = time.perf_counter()
-                self._executables[key] = fn.lower(*args).compile()
+                if self.mesh is not None:
+                    self._executables[key] = policy_mesh.compile_decoder(
+                        self.model, self.decode_params, self.mesh, batch, length, num_tokens, self._allowed)
+                else:
+                    self._executables[key] = fn.lower(*args).compile()
                 self.compile_seconds[key] = time.perf_counter() - t0
                 log.info("compiled the decoder for batch %d, prompt length %d in %.1f s", batch, length,
                          self.compile_seconds[key])
@@ -434,4 +478,4 @@ class Policy:
                 "unnorm_keys": self.unnorm_keys, "center_crop": self.center_crop,
                 "action_tokens_only": self.action_tokens_only, "batch_buckets": list(self.batch_buckets),
                 "compiled_buckets": [list(k) for k in sorted(self._executables)],
-                "dtype": self.config.dtype}
+                "dtype": self.config.dtype, "mesh": None if self.mesh is None else dict(self.mesh.shape)}

@@ -84,8 +84,10 @@ def tokenizer_from_asset(asset: Mapping[str, Any], where: str) -> VLATokenizer:
                                   action_dim=int(asset.get("action_dim", 7)))
 
 
-def _abstract_params(state_dir, param_dtype: Optional[str], device) -> dict:
-    """The checkpoint's params as ShapeDtypeStructs on `device` (read from orbax metadata only)."""
+def _abstract_params(state_dir, param_dtype: Optional[str], device, placement=None) -> dict:
+    """The checkpoint's params as ShapeDtypeStructs on `device`, or where `placement` (a tree of
+    shardings over the model's params) puts them (read from orbax metadata only). Leaves the
+    placement does not cover (LoRA adapters) are replicated over its mesh."""
     import orbax.checkpoint as ocp
 
     from flax import traverse_util
@@ -99,9 +101,13 @@ def _abstract_params(state_dir, param_dtype: Optional[str], device) -> dict:
         return {k: plain(v) for k, v in t.items()} if hasattr(t, "items") and not hasattr(t, "shape") else t
 
     sharding = jax.sharding.SingleDeviceSharding(device)
+    placed = {}
+    if placement is not None:
+        placed = traverse_util.flatten_dict(placement)
+        sharding = jax.sharding.NamedSharding(next(iter(placed.values())).mesh, jax.sharding.PartitionSpec())
     flat = traverse_util.flatten_dict(plain(tree["params"]))
     return traverse_util.unflatten_dict({
-        p: jax.ShapeDtypeStruct(tuple(m.shape), np.dtype(param_dtype or m.dtype), sharding=sharding)
+        p: jax.ShapeDtypeStruct(tuple(m.shape), np.dtype(param_dtype or m.dtype), sharding=placed.get(p, sharding))
         for p, m in flat.items()})
 
 
@@ -135,9 +141,13 @@ def _check_param_tree(cfg: OpenVLAConfig, params: dict, where: str) -> None:
 
 
 def load_vla_checkpoint(path: str, *, dtype: Optional[str] = None, param_dtype: Optional[str] = None,
-                        device=None) -> Tuple[OpenVLAConfig, dict, dict, VLATokenizer, bool]:
+                        device=None, placement_fn=None) -> Tuple[OpenVLAConfig, dict, dict, VLATokenizer, bool]:
     """A vla_jax checkpoint (workdir, its checkpoints/ folder or one step folder; the latest step)
-    -> (config, params on `device`, dataset statistics, tokenizer, trained_with_random_crop)."""
+    -> (config, params on `device`, dataset statistics, tokenizer, trained_with_random_crop).
+
+    placement_fn: optional `config -> shardings` of the model's params (stacked layout), called
+    before anything is read onto a device (sharded inference: it may also refuse, e.g. too little
+    memory); the params are then restored straight into those shardings."""
     from vla_jax import checkpoints as ckpt_lib
 
     step_dir = ckpt_lib.resolve_step_dir(path)
@@ -145,7 +155,8 @@ def load_vla_checkpoint(path: str, *, dtype: Optional[str] = None, param_dtype: 
     cfg = config_from_dict(assets["meta"]["model"])
     cfg = with_dtypes(cfg, dtype or cfg.dtype, param_dtype or cfg.param_dtype, remat=False)
     device = device or jax.devices()[0]
-    params = ckpt_lib.load_params(str(step_dir), _abstract_params(step_dir / "state", param_dtype, device))
+    placement = placement_fn(cfg) if placement_fn is not None else None
+    params = ckpt_lib.load_params(str(step_dir), _abstract_params(step_dir / "state", param_dtype, device, placement))
     run_config = assets.get("config") or {}
     if "lora" in params:
         params = _merge_lora(params, run_config)
@@ -177,8 +188,9 @@ def is_hf_dir(path: str) -> bool:
 
 
 def load_hf_checkpoint(path: str, *, dtype: Optional[str] = None, param_dtype: Optional[str] = None,
-                       tokenizer: Optional[str] = None, device=None):
+                       tokenizer: Optional[str] = None, device=None, placement_fn=None):
     """An HF OpenVLA folder (`openvla/openvla-7b` layout) -> the same tuple as `load_vla_checkpoint`.
+    placement_fn: as there (the weights are read into host memory first, then placed).
 
     HF folders do not record whether training used image augmentation: pass center_crop=True to
     `Policy.load` for such fine-tuned checkpoints (e.g. OpenVLA's LIBERO ones)."""
@@ -188,6 +200,7 @@ def load_hf_checkpoint(path: str, *, dtype: Optional[str] = None, param_dtype: O
     tok_path = tokenizer or tok_path
     if tok_path is None:
         raise ValueError(f"{path} has no tokenizer.model; pass tokenizer=PATH (the Llama-2 SentencePiece model)")
-    params = jax.device_put(params, device or jax.devices()[0])
+    placement = placement_fn(cfg) if placement_fn is not None else (device or jax.devices()[0])
+    params = jax.device_put(params, placement)
     return cfg, params, dict(norm_stats or {}), VLATokenizer.from_file(tok_path, n_bins=cfg.n_action_bins,
                                                                         action_dim=cfg.action_dim), False

@@ -1,6 +1,6 @@
 """Serve a policy over HTTP, compatible with OpenVLA's deploy.py clients.
 
-    python -m vla_jax.serve --checkpoint=CKPT [--host=127.0.0.1] [--port=8000]
+    python -m vla_jax.serve --checkpoint=CKPT [--host=127.0.0.1] [--port=8000] [--mesh=1,1,4]
 
 CKPT is a vla_jax workdir / step folder or an HF OpenVLA folder. Clients POST OpenVLA's payload
 to /act (see vla_jax/serving/server.py); GET /health reports the model, batching and connection state.
@@ -60,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="open connections (one thread each) beyond this get HTTP 503")
     p.add_argument("--backlog", type=int, default=1024, help="listen queue for connections not yet accepted")
     p.add_argument("--verbose", action="store_true", help="also show third-party INFO logs (absl/orbax/TF/jax)")
+    p.add_argument("--mesh", default=None,
+                   help="shard the model over devices: data,fsdp,tensor sizes, e.g. 1,1,4 (tensor-parallel over "
+                        "4 chips); unset: one device")
     return p
 
 
@@ -94,7 +97,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     crop = {"auto": None, "true": True, "false": False}[args.center_crop]
     policy = Policy.load(args.checkpoint, center_crop=crop, action_tokens_only=args.action_tokens_only,
                          dtype=args.dtype, param_dtype=args.param_dtype, tokenizer=args.tokenizer,
-                         compilation_cache=_cache_setting(args.compilation_cache), prompt_bucket=args.prompt_bucket)
+                         compilation_cache=_cache_setting(args.compilation_cache), prompt_bucket=args.prompt_bucket,
+                         mesh=args.mesh)
     log.info("loaded %s in %.1f s (image %d px, unnorm keys %s, center crop %s)", args.checkpoint,
              time.perf_counter() - t0, policy.config.image_size, policy.unnorm_keys, policy.center_crop)
     service = PolicyService(policy, max_batch=args.max_batch, window_ms=args.window_ms, max_queue=args.max_queue,

@@ -29,6 +29,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+# Names of the adapter params a Linear picks up from its own params scope (set by lora.per_layer_params).
+LORA_A, LORA_B = "lora_A", "lora_B"
+
 
 def _contract(a, b, a_axes, b_axes, out_dtype):
     return jax.lax.dot_general(a, b, ((tuple(a_axes), tuple(b_axes)), ((), ())), preferred_element_type=out_dtype)
@@ -75,7 +78,9 @@ class Linear(nn.Module):
     """`[..., *in] @ kernel [*in, *features] (+ bias [*features])`, contracting the last `n_in` axes.
 
     Params: `kernel` (logical names `kernel_axes`, one per axis of [*in, *features]) and, when
-    `bias_axes` is given, `bias` (zeros init). Inputs and kernel are cast to `dtype`; with
+    `bias_axes` is given, `bias` (zeros init). When the applied params also hold `lora_A` [*in, r] and
+    `lora_B` [r, *features] beside the kernel (never created by init; see lora.per_layer_params),
+    the output gains the low-rank term `(x @ lora_A) @ lora_B`. Inputs and kernel are cast to `dtype`; with
     `accumulate_fp32` the output is float32 (used for logits).
     """
 
@@ -97,9 +102,20 @@ class Linear(nn.Module):
                              f"but the kernel {shape} has {len(shape)}")
         kernel = self.param("kernel", nn.with_logical_partitioning(self.kernel_init, tuple(self.kernel_axes)),
                             shape, self.param_dtype)
-        y = dense(x.astype(self.dtype), jnp.asarray(kernel, self.dtype), self.n_in, self.accumulate_fp32)
+        x = x.astype(self.dtype)
+        y = dense(x, jnp.asarray(kernel, self.dtype), self.n_in, self.accumulate_fp32)
+        if self.has_variable("params", LORA_A):
+            y = y + self._adapter(x).astype(y.dtype)
         if self.bias_axes is None:
             return y
         bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, tuple(self.bias_axes)),
                           tuple(self.features), self.param_dtype)
         return y + bias.astype(y.dtype)
+
+    def _adapter(self, x):
+        """Per-layer LoRA (`vla_jax.models.lora.per_layer_params` puts the adapters beside the kernel):
+        (x @ A) @ B with A [*in, r] and B [r, *features] already scaled by alpha / r, both cast to the
+        compute dtype, so that no merged [*in, *features] kernel is ever formed."""
+        a = jnp.asarray(nn.meta.unbox(self.get_variable("params", LORA_A)), self.dtype)
+        b = jnp.asarray(nn.meta.unbox(self.get_variable("params", LORA_B)), self.dtype)
+        return dense(dense(x, a, self.n_in), b, 1, self.accumulate_fp32)

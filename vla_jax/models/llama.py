@@ -34,6 +34,7 @@ ACT_AXES = ("act_batch", "act_len", "act_embed")
 _INIT_STD = 0.02  # transformers' default `initializer_range` for Llama
 
 Cache = dict  # {'k': [L, B, S, KVH, hd], 'v': [L, B, S, KVH, hd]} in compute dtype
+CACHE_AXES = ("layers", "act_batch", None, "heads", "kv")
 
 
 _INIT = nn.initializers.normal(_INIT_STD)
@@ -74,7 +75,10 @@ def init_cache(config: LlamaConfig, batch: int, max_len: int, dtype: Optional[st
         raise ValueError(f"cache max_len={max_len} exceeds the model's max_seq_len={config.max_seq_len}")
     shape = (config.num_layers, batch, max_len, config.kv_heads, config.head_dim)
     dt = jnp.dtype(dtype or config.dtype)
-    return {"k": jnp.zeros(shape, dt), "v": jnp.zeros(shape, dt)}
+    # Under a mesh and rules (sharded inference, vla_jax.policy_mesh) the cache is split over heads like
+    # the k/v projections that fill it, and over the batch axes; elsewhere this is a no-op.
+    zeros = lambda: nn.with_logical_constraint(jnp.zeros(shape, dt), CACHE_AXES)
+    return {"k": zeros(), "v": zeros()}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,11 +1,18 @@
 """LoRA for OpenVLA, reproducing `vla-scripts/finetune.py` (PEFT 0.11.1, OPENVLA_REFERENCE.md §9, gotcha 16).
 
-Functional: the modules are unchanged. Adapters live in their own pytree and are folded into the
-kernels before the model runs, `W_eff = W + (alpha / r) * A @ B`.
+Adapters live in their own pytree. Two ways to run them, same values (fp32) and gradients:
+  * per layer (training's default): `attach_lora` puts each adapter beside its kernel in the params
+    tree (A, and B pre-multiplied by alpha / r), and `models.dense.Linear` adds `(x @ A) @ B` to
+    `x @ W` inside the layer body, the scanned/remat'd or unrolled one alike (scanned kernels' adapters
+    are stacked like the kernels, so the scan slices them per layer). No merged kernel exists, neither
+    whole stacks of them before the scan nor their full-size cotangents in the backward.
+  * merged: `apply_lora` folds them into the kernels before the model runs, `W_eff = W + (alpha/r) A @ B`
+    (export, PEFT's merge_and_unload; and the memory baseline of bench/plan_7b_memory.py).
 
 API
   LoraConfig(rank=32, alpha=16, targets='all-linear', init='gaussian', dropout=0.0)
   init_lora(params, cfg, rng) -> lora            adapters for every targeted kernel of `params`
+  attach_lora(params, lora, cfg)                  -> params with adapters beside their kernels (per-layer LoRA)
   apply_lora(params, lora, cfg, dtype=None)      -> effective params (differentiable wrt `lora`)
   merge(params, lora, cfg)                        -> merged base params for export (= PEFT merge_and_unload)
   trainable_mask(tree) -> bool tree               True on the adapters the optimizer updates
@@ -13,7 +20,7 @@ API
   count_params(tree) -> int
   Combined tree for `vla_jax.training.state.ParamHooks` (the adapters sit under params['lora']):
   ParamHooks(**hook_functions(cfg)) gives extend_params=add_lora, trainable=trainable_mask,
-  apply_params=effective_params.
+  apply_params=attached_params (per layer; `per_layer=False`: effective_params, merged).
 
 `params` is the tree under 'params' (keys dino/siglip/projector/llm), boxed (nn.LogicallyPartitioned)
 or plain, real arrays or ShapeDtypeStructs (under jax.eval_shape). Outputs keep the boxing of the input.
@@ -44,13 +51,18 @@ Init "gaussian": A ~ normal(std = 1/r) (PEFT: `nn.init.normal_(lora_A, std=1 / r
 the adapted model starts equal to the base model. Dropout 0 only (a merged weight cannot express
 dropout on the adapter input).
 
-Numerics: the delta is computed in fp32 at HIGHEST precision and added to W in fp32 (or W's wider
+Numerics, per layer: A and B (scaled) are cast to the compute dtype like the kernel, so under bf16
+compute the adapter path runs in bf16 beside the bf16 base matmul, as PEFT training does with OpenVLA's
+bf16 model (its adapters follow the base weight's dtype), and deltas below bf16's resolution of W
+still count. For a fused qkv the shared A is applied once per member (the same values three times).
+
+Numerics, merged: the delta is computed in fp32 at HIGHEST precision and added to W in fp32 (or W's wider
 dtype), then cast to `dtype` (default W's dtype). With bf16 compute the modules cast the effective
 kernel to bf16, so the forward sees bf16(W + delta): the rounding of PEFT's bf16 merged export, but
 not of PEFT training, which adds scale * B(A(x)) beside the bf16 base and so also sees deltas below
 bf16's resolution of W (~2^-8 relative). The backward passes through the cast unchanged.
-Memory: the effective kernels and, in the backward, their full-size cotangents are materialised;
-pass `dtype='bfloat16'` to apply_lora to halve both (forward numerics unchanged under bf16 compute).
+Memory, merged: the effective kernels and, in the backward, their full-size cotangents are
+materialised (bench/plan_7b_memory.py measures both ways at 7B; BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -65,8 +77,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from vla_jax.models.dense import LORA_A, LORA_B  # adapter leaf names, also read by Linear
+
 LORA_KEY = "lora"  # where add_lora puts the adapters in a combined params tree
-LORA_A, LORA_B = "lora_A", "lora_B"
 
 # Our kernel's module name -> (PEFT base name, number of input axes, number of output axes).
 # This is the PEFT "base names" table for OpenVLA: the names PEFT sees on the torch modules.
@@ -115,8 +128,8 @@ class LoraConfig:
         if self.init != "gaussian":
             raise ValueError(f"LoraConfig.init={self.init!r}; only 'gaussian' (finetune.py's choice) is implemented")
         if self.dropout != 0.0:
-            raise ValueError(f"LoraConfig.dropout={self.dropout!r}; only 0.0 is supported (adapters are merged "
-                             f"into the weights, which cannot express dropout on the adapter input)")
+            raise ValueError(f"LoraConfig.dropout={self.dropout!r}; only 0.0 is supported (finetune.py's value; "
+                             f"a merged weight could not express dropout on the adapter input)")
         if isinstance(self.targets, str):
             if self.targets != "all-linear":
                 raise ValueError(f"LoraConfig.targets={self.targets!r}; expected 'all-linear' or a tuple of "
@@ -303,6 +316,31 @@ def apply_lora(params: Any, lora: Any, cfg: LoraConfig, dtype: Optional[str] = N
     return traverse_util.unflatten_dict(flat)
 
 
+def attach_lora(params: Any, lora: Any, cfg: LoraConfig) -> Any:
+    """-> params where each targeted kernel's module also holds `lora_A` [*batch, *in, r] and `lora_B`
+    [*batch, r, *out] (= alpha / r * B), which `models.dense.Linear` applies as `(x @ A) @ B`.
+
+    The members of a fused qkv each get the shared A and their slice of B. Only B's scaled copy is
+    new memory (r * out values per kernel); no kernel is touched. Same boxing as `params` (adapters
+    boxed with their logical names when the kernel is). Differentiable wrt `lora`.
+    """
+    tgts = targets(params, cfg)
+    flat_lora = traverse_util.flatten_dict(nn.meta.unbox(lora))
+    _check_lora_tree(flat_lora, tgts, cfg.rank)
+    flat = traverse_util.flatten_dict(params)
+    for t in tgts:
+        a = flat_lora[t.path + (LORA_A,)]
+        b = flat_lora[t.path + (LORA_B,)] * jnp.asarray(cfg.scale, flat_lora[t.path + (LORA_B,)].dtype)
+        member_axis = len(t.batch_shape) + 1  # B is [*batch, r, (member,) *out]
+        b_names = t.b_names[:member_axis] + t.b_names[member_axis + 1:] if len(t.kernels) > 1 else t.b_names
+        for i, kpath in enumerate(t.kernels):
+            bi = jnp.take(b, i, axis=member_axis) if len(t.kernels) > 1 else b
+            boxed = _is_box(flat[kpath])
+            flat[kpath[:-1] + (LORA_A,)] = nn.LogicallyPartitioned(a, t.a_names) if boxed else a
+            flat[kpath[:-1] + (LORA_B,)] = nn.LogicallyPartitioned(bi, b_names) if boxed else bi
+    return traverse_util.unflatten_dict(flat)
+
+
 def merge(params: Any, lora: Any, cfg: LoraConfig) -> Any:
     """PEFT's merge_and_unload: the base params with the adapters folded in, each kernel in its own dtype.
     Use for export / saving merged weights (the result loads into the plain model)."""
@@ -354,8 +392,18 @@ def effective_params(params: dict, cfg: LoraConfig, dtype: Optional[str] = None)
     return apply_lora(base, lora, cfg, dtype)
 
 
-def hook_functions(cfg: LoraConfig, dtype: Optional[str] = None) -> Dict[str, Any]:
+def attached_params(params: dict, cfg: LoraConfig) -> dict:
+    """Combined params -> base params with the adapters beside their kernels, 'lora' removed
+    (ParamHooks.apply_params of per-layer LoRA)."""
+    base, lora = split_lora(params)
+    return attach_lora(base, lora, cfg)
+
+
+def hook_functions(cfg: LoraConfig, per_layer: bool = True, dtype: Optional[str] = None) -> Dict[str, Any]:
     """Keyword arguments for `ParamHooks`: extend_params, trainable, apply_params.
-    dtype: see apply_lora ('bfloat16' halves the effective-kernel memory under bf16 compute)."""
-    return dict(extend_params=lambda p, rng: add_lora(p, rng, cfg), trainable=trainable_mask,
-                apply_params=lambda p: effective_params(p, cfg, dtype))
+    per_layer: adapters applied inside each layer (`attach_lora`); False merges every kernel first
+    (`effective_params`, with `dtype` as in apply_lora), which holds a second copy of the weights."""
+    if per_layer and dtype is not None:
+        raise ValueError("hook_functions: dtype applies to merged kernels only (per_layer=False)")
+    apply = (lambda p: attached_params(p, cfg)) if per_layer else (lambda p: effective_params(p, cfg, dtype))
+    return dict(extend_params=lambda p, rng: add_lora(p, rng, cfg), trainable=trainable_mask, apply_params=apply)
