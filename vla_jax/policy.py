@@ -20,7 +20,7 @@ What happens (OPENVLA_REFERENCE.md §2-§4, §9):
    `predict_action`, the result is a float64 numpy array, computed in float64.
 5. Gripper: OpenVLA's convention (1 = open, 0 = closed) by default; `gripper="dataset"` returns it
    in the convention the dataset was registered with (the inverse of its transform,
-   `vla_jax.data.oxe.gripper_output`; the checkpoint records its datasets' configs).
+   `vla_jax.spec.gripper`; the checkpoint records its datasets' configs).
 
 By default the argmax runs over the whole vocabulary, as OpenVLA's `generate` does;
 `action_tokens_only=True` restricts it to the action tokens.
@@ -393,7 +393,7 @@ class Policy:
 
     def check_gripper(self, gripper: str, unnorm_key: Optional[str] = None) -> None:
         """ValueError unless actions for `unnorm_key` can be returned in convention `gripper`."""
-        from vla_jax.data.oxe.gripper_output import check_gripper_output, dataset_convention
+        from vla_jax.spec.gripper import check_gripper_output, dataset_convention
 
         if check_gripper_output(gripper) == "dataset":
             dataset_convention(self.dataset_config(unnorm_key))
@@ -402,7 +402,7 @@ class Policy:
                         gripper: str = "openvla") -> np.ndarray:
         """float64 [..., D] actions in OpenVLA's gripper convention -> `gripper`'s: 'openvla' (unchanged,
         1 = open, 0 = closed) or 'dataset' (the convention the dataset was registered with)."""
-        from vla_jax.data.oxe.gripper_output import check_gripper_output, to_dataset_gripper
+        from vla_jax.spec.gripper import check_gripper_output, to_dataset_gripper
 
         if check_gripper_output(gripper) == "openvla":
             return actions
@@ -438,7 +438,7 @@ class Policy:
         """B images (uint8 [H, W, 3] each, or [B, H, W, 3]) + B instructions -> float64 [B, action_dim].
 
         gripper: 'openvla' (default: 1 = open, 0 = closed, as OpenVLA returns it) or 'dataset' (the
-        convention the dataset was registered with; see `vla_jax.data.oxe.gripper_output`).
+        convention the dataset was registered with; see `vla_jax.spec.gripper`).
         stop_at_eos: upstream's early-EOS decoding, for parity studies (see `predict_action`)."""
         key = self.resolve_unnorm_key(unnorm_key)
         self.check_gripper(gripper, key)  # before decoding: a non-invertible convention fails fast

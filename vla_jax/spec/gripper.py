@@ -1,6 +1,6 @@
 """The gripper at the output: OpenVLA's convention (1 = open, 0 = closed) back into a dataset's own.
 
-Training reads every dataset's gripper into OpenVLA's convention (`gripper.py`, `transforms.py`),
+Training reads every dataset's gripper into OpenVLA's convention (`vla_jax/data/oxe/gripper.py`, `transforms.py`),
 so a policy predicts that convention, and `Policy` returns it by default, like OpenVLA. A robot
 whose dataset was registered with another convention needs the inverse of the registered
 transform (`Policy.predict_action(..., gripper="dataset")`, the server's `"gripper"` payload key,
