@@ -49,10 +49,11 @@ JSON_ITEMS = {
     "dataset_statistics": "dataset_statistics.json",
     "tokenizer": "tokenizer.json",
     "training_data": "training_data.json",
+    "batch_spec": "batch_spec.json",  # vla_jax.spec.BatchSpec (with its ActionCodec)
 }
 ASSET_ITEMS = ("config", "dataset_statistics", "tokenizer")
 # Saved when given, read when present (checkpoints written before they existed lack them).
-OPTIONAL_ASSET_ITEMS = ("training_data",)
+OPTIONAL_ASSET_ITEMS = ("training_data", "batch_spec")
 
 
 def _registry() -> ocp.handlers.DefaultCheckpointHandlerRegistry:
