@@ -2,6 +2,7 @@
 demo tokenizer puts the action bins on ids no text maps to, and each phase's command line names an
 existing entry point with flags it defines. No training or simulation runs here (< 30 s)."""
 
+import json
 import os
 import subprocess
 import sys
@@ -91,3 +92,34 @@ def test_time_limit_stop_is_not_a_failure(tmp_path):
     with pytest.raises(RuntimeError, match="failed \\(exit 3\\)"):
         demo._run([sys.executable, "-c", "raise SystemExit(3)"], log, tee=False, stop_after_s=30)
     assert demo.latest_step(str(tmp_path)) is None
+
+
+def test_speed_calibration_reads_the_step_times_after_compilation(tmp_path):
+    """The step budget follows the measured speed: 1 / median step time of the records after step 1
+    (step 1 carries the compilation), from the run's real metrics.jsonl format."""
+    path = tmp_path / "metrics.jsonl"
+    recs = [{"step": 1, "step_time": 30.0}, {"step": 10, "step_time": 0.25}, {"step": 20, "step_time": 0.5},
+            {"step": 30, "step_time": 0.2}, {"step": 40, "step_time": 0.3}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    assert demo.measured_steps_per_s(str(path)) == pytest.approx(1 / 0.3)
+    path.write_text(json.dumps({"step": 1, "step_time": 30.0}) + "\n")
+    with pytest.raises(RuntimeError, match="no step times after step 1"):
+        demo.measured_steps_per_s(str(path))
+    # A machine twice as fast trains twice as many steps in the same budget.
+    assert demo.steps_for(16, 3.6) == 2 * demo.steps_for(16, 1.8)
+
+
+def test_result_json_schema(tmp_path, monkeypatch):
+    monkeypatch.setattr(demo, "REPO", str(tmp_path))
+    summary = {"times_s": {"train": 900.0}, "offline": {"action_token_accuracy": 0.5, "l1_normalized": 0.1},
+               "closed_loop": {"mean_success": {"model": 0.65, "expert": 1.0},
+                               "per_task": {"model": {"reach-v3": 1.0, "push-v3": 0.3},
+                                            "expert": {"reach-v3": 1.0, "push-v3": 1.0}}}}
+    path = demo.write_result("openvla", summary, 1660, 1234.5)
+    assert path == str(tmp_path / "bench" / "results" / "demo_openvla.json")
+    with open(path) as f:
+        got = json.load(f)
+    assert {k: got[k] for k in ("recipe", "cameras", "mean_success", "per_task", "train_steps", "wall_s_total")} == {
+        "recipe": "openvla", "cameras": 1, "mean_success": 0.65, "per_task": {"reach-v3": 1.0, "push-v3": 0.3},
+        "train_steps": 1660, "wall_s_total": 1234.5}
+    assert "cores" in got["machine"] and got["commit"]

@@ -5,12 +5,14 @@
 Phases (each a subprocess except the tokenizer, so TensorFlow and the simulator never share one):
   1. data       Meta-World expert demonstrations -> RLDS (vla_jax.sim.demos; cached)
   2. tokenizer  a 512-piece SentencePiece model of the instructions, last 256 ids = action bins (cached)
-  3. train      train.py --config=configs/demo.py, steps sized to --minutes
+  3. train      train.py --config=configs/demo.py, steps sized to --minutes at the speed measured on
+                this machine (a short calibration run first; its compiled program is reused)
   4. offline    eval.py on the held-out 'val' split (token accuracy, L1)
   5. closed     eval.py --sim=metaworld on held-out configurations (success per task, GIFs)
   6. export     python -m vla_jax.hf export (an HF-format folder)
 and prints a summary with the file locations. Re-running with the same --out resumes: the data
-and tokenizer are cached and a finished training run is kept.
+and tokenizer are cached and a finished training run is kept. The result (recipe, success per task,
+steps, wall time, machine, commit) is also written to bench/results/demo_<recipe>.json.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ import hashlib
 import io
 import json
 import os
+import platform
+import shutil
 import signal
 import subprocess
 import sys
@@ -135,9 +139,10 @@ def _run(cmd: List[str], log_path: str, tee: bool = True, stop_after_s: Optional
     return stopped.is_set()
 
 
-def train_command(workdir: str, data_dir: str, tokenizer: str, steps: int, batch: int = 0) -> List[str]:
+def train_command(workdir: str, data_dir: str, tokenizer: str, steps: int, batch: int = 0,
+                  compile_cache: str = "") -> List[str]:
     return [sys.executable, "train.py", f"--config=configs/demo.py:steps={steps}" + (f",batch={batch}" if batch else ""),
-            f"--workdir={workdir}",
+            f"--workdir={workdir}", f"--config.compile_cache_dir={compile_cache}",
             f"--config.tokenizer={tokenizer}", f"--config.data.data_dir={data_dir}",
             f"--config.data.dataset_configs={os.path.join(data_dir, 'dataset_config.json')}"]
 
@@ -169,6 +174,32 @@ def latest_step(workdir: str) -> Optional[int]:
         return None
 
 
+CALIBRATION_STEPS = 40  # metrics.jsonl records steps 1, 10, 20, 30, 40: the median of the last four
+
+
+def measured_steps_per_s(metrics_path: str) -> float:
+    """Training speed from a run's metrics.jsonl: 1 / the median step time of the records after step 1
+    (step 1 includes compilation and the shuffle buffer's fill)."""
+    with open(metrics_path) as f:
+        recs = [json.loads(line) for line in f if line.strip()]
+    times = sorted(r["step_time"] for r in recs if r.get("step", 0) > 1 and r.get("step_time", 0) > 0)
+    if not times:
+        raise RuntimeError(f"{metrics_path} has no step times after step 1; cannot measure the training speed")
+    return 1.0 / times[len(times) // 2]
+
+
+def calibrate(out: str, data_dir: str, tokenizer: str, batch: int, compile_cache: str, log_path: str) -> tuple:
+    """Runs CALIBRATION_STEPS training steps in a scratch folder -> (steps/s, wall seconds). The XLA
+    program lands in `compile_cache`, so the real run does not compile again."""
+    scratch = os.path.join(out, "calibrate")
+    shutil.rmtree(scratch, ignore_errors=True)
+    t0 = time.perf_counter()
+    _run(train_command(scratch, data_dir, tokenizer, CALIBRATION_STEPS, batch, compile_cache), log_path, tee=False)
+    rate = measured_steps_per_s(os.path.join(scratch, "metrics.jsonl"))
+    shutil.rmtree(scratch, ignore_errors=True)
+    return rate, time.perf_counter() - t0
+
+
 def steps_for(minutes: float, steps_per_s: float) -> int:
     """Training steps that fit `minutes` at `steps_per_s` (after ~1 minute of compilation and start-up)."""
     if minutes <= 0:
@@ -181,12 +212,13 @@ def parse_args(argv):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=None, help=f"output folder (default {default_out_dir()})")
     p.add_argument("--data", default=None, help="demo dataset folder (default: the make_demo_data cache, 64 px)")
-    # Defaults sized for ~20 minutes in all on 2 cores: <= 16 min of training (batch 64; measured
-    # 1.9-2.15 steps/s, so 1.85 leaves a margin for start-up and a slower machine), then ~3.5 min of
-    # evaluation and export.
+    # Defaults sized for ~20 minutes in all on 2 cores: <= 16 min of training (calibration included),
+    # then ~3.5 min of evaluation and export.
     p.add_argument("--minutes", type=float, default=16.0, help="training time budget (sets the step count)")
     p.add_argument("--steps", type=int, default=0, help="training steps (overrides --minutes)")
-    p.add_argument("--steps_per_s", type=float, default=1.85, help="assumed training speed for --minutes")
+    p.add_argument("--steps_per_s", type=float, default=0.0,
+                   help="training speed for --minutes; 0 (default) = measure it with a short calibration run")
+    p.add_argument("--recipe", default="openvla", help="name of the recipe in bench/results/demo_<recipe>.json")
     p.add_argument("--batch", type=int, default=0, help="global batch size (default: configs/demo.py's)")
     p.add_argument("--episodes", type=int, default=10, help="closed-loop episodes per task (held-out configs)")
     p.add_argument("--workers", type=int, default=2, help="simulator worker processes")
@@ -203,6 +235,7 @@ def main(argv=None) -> Dict:
     os.makedirs(out, exist_ok=True)
     log_path = os.path.join(out, "demo.log")
     times: Dict[str, float] = {}
+    t_start = time.perf_counter()
     say = lambda m: print(f"[demo] {m}", flush=True)  # noqa: E731
 
     t = time.perf_counter()
@@ -219,17 +252,30 @@ def main(argv=None) -> Dict:
 
     t = time.perf_counter()
     workdir = os.path.join(out, "train")
-    steps = args.steps or steps_for(args.minutes, args.steps_per_s)
-    # The step count assumes a speed; the time limit holds whatever the machine's load (the run then
-    # stops early at a checkpoint, before its cosine schedule ends).
-    say(f"3/6 train: {steps} steps (batch {args.batch or 'from configs/demo.py'}), at most {args.minutes:g} min -> {workdir}")
-    stopped = _run(train_command(workdir, data_dir, tok, steps, args.batch), log_path, stop_after_s=args.minutes * 60)
+    cache = os.path.join(out, "xla_cache")
+    budget_s = args.minutes * 60
+    steps = args.steps
+    if not steps and latest_step(workdir) is None:
+        rate = args.steps_per_s
+        if rate <= 0:
+            say(f"3/6 train: measuring this machine's speed ({CALIBRATION_STEPS} steps)")
+            rate, cal_s = calibrate(out, data_dir, tok, args.batch, cache, log_path)
+            budget_s -= cal_s
+            say(f"3/6 train: {rate:.2f} steps/s measured in {cal_s:.0f} s")
+        steps = steps_for(budget_s / 60, rate)
+    elif not steps:  # resuming: the finished or interrupted run's own step count
+        steps = _recorded_steps(workdir)
+    # The time limit holds whatever happens to the machine's load meanwhile (the run then stops early
+    # at a checkpoint, before its cosine schedule ends, and says so).
+    say(f"3/6 train: {steps} steps (batch {args.batch or 'from configs/demo.py'}), at most {budget_s / 60:.1f} min "
+        f"-> {workdir}")
+    stopped = _run(train_command(workdir, data_dir, tok, steps, args.batch, cache), log_path, stop_after_s=budget_s)
     times["train"] = time.perf_counter() - t
     trained = latest_step(workdir)
     if trained is None:
         raise RuntimeError(f"training wrote no checkpoint under {workdir}; see {log_path}")
     if stopped:
-        say(f"training reached the {args.minutes:g}-min limit; evaluating step {trained} of {steps}")
+        say(f"training reached the {budget_s / 60:.1f}-min limit; evaluating step {trained} of {steps}")
 
     t = time.perf_counter()
     offline_dir = os.path.join(out, "eval_offline")
@@ -254,12 +300,56 @@ def main(argv=None) -> Dict:
     summary = summarize(out, offline_dir, closed_dir, hf_dir if not args.skip_export else None, times)
     with open(os.path.join(out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
-    print(format_summary(summary), flush=True)
+    result_path = write_result(args.recipe, summary, trained, time.perf_counter() - t_start)
+    print(format_summary(summary) + f"\nresult: {result_path}", flush=True)
     return summary
 
 
 # ----------------------------------------------------------------------------------------------
 # Summary
+
+
+def _recorded_steps(workdir: str) -> int:
+    """num_steps of an existing demo training run (its checkpoint's config asset)."""
+    from vla_jax.checkpoints import load_assets
+
+    return int(load_assets(workdir)["config"]["num_steps"])
+
+
+def machine_description() -> str:
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), model)
+    except OSError:
+        pass
+    return f"{model}, {os.cpu_count()} cores, {platform.system()}"
+
+
+def git_commit() -> str:
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                               capture_output=True, text=True, check=True).stdout.strip()
+        return head.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def write_result(recipe: str, summary: Dict, train_steps: Optional[int], wall_s: float) -> str:
+    """bench/results/demo_<recipe>.json: the run's held-out closed-loop result in a fixed schema."""
+    c = summary["closed_loop"]
+    name = "model" if "model" in c["per_task"] else next(iter(c["per_task"]))
+    result = {"recipe": recipe, "cameras": 1, "mean_success": float(c["mean_success"][name]),
+              "per_task": {t: float(v) for t, v in c["per_task"][name].items()},
+              "train_steps": train_steps, "wall_s_total": round(wall_s, 1), "times_s": summary["times_s"],
+              "offline": {k: summary["offline"][k] for k in ("action_token_accuracy", "l1_normalized")},
+              "machine": machine_description(), "commit": git_commit()}
+    path = os.path.join(REPO, "bench", "results", f"demo_{recipe}.json")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1)
+    return path
 
 
 def _first_success_gif(closed_dir: str, name: str = "model") -> Optional[str]:
