@@ -6,7 +6,7 @@ Phases (each a subprocess except the tokenizer, so TensorFlow and the simulator 
   1. data       Meta-World expert demonstrations -> RLDS (vla_jax.sim.demos; cached)
   2. tokenizer  a 512-piece SentencePiece model of the instructions, last 256 ids = action bins (cached)
   3. train      train.py --config=configs/demo.py, steps sized to --minutes at the speed measured on
-                this machine (a short calibration run first; its compiled program is reused)
+                this machine (a short calibration run first)
   4. offline    eval.py on the held-out 'val' split (token accuracy, L1)
   5. closed     eval.py --sim=metaworld on held-out configurations (success per task, GIFs)
   6. export     python -m vla_jax.hf export (an HF-format folder)
@@ -139,10 +139,9 @@ def _run(cmd: List[str], log_path: str, tee: bool = True, stop_after_s: Optional
     return stopped.is_set()
 
 
-def train_command(workdir: str, data_dir: str, tokenizer: str, steps: int, batch: int = 0,
-                  compile_cache: str = "") -> List[str]:
+def train_command(workdir: str, data_dir: str, tokenizer: str, steps: int, batch: int = 0) -> List[str]:
     return [sys.executable, "train.py", f"--config=configs/demo.py:steps={steps}" + (f",batch={batch}" if batch else ""),
-            f"--workdir={workdir}", f"--config.compile_cache_dir={compile_cache}",
+            f"--workdir={workdir}",
             f"--config.tokenizer={tokenizer}", f"--config.data.data_dir={data_dir}",
             f"--config.data.dataset_configs={os.path.join(data_dir, 'dataset_config.json')}"]
 
@@ -188,13 +187,13 @@ def measured_steps_per_s(metrics_path: str) -> float:
     return 1.0 / times[len(times) // 2]
 
 
-def calibrate(out: str, data_dir: str, tokenizer: str, batch: int, compile_cache: str, log_path: str) -> tuple:
-    """Runs CALIBRATION_STEPS training steps in a scratch folder -> (steps/s, wall seconds). The XLA
-    program lands in `compile_cache`, so the real run does not compile again."""
+def calibrate(out: str, data_dir: str, tokenizer: str, batch: int, log_path: str) -> tuple:
+    """Runs CALIBRATION_STEPS training steps in a scratch folder -> (steps/s, wall seconds). Its wall time
+    (start-up and compilation included) comes out of the training budget."""
     scratch = os.path.join(out, "calibrate")
     shutil.rmtree(scratch, ignore_errors=True)
     t0 = time.perf_counter()
-    _run(train_command(scratch, data_dir, tokenizer, CALIBRATION_STEPS, batch, compile_cache), log_path, tee=False)
+    _run(train_command(scratch, data_dir, tokenizer, CALIBRATION_STEPS, batch), log_path, tee=False)
     rate = measured_steps_per_s(os.path.join(scratch, "metrics.jsonl"))
     shutil.rmtree(scratch, ignore_errors=True)
     return rate, time.perf_counter() - t0
@@ -252,14 +251,13 @@ def main(argv=None) -> Dict:
 
     t = time.perf_counter()
     workdir = os.path.join(out, "train")
-    cache = os.path.join(out, "xla_cache")
     budget_s = args.minutes * 60
     steps = args.steps
     if not steps and latest_step(workdir) is None:
         rate = args.steps_per_s
         if rate <= 0:
             say(f"3/6 train: measuring this machine's speed ({CALIBRATION_STEPS} steps)")
-            rate, cal_s = calibrate(out, data_dir, tok, args.batch, cache, log_path)
+            rate, cal_s = calibrate(out, data_dir, tok, args.batch, log_path)
             budget_s -= cal_s
             say(f"3/6 train: {rate:.2f} steps/s measured in {cal_s:.0f} s")
         steps = steps_for(budget_s / 60, rate)
@@ -269,7 +267,7 @@ def main(argv=None) -> Dict:
     # at a checkpoint, before its cosine schedule ends, and says so).
     say(f"3/6 train: {steps} steps (batch {args.batch or 'from configs/demo.py'}), at most {budget_s / 60:.1f} min "
         f"-> {workdir}")
-    stopped = _run(train_command(workdir, data_dir, tok, steps, args.batch, cache), log_path, stop_after_s=budget_s)
+    stopped = _run(train_command(workdir, data_dir, tok, steps, args.batch), log_path, stop_after_s=budget_s)
     times["train"] = time.perf_counter() - t
     trained = latest_step(workdir)
     if trained is None:
