@@ -233,3 +233,21 @@ def test_encode_batch_chunk_shape_errors_name_the_shapes(llama_tokenizer_path):
     for bad in (0, 1.5, True):
         with pytest.raises(ValueError, match="action_chunk"):
             VLATokenizer.from_file(llama_tokenizer_path, action_chunk=bad)
+
+
+def test_split_without_a_full_chunk_is_an_error_not_an_empty_stream(bridge_data_dir, llama_tokenizer_path,
+                                                                    tmp_path):
+    # Every val episode cut to 6 raw steps (4 standardized): the train split still has 8-step
+    # episodes, so the up-front check (all splits) passes, but the val stream holds no chunk of 8.
+    def edit(split, i, ex):
+        if split == "val":
+            truncate({i: 6})("train", i, ex)
+
+    data = bad_input.make_builder(bridge_data_dir, tmp_path / "data", edit)
+    with pytest.warns(pipeline.DataWarning, match="25 of 50 trajectories"):
+        it = pipeline.make_train_iterator(chunk_cfg(data, tmp_path, 8, split="val", repeat=True),
+                                          llama_tokenizer_path, 0, 1)
+    with pytest.raises(ValueError) as e:
+        next(it)
+    msg = str(e.value)
+    assert "'bridge_dataset'" in msg and "'val'" in msg and "action_chunk=8" in msg and "no usable frames" in msg

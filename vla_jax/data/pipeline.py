@@ -29,6 +29,8 @@ Exported for the training and eval scripts:
 With action_chunk K > 1, trajectories shorter than K are dropped, counted from the cached
 statistics and said (a DataWarning naming the dataset, the episodes and frames, over all splits); a
 dataset with no trajectory of K steps or more is an error naming it, K and its longest trajectory.
+A repeating stream that has no frame at all (e.g. a split or process share without a full chunk)
+is a ValueError at `next(it)`, not a bare StopIteration.
 
 Order of operations (OpenVLA's, OPENVLA_REFERENCE.md §5): read this host's share of each dataset's
 episodes (images stay encoded) -> standardize -> drop trajectories with non-finite actions or no
@@ -411,6 +413,16 @@ class DataIterator:
                 if rlds.find_corrupt_files(rlds.split_files(src.builder, self.data_cfg.split)):
                     raise rlds.corrupt_data_error(src.builder, self.data_cfg.split, e) from None
             raise
+        except StopIteration:
+            if not self.data_cfg.repeat:
+                raise
+            # An endless stream that ends has nothing to repeat: say why instead of a bare StopIteration.
+            k = self.data_cfg.action_chunk
+            why = (f"; with action_chunk={k}, only trajectories of {k} steps or more are streamed (the "
+                   f"length check before training counts all splits together)" if k > 1 else "")
+            raise ValueError(f"the data stream of mixture {self.data_cfg.mixture!r} (split "
+                             f"{self.data_cfg.split!r}, process {self.process_index} of {self.process_count}) "
+                             f"has no usable frames although repeat=True{why}") from None
         self.batches_consumed += 1
         instructions = [s.decode("utf-8") for s in b["language_instruction"].numpy()]
         actions = b["action"].numpy()
