@@ -251,3 +251,22 @@ def test_split_without_a_full_chunk_is_an_error_not_an_empty_stream(bridge_data_
         next(it)
     msg = str(e.value)
     assert "'bridge_dataset'" in msg and "'val'" in msg and "action_chunk=8" in msg and "no usable frames" in msg
+
+
+def test_resume_state_of_unchunked_stream_keeps_its_old_fingerprint(bridge_data_dir, llama_tokenizer_path,
+                                                                    tmp_path):
+    """A K=1 iterator state saved before `action_chunk` existed still resumes: its fingerprint is the
+    hash of the config without that field (the pre-chunk format); K=8 gets another one."""
+    import hashlib
+
+    cfg = chunk_cfg(bridge_data_dir, tmp_path, 1, repeat=True)
+    it = pipeline.make_train_iterator(cfg, llama_tokenizer_path, 0, 1)
+    old = {k: v for k, v in dataclasses.asdict(cfg).items()
+           if k not in ("threads", "ram_budget_gb", "stats_cache_dir", "dataset_configs", "action_chunk")}
+    old.update(process_index=0, process_count=1)
+    old_fp = hashlib.sha256(json.dumps(old, sort_keys=True).encode()).hexdigest()[:16]
+    state = json.loads(bytes(it.get_state()).decode())
+    assert state["fingerprint"] == old_fp
+    it8 = pipeline.make_train_iterator(dataclasses.replace(cfg, action_chunk=8), llama_tokenizer_path, 0, 1)
+    with pytest.raises(ValueError, match="different data config"):
+        it8.set_state(it.get_state())

@@ -434,6 +434,8 @@ class DataIterator:
     # --- resume -----------------------------------------------------------------------------
     def _fingerprint(self) -> str:
         d = {k: v for k, v in dataclasses.asdict(self.data_cfg).items() if k not in _STREAM_NEUTRAL}
+        if d["action_chunk"] == 1:
+            del d["action_chunk"]  # states saved before the field existed (K = 1) still resume
         d.update(process_index=self.process_index, process_count=self.process_count)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
