@@ -270,3 +270,21 @@ def test_resume_state_of_unchunked_stream_keeps_its_old_fingerprint(bridge_data_
     it8 = pipeline.make_train_iterator(dataclasses.replace(cfg, action_chunk=8), llama_tokenizer_path, 0, 1)
     with pytest.raises(ValueError, match="different data config"):
         it8.set_state(it.get_state())
+
+
+@pytest.mark.parametrize("t, k", [(5, 1), (5, 3), (5, 5), (4, 5), (0, 2)])
+def test_chunk_actions_unit(t, k):
+    """chunk_actions / has_full_chunk on a small trajectory against a numpy loop."""
+    rng = np.random.default_rng(t * 10 + k)
+    a = rng.normal(size=(t, 7)).astype(np.float32)
+    traj = {"action": tf.constant(a), "image": tf.constant([f"img{i}".encode() for i in range(t)], tf.string),
+            "language_instruction": tf.constant([b"x"] * t, tf.string), "dataset_index": tf.zeros([t], tf.int32)}
+    assert bool(transforms.has_full_chunk(traj, k)) == (t >= k)
+    if t < k:
+        return
+    out = transforms.chunk_actions(traj, k)
+    want = np.stack([a[s:s + k] for s in range(t - k + 1)])  # frame s: actions s .. s+k-1
+    assert out["action"].shape == (t - k + 1, k, 7)
+    np.testing.assert_array_equal(out["action"].numpy(), want)
+    assert out["image"].numpy().tolist() == [f"img{i}".encode() for i in range(t - k + 1)]
+    assert out["language_instruction"].shape == (t - k + 1,) and out["dataset_index"].shape == (t - k + 1,)
