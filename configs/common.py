@@ -40,6 +40,10 @@ def base_config() -> ml_collections.ConfigDict:
         stats_cache_dir=config_dict.placeholder(str),   # where statistics go if data_dir is read-only
         deterministic=True,     # order depends only on the seed: exact resume by replay
         balance_weights=True,   # mixture weights x num_transitions (OpenVLA)
+        # Actions per frame: 1 is OpenVLA; K > 1 is OpenVLA-OFT's chunk of actions t..t+K-1 (LIBERO: 8),
+        # chunks start only where a full chunk exists, shorter episodes are dropped (and counted).
+        # max_seq_len must then hold the prompt plus K x 7 action tokens (K=8: 128 is enough).
+        action_chunk=1,
     ))
     c.synthetic = ml_collections.ConfigDict(dict(num_datasets=1, palette=0))  # data_source='synthetic' only
 

@@ -6,7 +6,9 @@
   vocabulary (31744..31999 for Llama-2). Bit-exact with OpenVLA's `ActionTokenizer`.
 - `VLATokenizer`: builds prompts and fixed-length training sequences directly as ids:
   `[BOS] + ids("In: What action should the robot take to {instr}?\\nOut:") + [SPACE] + a1..a7 + [EOS]`,
-  padded right with PAD; labels are -100 everywhere except the 7 action ids and EOS.
+  padded right with PAD; labels are -100 everywhere except the 7 action ids and EOS. With
+  `action_chunk=K > 1` (OpenVLA-OFT, OFT_REFERENCE.md §2) the K x 7 chunk goes in timestep-major
+  (row-major [K, 7]: a_0 .. a_{7K-1}) and labels keep those 7K ids and EOS.
 
 Why ids are built directly instead of re-tokenizing the decoded action characters (as OpenVLA
 does): with the Llama-2 model, every one of the 256 action ids decodes to a single character, and
@@ -119,15 +121,19 @@ class VLATokenizer:
     """Prompt and training-sequence builder on top of a `LlamaTokenizer`.
 
     `max_len` is the fixed text length (BOS included, image patches not) that every training
-    sequence is padded to.
+    sequence is padded to. `action_chunk` is K, the actions per training sequence (1: OpenVLA;
+    K > 1: OpenVLA-OFT's chunks, K x action_dim action ids).
     """
 
     def __init__(self, tokenizer: LlamaTokenizer, max_len: int = 64, n_bins: int = 256,
-                 action_dim: int = 7):
+                 action_dim: int = 7, action_chunk: int = 1):
         self.tokenizer = tokenizer
         self.action_tokenizer = ActionTokenizer(vocab_size=tokenizer.vocab_size, n_bins=n_bins)
         self.max_len = int(max_len)
         self.action_dim = int(action_dim)
+        if isinstance(action_chunk, bool) or int(action_chunk) != action_chunk or int(action_chunk) < 1:
+            raise ValueError(f"action_chunk must be an integer >= 1, got {action_chunk!r}")
+        self.action_chunk = int(action_chunk)
         self._prompt_cache: Dict[str, List[int]] = {}
 
     @classmethod
@@ -151,21 +157,38 @@ class VLATokenizer:
         """`[BOS] + prompt + [SPACE]`: the context the first action token is predicted from."""
         return [self.tokenizer.bos_id] + self.prompt_ids(instruction) + [self.tokenizer.space_id]
 
-    def training_ids(self, instruction: str, action_ids: Sequence[int]) -> List[int]:
-        """Unpadded `[BOS] + prompt + [SPACE] + action_ids + [EOS]`."""
-        return self.inference_ids(instruction) + [int(i) for i in action_ids] + [self.tokenizer.eos_id]
+    def training_ids(self, instruction: str, action_ids) -> List[int]:
+        """Unpadded `[BOS] + prompt + [SPACE] + action_ids + [EOS]`; action_ids [D] or a chunk
+        [K, D], flattened row-major (timestep-major: a_0's D ids, then a_1's, ...)."""
+        flat = np.asarray(action_ids).reshape(-1)
+        return self.inference_ids(instruction) + [int(i) for i in flat] + [self.tokenizer.eos_id]
+
+    def _action_rows(self, actions, b: int) -> np.ndarray:
+        """actions -> [B, K * action_dim] in timestep-major order, after checking the shape.
+
+        K = 1: [B, action_dim] only (OpenVLA). K > 1: [B, K, action_dim] or already flat
+        [B, K * action_dim]."""
+        a = np.asarray(actions)
+        k, d = self.action_chunk, self.action_dim
+        if k == 1:
+            if a.ndim != 2 or a.shape[1] != d or a.shape[0] != b:
+                raise ValueError(f"actions must be [B={b}, {d}], got {a.shape}")
+            return a
+        if a.shape == (b, k, d) or a.shape == (b, k * d):
+            return a.reshape(b, k * d)
+        raise ValueError(f"actions for action_chunk={k} must be [B={b}, {k}, {d}] (or flat [B={b}, {k * d}]), "
+                         f"got {a.shape}")
 
     def encode_batch(self, instructions: Sequence, actions) -> Dict[str, np.ndarray]:
-        """instructions: B str/bytes; actions: normalized float [B, action_dim].
+        """instructions: B str/bytes; actions: normalized float [B, action_dim] (action_chunk 1), or
+        [B, K, action_dim] / [B, K * action_dim] (action_chunk K > 1, timestep-major).
 
-        Returns int32 `input_ids`, `attention_mask`, `labels`, each [B, max_len].
+        Returns int32 `input_ids`, `attention_mask`, `labels`, each [B, max_len]; labels are -100
+        except the K * action_dim action ids and EOS.
         Raises ValueError if a sequence does not fit `max_len` (truncating would cut the actions).
         """
-        actions = np.asarray(actions)
-        if actions.ndim != 2 or actions.shape[1] != self.action_dim or actions.shape[0] != len(instructions):
-            raise ValueError(f"actions must be [B={len(instructions)}, {self.action_dim}], got {actions.shape}")
-        action_ids = self.action_tokenizer.encode(actions)
-        n_sup = self.action_dim + 1  # 7 action ids + EOS carry the loss
+        action_ids = self.action_tokenizer.encode(self._action_rows(actions, len(instructions)))
+        n_sup = self.action_chunk * self.action_dim + 1  # the K x 7 action ids + EOS carry the loss
         b, length = len(instructions), self.max_len
         input_ids = np.full((b, length), self.pad_id, np.int32)
         labels = np.full((b, length), IGNORE_INDEX, np.int32)

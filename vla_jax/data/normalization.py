@@ -17,7 +17,10 @@ change to a large file that keeps its size and modification time and misses ever
 not seen (delete the cache file, named in the log, to recompute). A cache hit is logged as a
 warning naming the file. Trajectories with NaN/inf actions are left out and counted; so are
 trajectories that standardize to zero steps. The cache file also holds those counts under
-"vla_jax_counts" (stripped from the exported statistics).
+"vla_jax_counts" and, under "vla_jax_episode_lengths", how many streamed (finite, labeled)
+trajectories have each length ({"T": count}; the action-chunk check reads it); both are stripped
+from the exported statistics. A cache file written before the lengths existed is recomputed when
+they are needed (`cached_statistics(..., valid=...)`).
 
 Normalization: `where(mask, clip(2 (a - q01) / (q99 - q01 + 1e-8) - 1, -1, 1), a)`, then every
 dimension whose min == max becomes 0 (even an unmasked one). Inverse for inference:
@@ -44,6 +47,7 @@ STATS_FIELDS = ("mean", "std", "max", "min", "q01", "q99")
 # Bump when the statistics computation itself changes (filters, dtype): invalidates every cache.
 STATS_VERSION = "vla_jax-stats-v1"
 COUNTS_KEY = "vla_jax_counts"
+LENGTHS_KEY = "vla_jax_episode_lengths"
 
 
 def default_cache_dir() -> str:
@@ -56,9 +60,11 @@ def compute_statistics(trajectories: Iterable[Mapping[str, np.ndarray]], mask: S
     """trajectories: numpy dicts with 'action' [T, A] (standardized, unnormalized).
 
     Returns one statistics entry (format above) plus COUNTS_KEY: {"nonfinite": n, "empty": n,
-    "unlabeled": n} (unlabeled: every instruction empty; counted here, filtered by the pipeline).
+    "unlabeled": n} (unlabeled: every instruction empty; counted here, filtered by the pipeline)
+    and LENGTHS_KEY: {str(T): number of finite, labeled trajectories with T steps}.
     """
     actions, n_traj, counts = [], 0, {"nonfinite": 0, "empty": 0, "unlabeled": 0}
+    lengths: Dict[int, int] = {}
     for traj in trajectories:
         a = np.asarray(traj["action"], dtype=np.float32)
         if a.ndim != 2 or a.shape[0] == 0:
@@ -70,6 +76,8 @@ def compute_statistics(trajectories: Iterable[Mapping[str, np.ndarray]], mask: S
         instr = traj.get("language_instruction")
         if instr is not None and all(len(s) == 0 for s in np.asarray(instr).reshape(-1)):
             counts["unlabeled"] += 1  # still in the statistics, as in OpenVLA (stats come before the filter)
+        else:
+            lengths[a.shape[0]] = lengths.get(a.shape[0], 0) + 1
         actions.append(a)
         n_traj += 1
     if not actions:
@@ -88,12 +96,13 @@ def compute_statistics(trajectories: Iterable[Mapping[str, np.ndarray]], mask: S
         "num_transitions": int(a.shape[0]),
         "num_trajectories": int(n_traj),
         COUNTS_KEY: counts,
+        LENGTHS_KEY: {str(t): n for t, n in sorted(lengths.items())},
     }
 
 
 def export_entry(entry: Mapping) -> dict:
-    """The OpenVLA-format entry (drops vla_jax's extra counts)."""
-    return {k: v for k, v in entry.items() if k != COUNTS_KEY}
+    """The OpenVLA-format entry (drops vla_jax's extra counts and length histogram)."""
+    return {k: v for k, v in entry.items() if k not in (COUNTS_KEY, LENGTHS_KEY)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -217,14 +226,20 @@ def _write_json(path: str, obj) -> None:
     os.replace(tmp, path)
 
 
-def cached_statistics(builder, key: str, cache_dir: Optional[str], compute: Callable[[], dict]) -> dict:
+def cached_statistics(builder, key: str, cache_dir: Optional[str], compute: Callable[[], dict],
+                      valid: Optional[Callable[[Mapping], bool]] = None) -> dict:
     """Loads `dataset_statistics_{key}.json` from the data folder or the cache folder, or computes
     it with `compute()` and writes it next to the data (or to the cache folder when the data
-    folder is read-only or the write fails)."""
+    folder is read-only or the write fails). A cached entry for which `valid(entry)` is False (one
+    written before a field the caller needs existed) is computed again and overwritten."""
     name = f"dataset_statistics_{key}.json"
     cache_dir = cache_dir or default_cache_dir()
     for folder in (builder.data_dir, cache_dir):
         entry = _read_json(os.path.join(folder, name))
+        if entry is not None and valid is not None and not valid(entry):
+            log.warning("dataset statistics cache %s lacks fields this run needs (written by an older "
+                        "vla_jax); computing them again", os.path.join(folder, name))
+            entry = None
         if entry is not None:
             log.warning("dataset statistics of %s from the cache: %s (keyed on the files' sizes, modification "
                         "times and content hashes; delete it to recompute)", builder.info.full_name,

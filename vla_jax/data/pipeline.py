@@ -9,6 +9,9 @@ Exported for the training and eval scripts:
         attention_mask int32   [B, L]
         labels         int32   [B, L]         (-100 except the 7 action ids and EOS)
         actions        float32 [B, 7]         (BOUNDS_Q99-normalized; gripper raw {0, 1})
+        With action_chunk K > 1 (OpenVLA-OFT chunks, see `DataConfig`): `actions` is float32
+        [B, K, 7] (frame t's actions t..t+K-1) and input_ids/labels hold the K*7 action ids
+        timestep-major, `[BOS] prompt ▁ a_0 .. a_{7K-1} EOS PAD...`, labels -100 except those and EOS.
         dataset_index  int32   [B]            (position of the frame's dataset in the mixture)
       `it.dataset_statistics`: {dataset_name: entry}, OpenVLA's dataset_statistics.json content.
       Resume: `it.get_state()` -> small uint8 array, `it.set_state(arr)` rebuilds the stream from
@@ -23,9 +26,16 @@ Exported for the training and eval scripts:
   make_dataset(data_cfg, process_index, process_count, skip_frames=0) -> (tf.data.Dataset, statistics)
       the untokenized batched tf.data stream ('image', 'action', 'language_instruction', 'dataset_index').
 
+With action_chunk K > 1, trajectories shorter than K are dropped, counted from the cached
+statistics and said (a DataWarning naming the dataset, the episodes and frames, over all splits); a
+dataset with no trajectory of K steps or more is an error naming it, K and its longest trajectory.
+A repeating stream that has no frame at all (e.g. a split or process share without a full chunk)
+is a ValueError at `next(it)`, not a bare StopIteration.
+
 Order of operations (OpenVLA's, OPENVLA_REFERENCE.md §5): read this host's share of each dataset's
 episodes (images stay encoded) -> standardize -> drop trajectories with non-finite actions or no
-steps -> normalize (BOUNDS_Q99) -> drop trajectories without instruction -> repeat -> frames ->
+steps -> normalize (BOUNDS_Q99) -> drop trajectories without instruction -> (K > 1: drop trajectories shorter than K, chunk the
+actions) -> repeat -> frames ->
 per-dataset frame filter -> weighted interleave (weights x num_transitions) -> shuffle buffer ->
 decode + lanczos3 resize (+ augmentation) -> batch -> tokenize on the host.
 """
@@ -75,6 +85,11 @@ class DataConfig:
     repeat: infinite stream (training); False gives one pass (evaluation).
     deterministic: keep element order a function of the seed (needed for skip-based resume).
     balance_weights: multiply mixture weights by each dataset's num_transitions (OpenVLA: True).
+    action_chunk: K, the actions each frame carries (1: OpenVLA, one action per frame; K > 1:
+      OpenVLA-OFT's chunks, frame t carries actions t..t+K-1 of its episode, chunks start only at
+      t <= T - K, trajectories shorter than K are dropped; see `transforms.chunk_actions`). The
+      mixture weights still use the statistics' num_transitions, as upstream. max_seq_len must
+      hold the prompt plus K * action_dim + 3 tokens.
     """
 
     data_dir: str = ""
@@ -94,6 +109,7 @@ class DataConfig:
     repeat: bool = True
     deterministic: bool = True
     balance_weights: bool = True
+    action_chunk: int = 1
 
     @classmethod
     def from_config(cls, section: Any) -> "DataConfig":
@@ -109,6 +125,11 @@ class DataConfig:
         for f in ("batch_size", "resize_size", "max_seq_len"):
             if int(getattr(self, f)) <= 0:
                 raise ValueError(f"DataConfig.{f} must be > 0, got {getattr(self, f)!r}")
+        k = self.action_chunk
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+            raise ValueError(f"DataConfig.action_chunk must be an integer >= 1 (1: one action per frame, "
+                             f"OpenVLA; 8: OpenVLA-OFT's LIBERO chunks), got {k!r}")
+        object.__setattr__(self, "action_chunk", int(k))
         if self.shuffle_buffer < 0:
             raise ValueError(f"DataConfig.shuffle_buffer must be >= 0, got {self.shuffle_buffer}")
         # A list from a config file becomes a tuple: the config stays hashable.
@@ -187,7 +208,10 @@ def _entry(src: _Source, data_cfg: DataConfig) -> dict:
                                                 src.cfg.normalization_mask)
 
     key = normalization.statistics_key(src.builder, src.standardize, src.cfg)
-    entry = normalization.cached_statistics(src.builder, key, data_cfg.stats_cache_dir, compute)
+    # The trajectory-length histogram is needed only to check action chunks; an older cache file
+    # without it is recomputed then (same statistics), not on every upgrade.
+    valid = (lambda e: normalization.LENGTHS_KEY in e) if data_cfg.action_chunk > 1 else None
+    entry = normalization.cached_statistics(src.builder, key, data_cfg.stats_cache_dir, compute, valid=valid)
     # The mask is a property of the config, not of the data (OpenVLA adds it after the cache too).
     entry["action"]["mask"] = [bool(m) for m in src.cfg.normalization_mask]
     return entry
@@ -205,11 +229,38 @@ def _warn_counts(src: _Source, entry: Mapping) -> None:
             warnings.warn(text, DataWarning, stacklevel=3)
 
 
+def check_chunk_lengths(name: str, entry: Mapping, k: int) -> dict:
+    """Trajectories too short for chunks of `k` actions, from a statistics entry's length histogram.
+
+    Returns {"dropped_episodes", "dropped_frames", "episodes", "longest"} (over all splits; only
+    finite, labeled trajectories, the ones the pipeline streams). Warns (DataWarning and log) when
+    some are dropped; ValueError naming the dataset, `k` and the longest trajectory when none is
+    long enough (the stream would be empty).
+    """
+    hist = {int(t): int(n) for t, n in entry[normalization.LENGTHS_KEY].items()}
+    short = {t: n for t, n in hist.items() if t < k}
+    out = {"dropped_episodes": sum(short.values()), "dropped_frames": sum(t * n for t, n in short.items()),
+           "episodes": sum(hist.values()), "longest": max(hist, default=0)}
+    if out["dropped_episodes"] == out["episodes"]:
+        raise ValueError(f"dataset {name!r}: no trajectory has the {k} steps an action chunk of "
+                         f"action_chunk={k} needs (longest: {out['longest']} steps, over "
+                         f"{out['episodes']} usable trajectories of all splits); lower action_chunk "
+                         f"to <= {out['longest']}")
+    if out["dropped_episodes"]:
+        text = (f"dataset {name!r}: {out['dropped_episodes']} of {out['episodes']} trajectories (over all "
+                f"splits; {out['dropped_frames']} frames) are shorter than action_chunk={k} and are dropped")
+        log.warning(text)
+        warnings.warn(text, DataWarning, stacklevel=3)
+    return out
+
+
 def _statistics(sources: Sequence[_Source], data_cfg: DataConfig) -> Dict[str, dict]:
     out = {}
     for src in sources:
         entry = _entry(src, data_cfg)
         _warn_counts(src, entry)
+        if data_cfg.action_chunk > 1:
+            check_chunk_lengths(src.cfg.name, entry, data_cfg.action_chunk)
         out[src.cfg.name] = entry
     return out
 
@@ -267,6 +318,11 @@ def _encoded_frames(data_cfg: DataConfig, sources: Sequence[_Source], stats: Map
         ds = rlds.traj_map(ds, lambda t, e=entry: {**t, "action": normalization.normalize_actions_tf(t["action"], e)},
                            num_parallel_calls=threads, deterministic=det)
         ds = ds.filter(transforms.is_labeled)
+        k = data_cfg.action_chunk
+        if k > 1:  # K = 1 is OpenVLA's window 1: nothing to do, and the graph stays as it was
+            ds = ds.filter(lambda t, k=k: transforms.has_full_chunk(t, k))
+            ds = rlds.traj_map(ds, lambda t, k=k: transforms.chunk_actions(t, k), num_parallel_calls=threads,
+                               deterministic=det)
         if data_cfg.repeat:
             ds = ds.repeat()
         ds = rlds.flatten(ds, num_parallel_calls=threads, deterministic=det)
@@ -283,8 +339,8 @@ def make_dataset(data_cfg: DataConfig, process_index: int = 0, process_count: in
                  sources: Optional[Sequence[_Source]] = None, stats: Optional[Mapping] = None):
     """Batched, untokenized stream for this host, and the statistics it was normalized with.
 
-    Elements: 'image' uint8 [B, S, S, 3], 'action' float32 [B, A], 'language_instruction' tf.string [B],
-    'dataset_index' int32 [B]. `skip_frames` drops that many frames of the stream before decoding
+    Elements: 'image' uint8 [B, S, S, 3], 'action' float32 [B, A] ([B, K, A] with action_chunk K > 1),
+    'language_instruction' tf.string [B], 'dataset_index' int32 [B]. `skip_frames` drops that many frames of the stream before decoding
     (cheap resume: the frames are still encoded there).
     """
     sources = sources if sources is not None else _open_sources(data_cfg)
@@ -305,13 +361,16 @@ def make_dataset(data_cfg: DataConfig, process_index: int = 0, process_count: in
     return ds.prefetch(2), stats
 
 
-def _as_vla_tokenizer(tokenizer, max_len: int) -> VLATokenizer:
+def _as_vla_tokenizer(tokenizer, max_len: int, action_chunk: int = 1) -> VLATokenizer:
     if isinstance(tokenizer, VLATokenizer):
-        return tokenizer if tokenizer.max_len == max_len else VLATokenizer(tokenizer.tokenizer, max_len=max_len)
+        if tokenizer.max_len == max_len and tokenizer.action_chunk == action_chunk:
+            return tokenizer
+        return VLATokenizer(tokenizer.tokenizer, max_len=max_len, n_bins=tokenizer.action_tokenizer.n_bins,
+                            action_dim=tokenizer.action_dim, action_chunk=action_chunk)
     if isinstance(tokenizer, LlamaTokenizer):
-        return VLATokenizer(tokenizer, max_len=max_len)
+        return VLATokenizer(tokenizer, max_len=max_len, action_chunk=action_chunk)
     if isinstance(tokenizer, (str, os.PathLike)):
-        return VLATokenizer.from_file(tokenizer, max_len=max_len)
+        return VLATokenizer.from_file(tokenizer, max_len=max_len, action_chunk=action_chunk)
     raise ValueError(f"tokenizer must be a VLATokenizer, LlamaTokenizer or a tokenizer.model path, "
                      f"got {type(tokenizer).__name__}")
 
@@ -327,7 +386,7 @@ class DataIterator:
     def __init__(self, data_cfg: DataConfig, tokenizer, process_index: int, process_count: int):
         self.data_cfg = data_cfg
         self.process_index, self.process_count = int(process_index), int(process_count)
-        self.tokenizer = _as_vla_tokenizer(tokenizer, data_cfg.max_seq_len)
+        self.tokenizer = _as_vla_tokenizer(tokenizer, data_cfg.max_seq_len, data_cfg.action_chunk)
         self._sources = _open_sources(data_cfg)
         self._stats = _statistics(self._sources, data_cfg)
         self.dataset_statistics = {k: normalization.export_entry(v) for k, v in self._stats.items()}
@@ -354,6 +413,16 @@ class DataIterator:
                 if rlds.find_corrupt_files(rlds.split_files(src.builder, self.data_cfg.split)):
                     raise rlds.corrupt_data_error(src.builder, self.data_cfg.split, e) from None
             raise
+        except StopIteration:
+            if not self.data_cfg.repeat:
+                raise
+            # An endless stream that ends has nothing to repeat: say why instead of a bare StopIteration.
+            k = self.data_cfg.action_chunk
+            why = (f"; with action_chunk={k}, only trajectories of {k} steps or more are streamed (the "
+                   f"length check before training counts all splits together)" if k > 1 else "")
+            raise ValueError(f"the data stream of mixture {self.data_cfg.mixture!r} (split "
+                             f"{self.data_cfg.split!r}, process {self.process_index} of {self.process_count}) "
+                             f"has no usable frames although repeat=True{why}") from None
         self.batches_consumed += 1
         instructions = [s.decode("utf-8") for s in b["language_instruction"].numpy()]
         actions = b["action"].numpy()
@@ -365,6 +434,8 @@ class DataIterator:
     # --- resume -----------------------------------------------------------------------------
     def _fingerprint(self) -> str:
         d = {k: v for k, v in dataclasses.asdict(self.data_cfg).items() if k not in _STREAM_NEUTRAL}
+        if d["action_chunk"] == 1:
+            del d["action_chunk"]  # states saved before the field existed (K = 1) still resume
         d.update(process_index=self.process_index, process_count=self.process_count)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 

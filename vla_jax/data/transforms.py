@@ -4,6 +4,7 @@ Trajectory level (every value [T, ...]):
   `restructure`   standardized RLDS trajectory -> {'image' (encoded) [T], 'action' [T, A] float32,
                   'language_instruction' [T], 'dataset_index' [T] int32}
   `is_usable` / `is_labeled`   filters (finite actions and T > 0 / some non-empty instruction)
+  `has_full_chunk` / `chunk_actions`   action chunks of K future actions (OpenVLA-OFT), K > 1 only
 Frame level:
   `decode_image`, `resize_image` (lanczos3 + antialias, rounded uint8: what OpenVLA trained on),
   `augment_image` (OpenVLA's order and parameters, independent random draws),
@@ -11,7 +12,8 @@ Frame level:
   augmentation). `resize_image` and `center_crop` accept numpy too: inference reuses them.
 
 Not implemented, on purpose: goal relabeling (OpenVLA computes a goal image per frame but the model
-never reads it) and action chunking (window 1, no future actions: a no-op on values).
+never reads it). Action chunking with K = 1 (OpenVLA: window 1, no future actions) is a no-op on
+values, so the pipeline applies `chunk_actions` only for K > 1.
 """
 
 from __future__ import annotations
@@ -77,6 +79,39 @@ def is_usable(traj: Mapping) -> tf.Tensor:
 def is_labeled(traj: Mapping) -> tf.Tensor:
     """True if some step has a non-empty instruction (OpenVLA's skip_unlabeled)."""
     return tf.reduce_any(tf.strings.length(traj["language_instruction"]) > 0)
+
+
+def _check_chunk(k: int) -> int:
+    if isinstance(k, bool) or int(k) != k or int(k) < 1:
+        raise ValueError(f"action chunk length must be an integer >= 1, got {k!r}")
+    return int(k)
+
+
+def has_full_chunk(traj: Mapping, k: int) -> tf.Tensor:
+    """True if the trajectory holds at least one full chunk of `k` actions (T >= k)."""
+    return tf.shape(traj["action"])[0] >= _check_chunk(k)
+
+
+def chunk_actions(traj: Mapping, k: int) -> dict:
+    """Trajectory [T, ...] -> trajectory of T - k + 1 frames whose 'action' is [T - k + 1, k, A]:
+    frame t carries its own action and the next k - 1, actions[t : t + k] (so chunk row 0 is the
+    current action a_t), and every other key is cut to its first T - k + 1 steps.
+
+    This is OpenVLA-OFT's chunking (OFT_REFERENCE.md §5: window_size 1, future_action_window_size
+    k - 1, `effective_traj_len = T - (k - 1)`): a chunk starts only where a full chunk exists
+    (t <= T - k), nothing is padded at the end of the episode, and the last k - 1 observations of
+    an episode start no chunk. Needs T >= k (filter with `has_full_chunk` first: upstream drops
+    shorter trajectories silently, the pipeline counts them).
+    """
+    k = _check_chunk(k)
+    action = traj["action"]
+    n = tf.shape(action)[0] - k + 1
+    idx = tf.range(n)[:, None] + tf.range(k)[None, :]  # [n, k]: row t is t, t+1, ..., t+k-1
+    out = {key: v[:n] for key, v in traj.items() if key != "action"}
+    chunks = tf.gather(action, idx)
+    chunks.set_shape([None, k, action.shape[-1]])
+    out["action"] = chunks
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
