@@ -84,7 +84,7 @@ def main(argv):
             raise app.UsageError("--sim needs --out=FOLDER")
         return run_sim(load_policy())
     from vla_jax.evaluation.inputs import resolve_eval_data
-    from vla_jax.policy_loading import is_hf_dir
+    from vla_jax.policy.loading import is_hf_dir
 
     try:  # before loading the model: a missing flag is reported at once
         where = resolve_eval_data(FLAGS.checkpoint, data_dir=FLAGS.data_dir, dataset=FLAGS.dataset, out=FLAGS.out,

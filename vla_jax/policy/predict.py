@@ -28,7 +28,7 @@ By default the argmax runs over the whole vocabulary, as OpenVLA's `generate` do
 One difference from OpenVLA's `predict_action`, on purpose: see `upstream_eos_ids` (`stop_at_eos`).
 
 Sharded inference: `Policy.load(path, mesh=(data, fsdp, tensor))` places the weights over a device mesh
-and runs the same decoder there (`vla_jax.policy_mesh`: training's logical-axis rules, KV cache split
+and runs the same decoder there (`vla_jax.policy.mesh`: training's logical-axis rules, KV cache split
 over heads, mesh and memory checked before anything is loaded).
 
 Compilation: `warmup()` compiles chosen buckets up front; the persistent XLA cache
@@ -39,7 +39,6 @@ VLA_JAX_COMPILATION_CACHE environment variable) lets later processes skip compil
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
@@ -47,48 +46,16 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import jax
 import numpy as np
 
-from vla_jax import policy_mesh
 from vla_jax.models.config import OpenVLAConfig
 from vla_jax.models.decode import greedy_decode, is_split, split_layers, stack_layers
 from vla_jax.models.openvla import OpenVLA
-from vla_jax.policy_loading import (enable_compilation_cache, is_hf_dir, load_hf_checkpoint,  # noqa: F401
-                                    load_vla_checkpoint, recorded_dataset_configs)
+from vla_jax.policy import mesh as policy_mesh
+from vla_jax.policy.decoding import DEFAULT_BATCH_BUCKETS, DEFAULT_PROMPT_BUCKET, bucket, upstream_eos_ids
+from vla_jax.policy.loading import load_policy
 from vla_jax.tokenizer import VLATokenizer
 
-DEFAULT_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
-DEFAULT_PROMPT_BUCKET = 16
 _WARMUP_INSTRUCTION = "pick up the object and put it in the bowl"
 log = logging.getLogger(__name__)
-
-
-def upstream_eos_ids(prompt: Sequence[int], tokens, eos_id: int) -> np.ndarray:
-    """The ids OpenVLA's `predict_action` decodes when EOS comes early: prompt ids [T] + greedy tokens int [n]
-    -> int [n].
-
-    Upstream runs `generate(max_new_tokens=n)`, which stops right after an EOS, and then decodes the
-    last n ids of the whole sequence, so an EOS at step k (0-based) yields the last n-k-1 prompt ids,
-    the k tokens before EOS and EOS itself (all but the action ids decode to the clipped extreme bin).
-    vla_jax always decodes the n generated positions instead: every action dimension then comes
-    from a token predicted for it, which is what training supervises. Greedy tokens before the EOS
-    are the same either way, so this is a pure rearrangement of ids, used by `stop_at_eos=True`.
-    """
-    tokens = np.asarray(tokens)
-    hits = np.flatnonzero(tokens == eos_id)
-    if hits.size == 0:
-        return tokens
-    seq = np.concatenate([np.asarray(prompt, tokens.dtype), tokens[:hits[0] + 1]])
-    return seq[-len(tokens):]
-
-
-# ----------------------------------------------------------------------------------------------
-# The policy
-
-
-def _bucket(n: int, buckets: Sequence[int]) -> int:
-    for b in buckets:
-        if b >= n:
-            return b
-    return buckets[-1]
 
 
 class Policy:
@@ -116,7 +83,7 @@ class Policy:
         # The decoding layout (one array per layer: decode.split_layers); params in the stacked
         # training layout are split here (a copy; Policy.load splits and frees its freshly loaded ones).
         self.decode_params = params if is_split(params) else split_layers(params)
-        # Sharded inference (vla_jax.policy_mesh): params placed over the mesh with training's rules.
+        # Sharded inference (vla_jax.policy.mesh): params placed over the mesh with training's rules.
         self.mesh = None if mesh is None else policy_mesh.as_mesh(mesh)
         if self.mesh is not None:
             self.decode_params = jax.device_put(self.decode_params,
@@ -161,49 +128,16 @@ class Policy:
         dtype / param_dtype: override the compute / parameter dtypes (e.g. 'bfloat16' on accelerators).
         tokenizer: a tokenizer.model to use instead of the checkpoint's.
         compilation_cache: see `enable_compilation_cache` (None = the environment variable decides).
-        mesh: shard the parameters and run the decoder over a device mesh (`vla_jax.policy_mesh`): a
+        mesh: shard the parameters and run the decoder over a device mesh (`vla_jax.policy.mesh`): a
           jax Mesh with axes (data, fsdp, tensor), "D,F,T" or (D, F, T). Before any weight reaches a
           device, the mesh is checked against the sharded dimensions and the decoder is compiled for
           the smallest batch bucket and a 2 * prompt_bucket-token prompt; a program needing more than
           `device_memory` bytes per device (default: what the device reports; CPUs report nothing)
           raises ValueError with its per-device figure.
         """
-        enable_compilation_cache(compilation_cache)
-        path = os.fspath(path)
-        precompiled = {}
-        placement_fn = None
-        if mesh is not None:
-            mesh = policy_mesh.as_mesh(mesh)
-
-            def place(cfg):
-                shardings = policy_mesh.param_shardings(cfg, mesh)  # checks the mesh divides the dimensions
-                batch = min(int(b) for b in kw.get("batch_buckets", DEFAULT_BATCH_BUCKETS))
-                key = (cfg.action_dim, batch, 2 * int(kw.get("prompt_bucket", DEFAULT_PROMPT_BUCKET)))
-                t0 = time.perf_counter()
-                compiled = policy_mesh.compile_decoder(OpenVLA(cfg), policy_mesh.abstract_split_params(cfg, mesh),
-                                                       mesh, key[1], key[2], key[0])
-                policy_mesh.check_fits(compiled, mesh, device_memory, what=path)
-                if not action_tokens_only:  # same program as the policy's own for this bucket
-                    precompiled[key] = (compiled, time.perf_counter() - t0)
-                return shardings
-
-            placement_fn = place
-        if is_hf_dir(path):
-            cfg, params, stats, tok, aug = load_hf_checkpoint(path, dtype=dtype, param_dtype=param_dtype,
-                                                              tokenizer=tokenizer, device=device,
-                                                              placement_fn=placement_fn)
-        else:
-            kw.setdefault("dataset_configs", recorded_dataset_configs(path))
-            cfg, params, stats, tok, aug = load_vla_checkpoint(path, dtype=dtype, param_dtype=param_dtype,
-                                                               device=device, placement_fn=placement_fn)
-            if tokenizer:
-                tok = VLATokenizer.from_file(tokenizer, n_bins=cfg.n_action_bins, action_dim=cfg.action_dim)
-        params = split_layers(params, consume=True)  # freshly loaded: no second copy of the layers
-        policy = cls(cfg, params, tok, stats, center_crop=aug if center_crop is None else center_crop,
-                     action_tokens_only=action_tokens_only, source=path, mesh=mesh, **kw)
-        for key, (compiled, seconds) in precompiled.items():
-            policy._executables[key], policy.compile_seconds[key] = compiled, seconds
-        return policy
+        return load_policy(cls, path, center_crop=center_crop, action_tokens_only=action_tokens_only, dtype=dtype,
+                           param_dtype=param_dtype, tokenizer=tokenizer, compilation_cache=compilation_cache,
+                           device=device, mesh=mesh, device_memory=device_memory, **kw)
 
     # -- statistics -----------------------------------------------------------------------------
 
@@ -331,7 +265,7 @@ class Policy:
         n = num_tokens if num_tokens is not None else self.config.action_dim
         limit = self.max_prompt_len(n)
         length = min(-(-prompt_len // self.prompt_bucket) * self.prompt_bucket, limit)
-        return _bucket(batch, self.batch_buckets), max(length, prompt_len)
+        return bucket(batch, self.batch_buckets), max(length, prompt_len)
 
     def decode_tokens(self, pixels: np.ndarray, prompts: Sequence[Sequence[int]], num_tokens: int) -> np.ndarray:
         """Preprocessed uint8 [B, S, S, 3] + B prompt id lists -> greedy token ids int32 [B, num_tokens].

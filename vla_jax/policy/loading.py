@@ -8,6 +8,7 @@ import base64
 import hashlib
 import os
 import tempfile
+import time
 from typing import Any, Mapping, Optional, Tuple, Union
 
 import jax
@@ -15,7 +16,10 @@ import numpy as np
 
 from vla_jax import permissions
 from vla_jax.models.config import OpenVLAConfig, config_from_dict, with_dtypes
+from vla_jax.models.decode import split_layers
 from vla_jax.models.openvla import OpenVLA
+from vla_jax.policy import mesh as policy_mesh
+from vla_jax.policy.decoding import DEFAULT_BATCH_BUCKETS, DEFAULT_PROMPT_BUCKET
 from vla_jax.tokenizer import VLATokenizer
 
 CACHE_ENV = "VLA_JAX_COMPILATION_CACHE"
@@ -204,3 +208,50 @@ def load_hf_checkpoint(path: str, *, dtype: Optional[str] = None, param_dtype: O
     params = jax.device_put(params, placement)
     return cfg, params, dict(norm_stats or {}), VLATokenizer.from_file(tok_path, n_bins=cfg.n_action_bins,
                                                                         action_dim=cfg.action_dim), False
+
+
+# ----------------------------------------------------------------------------------------------
+# Policy.load
+
+
+def load_policy(cls, path: str, *, center_crop: Optional[bool] = None, action_tokens_only: bool = False,
+                dtype: Optional[str] = None, param_dtype: Optional[str] = None, tokenizer: Optional[str] = None,
+                compilation_cache: Union[None, bool, str] = None, device=None, mesh=None,
+                device_memory: Optional[int] = None, **kw):
+    """The body of `Policy.load` (see there): `cls` is the Policy class, built from what the checkpoint holds."""
+    enable_compilation_cache(compilation_cache)
+    path = os.fspath(path)
+    precompiled = {}
+    placement_fn = None
+    if mesh is not None:
+        mesh = policy_mesh.as_mesh(mesh)
+
+        def place(cfg):
+            shardings = policy_mesh.param_shardings(cfg, mesh)  # checks the mesh divides the dimensions
+            batch = min(int(b) for b in kw.get("batch_buckets", DEFAULT_BATCH_BUCKETS))
+            key = (cfg.action_dim, batch, 2 * int(kw.get("prompt_bucket", DEFAULT_PROMPT_BUCKET)))
+            t0 = time.perf_counter()
+            compiled = policy_mesh.compile_decoder(OpenVLA(cfg), policy_mesh.abstract_split_params(cfg, mesh),
+                                                   mesh, key[1], key[2], key[0])
+            policy_mesh.check_fits(compiled, mesh, device_memory, what=path)
+            if not action_tokens_only:  # same program as the policy's own for this bucket
+                precompiled[key] = (compiled, time.perf_counter() - t0)
+            return shardings
+
+        placement_fn = place
+    if is_hf_dir(path):
+        cfg, params, stats, tok, aug = load_hf_checkpoint(path, dtype=dtype, param_dtype=param_dtype,
+                                                          tokenizer=tokenizer, device=device,
+                                                          placement_fn=placement_fn)
+    else:
+        kw.setdefault("dataset_configs", recorded_dataset_configs(path))
+        cfg, params, stats, tok, aug = load_vla_checkpoint(path, dtype=dtype, param_dtype=param_dtype,
+                                                           device=device, placement_fn=placement_fn)
+        if tokenizer:
+            tok = VLATokenizer.from_file(tokenizer, n_bins=cfg.n_action_bins, action_dim=cfg.action_dim)
+    params = split_layers(params, consume=True)  # freshly loaded: no second copy of the layers
+    policy = cls(cfg, params, tok, stats, center_crop=aug if center_crop is None else center_crop,
+                 action_tokens_only=action_tokens_only, source=path, mesh=mesh, **kw)
+    for key, (compiled, seconds) in precompiled.items():
+        policy._executables[key], policy.compile_seconds[key] = compiled, seconds
+    return policy

@@ -23,7 +23,7 @@ from typing import Any, Dict, List
 
 import numpy as np
 
-from vla_jax.serving import json_numpy
+from vla_jax.policy import json_numpy
 
 WARMUP_INSTRUCTION = "pick up the object and put it in the bowl"
 WARMUP_IMAGE_SIZES = ((224, 224), (256, 320))  # OpenVLA clients' usual 224x224, and another size

@@ -21,7 +21,7 @@ that half-closes its sending side (shutdown(SHUT_WR)) after the body looks the s
 too, which HTTP/1.1 clients (requests, http.client, curl) do not do.
 
 Why the hardened stdlib server and not uvicorn (+ starlette/FastAPI, as deploy.py uses): measured on
-loopback with `python -m vla_jax.serving.loadtest` (BENCHMARKS.md, "Serving under client load"), both
+loopback with `python -m vla_jax.policy.loadtest` (BENCHMARKS.md, "Serving under client load"), both
 serve 64 clients opening a new connection per request without failures once the backlog is deep, but
 uvicorn 0.54 arms no timer on a connection until its first request completes: idle or half-sent
 connections stay open for as long as the client likes (300 of them were all still open after the test
@@ -45,9 +45,9 @@ from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
-from vla_jax.serving import json_numpy
-from vla_jax.serving.batcher import Batcher, Example, QueueFull
-from vla_jax.serving.connections import (ConnectionLimits, DeadlineReader, HardenedHTTPServer, SocketWriter,
+from vla_jax.policy import json_numpy
+from vla_jax.policy.batcher import Batcher, Example, QueueFull
+from vla_jax.policy.connections import (ConnectionLimits, DeadlineReader, HardenedHTTPServer, SocketWriter,
                                          peer_closed)
 
 log = logging.getLogger(__name__)
