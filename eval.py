@@ -55,7 +55,7 @@ def run_sim(policy):
         raise app.UsageError(f"--sim={FLAGS.sim!r}: the only simulator is 'metaworld'")
     from vla_jax.sim.closed_loop import run_evaluation
 
-    rep = run_evaluation(lambda images, instructions: policy.predict_actions(images, instructions, FLAGS.unnorm_key),
+    rep = run_evaluation(lambda images, instructions: policy.predict(images, instructions, FLAGS.unnorm_key).actions,
                          FLAGS.sim_tasks, FLAGS.sim_episodes, FLAGS.out, name="model",
                          image_size=FLAGS.sim_image_size, max_steps=FLAGS.sim_max_steps, workers=FLAGS.sim_workers,
                          videos_per_task=FLAGS.sim_videos, reference_cache=FLAGS.sim_reference_cache or None)

@@ -38,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout_s", type=float, default=60.0, help="per-request limit (HTTP 504)")
     p.add_argument("--max_body_mb", type=float, default=32.0, help="larger request bodies get HTTP 413")
     p.add_argument("--center_crop", choices=("auto", "true", "false"), default="auto",
-                   help="test-time 0.9-area crop; auto = as recorded in the checkpoint (image_aug)")
+                   help="test-time 0.9-area crop; auto = as the checkpoint's batch_spec says (older checkpoints: "
+                        "their image_aug setting; HF folders: no crop)")
     p.add_argument("--action_tokens_only", action="store_true", help="restrict argmax to the action tokens")
     p.add_argument("--dtype", default=None, help="compute dtype override, e.g. bfloat16")
     p.add_argument("--param_dtype", default=None, help="parameter dtype override, e.g. bfloat16")
@@ -100,7 +101,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                          compilation_cache=_cache_setting(args.compilation_cache), prompt_bucket=args.prompt_bucket,
                          mesh=args.mesh)
     log.info("loaded %s in %.1f s (image %d px, unnorm keys %s, center crop %s)", args.checkpoint,
-             time.perf_counter() - t0, policy.config.image_size, policy.unnorm_keys, policy.center_crop)
+             time.perf_counter() - t0, policy.image_size, policy.unnorm_keys, policy.center_crop)
     service = PolicyService(policy, max_batch=args.max_batch, window_ms=args.window_ms, max_queue=args.max_queue,
                             timeout_s=args.timeout_s, max_body=int(args.max_body_mb * 1024 * 1024))
     if not args.no_warmup:
