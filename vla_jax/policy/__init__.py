@@ -4,7 +4,8 @@
     policy = Policy.load("runs/debug")                  # vla_jax workdir / step folder, or an HF OpenVLA folder
     pred = policy.predict(images, instructions)         # Prediction(tokens, normalized, actions)
 
-predict.py      Policy: inputs (resize, crop, prompt), decoding, the public prediction calls
+predict.py      Policy: prompts, decoding, statistics and gripper, the public prediction calls
+inputs.py       image checks and the resize / test-time crop, as the training pipeline does them
 decoding.py     batch / prompt-length buckets and upstream's early-EOS ids (pure helpers of predict.py)
 loading.py      checkpoint -> (config, params, statistics, tokenizer, BatchSpec); Policy.load's body;
                 the persistent XLA compilation cache

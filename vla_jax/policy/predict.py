@@ -55,6 +55,7 @@ import numpy as np
 from vla_jax.models.config import OpenVLAConfig
 from vla_jax.models.decode import greedy_decode, is_split, split_layers, stack_layers
 from vla_jax.models.openvla import OpenVLA
+from vla_jax.policy import inputs
 from vla_jax.policy import mesh as policy_mesh
 from vla_jax.policy.decoding import DEFAULT_BATCH_BUCKETS, DEFAULT_PROMPT_BUCKET, bucket, upstream_eos_ids
 from vla_jax.policy.loading import check_runnable, derive_batch_spec, load_policy
@@ -228,53 +229,18 @@ class Policy:
     # -- inputs ---------------------------------------------------------------------------------
 
     def check_image(self, image, index: int = 0) -> np.ndarray:
-        """PIL image or uint8 [H, W, 3] array -> uint8 [H, W, 3]; ValueError otherwise."""
-        if hasattr(image, "convert") and hasattr(image, "size"):  # a PIL image
-            image = np.asarray(image.convert("RGB"))
-        a = np.asarray(image)
-        if a.ndim != 3 or a.shape[-1] != 3:
-            raise ValueError(f"image {index}: expected an RGB image of shape [H, W, 3], got shape {a.shape}")
-        if a.dtype != np.uint8:
-            raise ValueError(f"image {index}: expected dtype uint8 (raw RGB 0..255), got {a.dtype}")
-        if min(a.shape[:2]) < 1:
-            raise ValueError(f"image {index}: empty image of shape {a.shape}")
-        return a
+        """PIL image or uint8 [H, W, 3] array -> uint8 [H, W, 3]; ValueError otherwise (`inputs.check_image`)."""
+        return inputs.check_image(image, index)
 
     def _image_fn(self):
-        """The training pipeline's resize (+ test-time crop) as one traced TF graph: same ops and
-        results as calling them eagerly, without per-op dispatch cost on every request."""
+        """The resize (+ test-time crop) TF function for this policy's image size and crop, built once."""
         if self._tf_image_fn is None:
-            import tensorflow as tf  # imported only when images are processed
-
-            from vla_jax.data import transforms
-
-            size, crop = self.image_size, self.center_crop
-
-            def fn(batch):  # uint8 [B, H, W, 3] -> uint8 [B, S, S, 3]
-                out = transforms.resize_image(batch, size)
-                return transforms.center_crop(out) if crop else out
-
-            self._tf_image_fn = tf.function(fn, reduce_retracing=True)
+            self._tf_image_fn = inputs.tf_image_fn(self.image_size, self.center_crop)
         return self._tf_image_fn
 
     def preprocess(self, images) -> np.ndarray:
         """B images (list or uint8 [B, H, W, 3]) -> uint8 [B, S, S, 3], exactly as training saw them."""
-        imgs = [self.check_image(im, i) for i, im in enumerate(images)]
-        if not imgs:
-            raise ValueError("no images given")
-        size = self.image_size
-        out = np.empty((len(imgs), size, size, 3), np.uint8)
-        by_shape: Dict[tuple, List[int]] = {}
-        for i, im in enumerate(imgs):
-            by_shape.setdefault(im.shape, []).append(i)
-        for shape, rows in by_shape.items():  # one call per image size
-            if shape[:2] == (size, size) and not self.center_crop:
-                # lanczos3 at scale 1 samples its kernel at integer offsets only (1 at 0, 0 elsewhere):
-                # TF returns the image unchanged, so skip the ~2 ms TF call (bench/compare_torch.py).
-                out[rows] = np.stack([imgs[i] for i in rows])
-            else:
-                out[rows] = np.asarray(self._image_fn()(np.stack([imgs[i] for i in rows])))
-        return out
+        return inputs.preprocess(images, self.image_size, self.center_crop, self._image_fn)
 
     def prompt_ids(self, instruction) -> List[int]:
         """Instruction (str or utf-8 bytes) -> `[BOS] + prompt + [29871]`; ValueError when empty or too long."""
