@@ -25,7 +25,9 @@ flags.DEFINE_enum("gripper", "openvla", ["openvla", "dataset"], "Gripper convent
 flags.DEFINE_string("unnorm_key", None, "Statistics to un-normalize with (default: each dataset's own name).")
 flags.DEFINE_integer("batch_size", 32, "Frames decoded together.")
 flags.DEFINE_integer("plots", 3, "Episodes per dataset to plot.")
-flags.DEFINE_enum("center_crop", "auto", ["auto", "true", "false"], "Test-time crop (auto: as the checkpoint's batch_spec says; older checkpoints: their image_aug; HF: none).")
+flags.DEFINE_enum("center_crop", "auto", ["auto", "true", "false"],
+                  "Test-time crop (auto: as the checkpoint's batch_spec says; older checkpoints: their image_aug; "
+                  "HF: none).")
 flags.DEFINE_bool("action_tokens_only", False, "Restrict the argmax to the 256 action tokens.")
 flags.DEFINE_string("dataset_configs", None, "Extra dataset/mixture registrations (.json/.py).")
 flags.DEFINE_string("compilation_cache", None, "Persistent XLA cache folder, 'default' or 'off'.")
