@@ -25,7 +25,9 @@ flags.DEFINE_enum("gripper", "openvla", ["openvla", "dataset"], "Gripper convent
 flags.DEFINE_string("unnorm_key", None, "Statistics to un-normalize with (default: each dataset's own name).")
 flags.DEFINE_integer("batch_size", 32, "Frames decoded together.")
 flags.DEFINE_integer("plots", 3, "Episodes per dataset to plot.")
-flags.DEFINE_enum("center_crop", "auto", ["auto", "true", "false"], "Test-time crop (auto: as the checkpoint records).")
+flags.DEFINE_enum("center_crop", "auto", ["auto", "true", "false"],
+                  "Test-time crop (auto: as the checkpoint's batch_spec says; older checkpoints: their image_aug; "
+                  "HF: none).")
 flags.DEFINE_bool("action_tokens_only", False, "Restrict the argmax to the 256 action tokens.")
 flags.DEFINE_string("dataset_configs", None, "Extra dataset/mixture registrations (.json/.py).")
 flags.DEFINE_string("compilation_cache", None, "Persistent XLA cache folder, 'default' or 'off'.")
@@ -55,7 +57,7 @@ def run_sim(policy):
         raise app.UsageError(f"--sim={FLAGS.sim!r}: the only simulator is 'metaworld'")
     from vla_jax.sim.closed_loop import run_evaluation
 
-    rep = run_evaluation(lambda images, instructions: policy.predict_actions(images, instructions, FLAGS.unnorm_key),
+    rep = run_evaluation(lambda images, instructions: policy.predict(images, instructions, FLAGS.unnorm_key).actions,
                          FLAGS.sim_tasks, FLAGS.sim_episodes, FLAGS.out, name="model",
                          image_size=FLAGS.sim_image_size, max_steps=FLAGS.sim_max_steps, workers=FLAGS.sim_workers,
                          videos_per_task=FLAGS.sim_videos, reference_cache=FLAGS.sim_reference_cache or None)
@@ -84,7 +86,7 @@ def main(argv):
             raise app.UsageError("--sim needs --out=FOLDER")
         return run_sim(load_policy())
     from vla_jax.evaluation.inputs import resolve_eval_data
-    from vla_jax.policy_loading import is_hf_dir
+    from vla_jax.policy.loading import is_hf_dir
 
     try:  # before loading the model: a missing flag is reported at once
         where = resolve_eval_data(FLAGS.checkpoint, data_dir=FLAGS.data_dir, dataset=FLAGS.dataset, out=FLAGS.out,

@@ -9,7 +9,7 @@
     merged into full-size kernels before the layer scan (`lora.hook_functions(per_layer=False)`, the
     code before per-layer LoRA) and applied per layer (the default now).
 (b) infer: the policy's greedy decoder (prefill + 7 action tokens, prompt bucket 32 tokens) for
-    bf16 7B parameters placed over a (data=1, fsdp=1, tensor=N) mesh by `vla_jax.policy_mesh`, at
+    bf16 7B parameters placed over a (data=1, fsdp=1, tensor=N) mesh by `vla_jax.policy.mesh`, at
     batch 1, 8 and 32 and N = 1, 2, 4, 8 devices.
 
 Peak per device = XLA argument + output - aliased + temporary bytes (`compiled.memory_analysis()`).
@@ -83,7 +83,7 @@ def train_part(variant: str, backend: str = "cpu") -> dict:
 def infer_part(devices_list, batches, prompt_len: int = 32, num_tokens: int = 7, backend: str = "cpu") -> list:
     import jax
 
-    from vla_jax import policy_mesh
+    from vla_jax.policy import mesh as policy_mesh
     from vla_jax.models.config import get_preset, with_dtypes
     from vla_jax.models.openvla import OpenVLA
 

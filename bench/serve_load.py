@@ -4,7 +4,7 @@
 
 Writes a debug-preset checkpoint with random weights (the geometry the tests use, 56 px images), starts
 `python -m vla_jax.serve` on it in a subprocess (port 0: it reports its URL), then runs
-`vla_jax.serving.loadtest`:
+`vla_jax.policy.loadtest`:
 1. first request after start-up vs the next 20 (one client, new connection each);
 2. --clients clients x --requests requests, a new connection per request (OpenVLA's `requests.post`);
 3. the same while --slow_clients idle half-open connections are held; then their close times, and the
@@ -71,7 +71,7 @@ def main(argv=None) -> int:
     import numpy as np
 
     from tests.test_policy_helpers import model_config, random_params, stats_entry, write_checkpoint
-    from vla_jax.serving import loadtest
+    from vla_jax.policy import loadtest
 
     tok = os.path.join(REPO, "tests", "fixtures", "data", "llama2_tokenizer", "tokenizer.model")
     work = tempfile.mkdtemp(prefix="vla_serve_load_")

@@ -5,7 +5,7 @@
 
 Starts uvicorn (its defaults: backlog 2048, keep-alive timeout 5 s, httptools) in a thread with a
 Starlette app that answers POST /act with a json_numpy action at once (no model: only connection
-handling is compared), then runs `vla_jax.serving.loadtest` against it on loopback: 64 clients x 20
+handling is compared), then runs `vla_jax.policy.loadtest` against it on loopback: 64 clients x 20
 requests with a new connection per request, and the same while --slow_clients idle, then partially
 sent, half-open connections are held for --hold_s. Prints one JSON object.
 """
@@ -38,7 +38,7 @@ def main(argv=None) -> int:
     from starlette.responses import Response
     from starlette.routing import Route
 
-    from vla_jax.serving import json_numpy, loadtest
+    from vla_jax.policy import json_numpy, loadtest
 
     action = json_numpy.dumps(np.zeros(7))
 

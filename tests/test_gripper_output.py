@@ -106,7 +106,7 @@ def test_gripper_dataset_errors_name_the_transform_or_the_flag(llama_tokenizer_p
 
 def test_server_gripper_payload_key(llama_tokenizer_path):
     from vla_jax.data import oxe
-    from vla_jax.serving.server import PolicyService, Server
+    from vla_jax.policy.server import PolicyService, Server
 
     cfg = oxe.DatasetConfig(name="inverted_robot", image_key="image", gripper="absolute_inverted")
     policy = _policy_with(llama_tokenizer_path, {cfg.name: cfg})

@@ -1,4 +1,4 @@
-"""Policy.preprocess skips TensorFlow for images already at the model's size (vla_jax/policy.py); this
+"""Policy.preprocess skips TensorFlow for images already at the model's size (vla_jax/policy/predict.py); this
 checks against TF itself that the skipped lanczos3 resize is the identity there, bit for bit."""
 
 import numpy as np

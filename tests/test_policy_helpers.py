@@ -69,9 +69,10 @@ def random_params(cfg, seed: int = 0) -> dict:
 
 
 def write_checkpoint(workdir: str, cfg, params: dict, stats: dict, tokenizer_path: str, image_aug: bool = False,
-                     step: int = 1, image_aug_ops=None) -> str:
+                     step: int = 1, image_aug_ops=None, batch_spec=None) -> str:
     """Saves params + assets as training does (`Checkpointer.save`); returns `workdir`.
-    image_aug_ops: recorded in the run config's data section when given (else absent, as in old runs)."""
+    image_aug_ops: recorded in the run config's data section when given (else absent, as in old runs).
+    batch_spec: a vla_jax.spec.BatchSpec written as the `batch_spec` asset (else absent, as in old runs)."""
     from vla_jax.checkpoints import Checkpointer, encode_data_states, tokenizer_asset
     from vla_jax.tokenizer import VLATokenizer
 
@@ -80,6 +81,8 @@ def write_checkpoint(workdir: str, cfg, params: dict, stats: dict, tokenizer_pat
                                                                     "image_aug_ops": list(image_aug_ops)}
     assets = {"config": {"data": data, "lora": {"enabled": False}},
               "dataset_statistics": stats, "tokenizer": tokenizer_asset(tok, cfg.action_dim)}
+    if batch_spec is not None:
+        assets["batch_spec"] = batch_spec.to_json()
     ck = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=None, async_save=False)
     ck.save(step, {"params": params}, encode_data_states([]), assets, dataclasses.asdict(cfg), force=True)
     ck.close()

@@ -1,4 +1,4 @@
-"""Sharded inference (vla_jax.policy_mesh, Policy.load(mesh=...)) on the 8 simulated CPU devices.
+"""Sharded inference (vla_jax.policy.mesh, Policy.load(mesh=...)) on the 8 simulated CPU devices.
 
 Truth: the single-device policy's greedy tokens (tests/test_policy.py checks those against full
 forwards); the mesh's own sizes for the expected shard shapes. The geometry is the debug preset
@@ -15,7 +15,7 @@ import pytest
 from jax.sharding import PartitionSpec
 
 from tests.test_policy_helpers import random_images, random_params, stats_entry, write_checkpoint
-from vla_jax import policy_mesh
+from vla_jax.policy import mesh as policy_mesh
 from vla_jax import sharding as shd
 from vla_jax.models import decode
 from vla_jax.models.config import get_preset, with_dtypes

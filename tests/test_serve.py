@@ -1,7 +1,7 @@
 """REST server on loopback: OpenVLA deploy payloads (plain and "encoded") give predict_action's
 actions; every bad request gets a 4xx JSON error and the server keeps serving.
 
-The wire format is built and read here independently of vla_jax.serving.json_numpy
+The wire format is built and read here independently of vla_jax.policy.json_numpy
 (base64 of the raw bytes + numpy descr + shape, VERIFIED_FACTS.md)."""
 
 import base64
@@ -27,7 +27,7 @@ def decode(obj: dict) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def served(llama_tokenizer_path):
-    from vla_jax.serving.server import PolicyService, Server
+    from vla_jax.policy.server import PolicyService, Server
 
     policy = cached_policy(str(llama_tokenizer_path))
     server = Server(PolicyService(policy, max_batch=8, window_ms=5.0, max_body=MAX_BODY), "127.0.0.1", 0).start()
@@ -152,7 +152,7 @@ def test_missing_content_length_is_411(served):
 
 
 def test_json_numpy_codec_round_trips_like_the_package():
-    from vla_jax.serving import json_numpy
+    from vla_jax.policy import json_numpy
 
     for a in [np.arange(6, dtype=np.uint8).reshape(1, 2, 3), np.array([0.1, -2.5]), np.float32(3.5),
               np.arange(4, dtype=">i4"), np.zeros((0, 3), np.float32)]:

@@ -20,8 +20,8 @@ def policy(llama_tokenizer_path):
 
 
 def _serve_and_load(policy, max_batch: int, clients: int, requests: int):
-    from vla_jax.serving import loadtest
-    from vla_jax.serving.server import PolicyService, Server
+    from vla_jax.policy import loadtest
+    from vla_jax.policy.server import PolicyService, Server
 
     server = Server(PolicyService(policy, max_batch=max_batch, window_ms=5.0, max_queue=64), "127.0.0.1", 0).start()
     try:

@@ -25,7 +25,7 @@ from tests.test_policy_helpers import cached_policy
 INSTRUCTION = "put the carrot on the plate"
 
 
-def encode(a: np.ndarray) -> dict:  # written independently of vla_jax.serving.json_numpy
+def encode(a: np.ndarray) -> dict:  # written independently of vla_jax.policy.json_numpy
     return {"__numpy__": base64.b64encode(a.tobytes()).decode(), "dtype": "|u1" if a.dtype == np.uint8 else a.dtype.str,
             "shape": list(a.shape)}
 
@@ -35,8 +35,8 @@ def decode(obj: dict) -> np.ndarray:
 
 
 def start(policy, **limits):
-    from vla_jax.serving.connections import ConnectionLimits
-    from vla_jax.serving.server import PolicyService, Server
+    from vla_jax.policy.connections import ConnectionLimits
+    from vla_jax.policy.server import PolicyService, Server
 
     service = PolicyService(policy, max_batch=8, window_ms=5.0)
     return Server(service, "127.0.0.1", 0, ConnectionLimits(**limits)).start()
@@ -130,7 +130,7 @@ def test_float_images_stay_a_400_with_the_reason(server):
 
 
 def test_64_clients_opening_a_connection_per_request_all_served(policy):
-    from vla_jax.serving import loadtest
+    from vla_jax.policy import loadtest
 
     srv = start(policy)
     try:
@@ -141,7 +141,7 @@ def test_64_clients_opening_a_connection_per_request_all_served(policy):
 
 
 def test_half_open_connections_are_closed_and_resources_return(policy):
-    from vla_jax.serving import loadtest
+    from vla_jax.policy import loadtest
 
     srv = start(policy, idle_timeout_s=1.0, read_timeout_s=2.0)
     try:
@@ -183,7 +183,7 @@ def _reset(sock: socket.socket) -> None:
 
 
 def test_client_reset_is_one_log_line_not_a_traceback(server, caplog, capfd):
-    caplog.set_level(logging.INFO, logger="vla_jax.serving")
+    caplog.set_level(logging.INFO, logger="vla_jax.policy")
     s = socket.create_connection(server.address, timeout=10)
     s.sendall(b"POST /act HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\n\r\n" + b"{" * 100)
     time.sleep(0.3)
@@ -201,7 +201,7 @@ def test_client_reset_is_one_log_line_not_a_traceback(server, caplog, capfd):
 
 def test_abandoned_request_is_cancelled_before_the_model_runs(policy, caplog):
     """A blocks the batch worker; B queues, then B's client resets: B must never reach the model."""
-    caplog.set_level(logging.INFO, logger="vla_jax.serving")
+    caplog.set_level(logging.INFO, logger="vla_jax.policy")
     srv = start(policy)
     service = srv.service
     release, started, ran = threading.Event(), threading.Event(), []

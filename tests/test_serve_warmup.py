@@ -26,8 +26,8 @@ def _listener(event, duration, **kwargs):
 @pytest.fixture(scope="module")
 def warmed(llama_tokenizer_path):
     from vla_jax.policy import Policy
-    from vla_jax.serving.server import PolicyService
-    from vla_jax.serving.warmup import warm_up
+    from vla_jax.policy.server import PolicyService
+    from vla_jax.policy.warmup import warm_up
 
     # Its own instance (not the shared cached_policy): the other serve tests count that one's compiled buckets.
     policy = Policy.load(random_checkpoint(str(llama_tokenizer_path)), batch_buckets=(1, 8), prompt_bucket=16,
@@ -41,7 +41,7 @@ def warmed(llama_tokenizer_path):
 
 
 def body(img: np.ndarray, instruction: str) -> bytes:
-    from vla_jax.serving import json_numpy
+    from vla_jax.policy import json_numpy
 
     return json.dumps({"image": json_numpy.encode_array(img), "instruction": instruction}).encode()
 

@@ -18,7 +18,7 @@ import requests
 try:
     import json_numpy
 except ImportError:  # the same format: {"__numpy__": base64, "dtype": ..., "shape": [...]}
-    from vla_jax.serving import json_numpy
+    from vla_jax.policy import json_numpy
 
 
 def act(url: str, image: np.ndarray, instruction: str, gripper: str | None = None) -> np.ndarray:

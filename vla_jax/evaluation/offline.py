@@ -72,7 +72,7 @@ def evaluate(policy, episodes: Iterable[Episode], *, unnorm_key: Optional[str] =
         key = policy.resolve_unnorm_key(unnorm_key or ep.dataset)
         policy.check_gripper(gripper, key)
         entry = policy.norm_stats[key]
-        dim = len(entry["action"]["q01"])
+        dim = policy.action_dim(key)
         if ep.actions.shape[1] != dim:
             raise ValueError(f"dataset {ep.dataset!r} has {ep.actions.shape[1]}-D actions but the {key!r} "
                              f"statistics are {dim}-D")
@@ -82,21 +82,19 @@ def evaluate(policy, episodes: Iterable[Episode], *, unnorm_key: Optional[str] =
             continue
         images, true_raw = ep.images[keep], ep.actions[keep].astype(np.float64)
         instructions = [s for s, k in zip(ep.instructions, keep) if k]
-        tokens = []
-        for lo in range(0, len(instructions), batch_size):
-            tokens.append(policy.predict_tokens(images[lo:lo + batch_size], instructions[lo:lo + batch_size], dim))
-        pred_tokens = np.concatenate(tokens)
-        pred_norm = policy.tokens_to_normalized(pred_tokens)
-        pred_raw = policy.unnormalize(pred_norm, key)
+        preds = [policy.predict(images[lo:lo + batch_size], instructions[lo:lo + batch_size], key, gripper)
+                 for lo in range(0, len(instructions), batch_size)]
+        pred_tokens, pred_norm = (np.concatenate([getattr(p, f) for p in preds]) for f in ("tokens", "normalized"))
+        pred_raw = np.concatenate([p.actions for p in preds])  # gripper already in the `gripper` convention
         true_norm = normalize_actions(true_raw, entry)
-        true_tokens = policy.tokenizer.action_tokenizer.encode(true_norm)
+        true_tokens = policy.codec.encode(true_norm)
         mean_raw = np.asarray(entry["action"]["mean"], np.float64)
         m = per.get(ep.dataset)
         if m is None:
             m = per[ep.dataset] = ActionMetrics(dim, gripper_dims(entry))
         base_norm = normalize_actions(mean_raw, entry)
         # Normalized metrics and tokens stay in OpenVLA's convention (what the model predicts).
-        pred_raw, true_raw, mean_raw = (policy.convert_gripper(a, key, gripper) for a in (pred_raw, true_raw, mean_raw))
+        true_raw, mean_raw = (policy.convert_gripper(a, key, gripper) for a in (true_raw, mean_raw))
         m.update(pred_tokens, true_tokens, pred_norm, true_norm, pred_raw, true_raw,
                  base_norm=base_norm, base_raw=mean_raw)
         m.episodes += 1

@@ -75,7 +75,7 @@ def init_cache(config: LlamaConfig, batch: int, max_len: int, dtype: Optional[st
         raise ValueError(f"cache max_len={max_len} exceeds the model's max_seq_len={config.max_seq_len}")
     shape = (config.num_layers, batch, max_len, config.kv_heads, config.head_dim)
     dt = jnp.dtype(dtype or config.dtype)
-    # Under a mesh and rules (sharded inference, vla_jax.policy_mesh) the cache is split over heads like
+    # Under a mesh and rules (sharded inference, vla_jax.policy.mesh) the cache is split over heads like
     # the k/v projections that fill it, and over the batch axes; elsewhere this is a no-op.
     zeros = lambda: nn.with_logical_constraint(jnp.zeros(shape, dt), CACHE_AXES)
     return {"k": zeros(), "v": zeros()}

@@ -1,6 +1,6 @@
 """Connection handling for the HTTP front end: the stdlib threaded server, hardened for real clients.
 
-Why the stdlib server and not uvicorn: see the docstring of `vla_jax/serving/server.py` (measured in
+Why the stdlib server and not uvicorn: see the docstring of `vla_jax/policy/server.py` (measured in
 BENCHMARKS.md, "Serving under client load"). What `http.server.ThreadingHTTPServer` lacks, added here:
 
 - Listen backlog: the stdlib default of 5 drops connections (`Connection reset by peer`) as soon as a

@@ -1,6 +1,11 @@
 """Loading a policy's parts: a vla_jax checkpoint (orbax layout of `vla_jax/checkpoints.py`) or an
-HF OpenVLA folder -> (config, params, dataset statistics, tokenizer, trained-with-augmentation),
-and the opt-in persistent XLA compilation cache. Used by `vla_jax.policy.Policy.load`."""
+HF OpenVLA folder -> (config, params, dataset statistics, tokenizer, BatchSpec), the body of
+`Policy.load`, and the opt-in persistent XLA compilation cache.
+
+The contract a policy runs by (image size, test-time centre crop, action codec) is the checkpoint's
+`batch_spec` asset (`vla_jax.spec.BatchSpec`). Checkpoints written before that asset existed, HF
+folders and policies built in memory get it from `derive_batch_spec`, the one place that derives it.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,7 @@ import base64
 import hashlib
 import os
 import tempfile
+import time
 from typing import Any, Mapping, Optional, Tuple, Union
 
 import jax
@@ -15,7 +21,11 @@ import numpy as np
 
 from vla_jax import permissions
 from vla_jax.models.config import OpenVLAConfig, config_from_dict, with_dtypes
+from vla_jax.models.decode import split_layers
 from vla_jax.models.openvla import OpenVLA
+from vla_jax.policy import mesh as policy_mesh
+from vla_jax.policy.decoding import DEFAULT_BATCH_BUCKETS, DEFAULT_PROMPT_BUCKET
+from vla_jax.spec import BATCH_SPEC_ASSET, BatchSpec
 from vla_jax.tokenizer import VLATokenizer
 
 CACHE_ENV = "VLA_JAX_COMPILATION_CACHE"
@@ -53,6 +63,51 @@ def enable_compilation_cache(setting: Union[None, bool, str] = None) -> Optional
 
 # ----------------------------------------------------------------------------------------------
 # Loading
+
+
+def derive_batch_spec(cfg: OpenVLAConfig, tokenizer: VLATokenizer, norm_stats: Mapping[str, Any],
+                      run_config: Optional[Mapping[str, Any]] = None) -> BatchSpec:
+    """The contract of a checkpoint without a `batch_spec` asset, as it was decided before the asset
+    existed: image size and action codec from the model config, text length from the tokenizer, and
+    the test-time centre crop when the run config's data section trained with the random resized crop
+    (OpenVLA's test-time crop undoes it; colour ops need nothing). run_config None (HF folders, policies
+    built in memory): no crop."""
+    data = (run_config or {}).get("data") or {}
+    random_crop = bool(data.get("image_aug", False)) and "random_resized_crop" in data.get("image_aug_ops",
+                                                                                        ("random_resized_crop",))
+    datasets = sum(1 for v in dict(norm_stats).values() if isinstance(v, Mapping) and "action" in v)
+    return BatchSpec.for_model(cfg, text_len=tokenizer.max_len, num_datasets=max(1, datasets),
+                               test_center_crop=random_crop)
+
+
+def check_runnable(spec: BatchSpec, cfg: OpenVLAConfig, where: str) -> None:
+    """ValueError naming the field and value when `spec` is not what this policy runs: one camera, no
+    proprio, OpenVLA's autoregressive token decoding of one action, the model's image size and bins."""
+    codec = spec.codec
+    if codec.decoding != "autoregressive" or codec.head != "tokens" or codec.chunk_size != 1:
+        raise ValueError(f"{where}: the action codec has decoding={codec.decoding!r}, head={codec.head!r}, "
+                         f"chunk_size={codec.chunk_size}; Policy runs only decoding='autoregressive' with "
+                         f"head='tokens' and chunk_size=1 (OpenVLA)")
+    if len(spec.cameras) != 1 or spec.proprio_dim is not None:
+        raise ValueError(f"{where}: cameras={list(spec.cameras)}, proprio_dim={spec.proprio_dim}; Policy takes one "
+                         f"camera image and no proprioception")
+    model = (cfg.image_size, cfg.n_action_bins, cfg.base_vocab_size)
+    if (spec.image_size, codec.n_bins, codec.base_vocab_size) != model:
+        raise ValueError(f"{where}: image_size={spec.image_size}, n_bins={codec.n_bins}, "
+                         f"base_vocab_size={codec.base_vocab_size} do not match the model config ({model[0]}, "
+                         f"{model[1]}, {model[2]})")
+
+
+def checkpoint_batch_spec(assets: Mapping[str, Any], cfg: OpenVLAConfig, tokenizer: VLATokenizer,
+                          where: str) -> BatchSpec:
+    """A vla_jax checkpoint's BatchSpec: its `batch_spec` asset, else `derive_batch_spec` from its run
+    config; checked against the model (`check_runnable`) before any weight is read."""
+    if assets.get(BATCH_SPEC_ASSET) is not None:
+        spec = BatchSpec.from_json(assets[BATCH_SPEC_ASSET], where=f"{where}/{BATCH_SPEC_ASSET}")
+    else:
+        spec = derive_batch_spec(cfg, tokenizer, assets.get("dataset_statistics") or {}, assets.get("config") or {})
+    check_runnable(spec, cfg, f"{where}/{BATCH_SPEC_ASSET}")
+    return spec
 
 
 def tokenizer_from_asset(asset: Mapping[str, Any], where: str) -> VLATokenizer:
@@ -141,32 +196,34 @@ def _check_param_tree(cfg: OpenVLAConfig, params: dict, where: str) -> None:
 
 
 def load_vla_checkpoint(path: str, *, dtype: Optional[str] = None, param_dtype: Optional[str] = None,
-                        device=None, placement_fn=None) -> Tuple[OpenVLAConfig, dict, dict, VLATokenizer, bool]:
+                        tokenizer: Optional[str] = None, device=None,
+                        placement_fn=None) -> Tuple[OpenVLAConfig, dict, dict, VLATokenizer, BatchSpec]:
     """A vla_jax checkpoint (workdir, its checkpoints/ folder or one step folder; the latest step)
-    -> (config, params on `device`, dataset statistics, tokenizer, trained_with_random_crop).
+    -> (config, params on `device`, dataset statistics, tokenizer, BatchSpec).
 
-    placement_fn: optional `config -> shardings` of the model's params (stacked layout), called
+    tokenizer: a tokenizer.model to use instead of the checkpoint's tokenizer asset.
+    placement_fn: optional `(config, spec) -> shardings` of the model's params (stacked layout), called
     before anything is read onto a device (sharded inference: it may also refuse, e.g. too little
-    memory); the params are then restored straight into those shardings."""
+    memory); the params are then restored straight into those shardings. The spec is read and checked
+    (`checkpoint_batch_spec`) before that too."""
     from vla_jax import checkpoints as ckpt_lib
 
     step_dir = ckpt_lib.resolve_step_dir(path)
     assets = ckpt_lib.load_assets(str(step_dir))
     cfg = config_from_dict(assets["meta"]["model"])
     cfg = with_dtypes(cfg, dtype or cfg.dtype, param_dtype or cfg.param_dtype, remat=False)
+    if tokenizer:
+        tok = VLATokenizer.from_file(tokenizer, n_bins=cfg.n_action_bins, action_dim=cfg.action_dim)
+    else:
+        tok = tokenizer_from_asset(assets.get("tokenizer") or {}, str(step_dir))
+    spec = checkpoint_batch_spec(assets, cfg, tok, str(step_dir))
     device = device or jax.devices()[0]
-    placement = placement_fn(cfg) if placement_fn is not None else None
+    placement = placement_fn(cfg, spec) if placement_fn is not None else None
     params = ckpt_lib.load_params(str(step_dir), _abstract_params(step_dir / "state", param_dtype, device, placement))
-    run_config = assets.get("config") or {}
     if "lora" in params:
-        params = _merge_lora(params, run_config)
+        params = _merge_lora(params, assets.get("config") or {})
     _check_param_tree(cfg, params, str(step_dir))
-    tok = tokenizer_from_asset(assets.get("tokenizer") or {}, str(step_dir))
-    data = run_config.get("data") or {}
-    # OpenVLA's test-time centre crop undoes the training-time random crop; colour ops need nothing.
-    random_crop = bool(data.get("image_aug", False)) and "random_resized_crop" in data.get("image_aug_ops",
-                                                                                        ("random_resized_crop",))
-    return cfg, params, dict(assets.get("dataset_statistics") or {}), tok, random_crop
+    return cfg, params, dict(assets.get("dataset_statistics") or {}), tok, spec
 
 
 def recorded_dataset_configs(path: str) -> dict:
@@ -192,15 +249,63 @@ def load_hf_checkpoint(path: str, *, dtype: Optional[str] = None, param_dtype: O
     """An HF OpenVLA folder (`openvla/openvla-7b` layout) -> the same tuple as `load_vla_checkpoint`.
     placement_fn: as there (the weights are read into host memory first, then placed).
 
-    HF folders do not record whether training used image augmentation: pass center_crop=True to
-    `Policy.load` for such fine-tuned checkpoints (e.g. OpenVLA's LIBERO ones)."""
+    HF folders record no BatchSpec: it is derived (`derive_batch_spec`) without the test-time crop, since
+    they do not say whether training used image augmentation: pass center_crop=True to `Policy.load`
+    for such fine-tuned checkpoints (e.g. OpenVLA's LIBERO ones)."""
     from vla_jax.hf import load_hf_dir
 
     cfg, params, norm_stats, tok_path = load_hf_dir(path, dtype=dtype or "bfloat16", param_dtype=param_dtype)
     tok_path = tokenizer or tok_path
     if tok_path is None:
         raise ValueError(f"{path} has no tokenizer.model; pass tokenizer=PATH (the Llama-2 SentencePiece model)")
-    placement = placement_fn(cfg) if placement_fn is not None else (device or jax.devices()[0])
+    tok = VLATokenizer.from_file(tok_path, n_bins=cfg.n_action_bins, action_dim=cfg.action_dim)
+    norm_stats = dict(norm_stats or {})
+    spec = derive_batch_spec(cfg, tok, norm_stats)
+    check_runnable(spec, cfg, path)
+    placement = placement_fn(cfg, spec) if placement_fn is not None else (device or jax.devices()[0])
     params = jax.device_put(params, placement)
-    return cfg, params, dict(norm_stats or {}), VLATokenizer.from_file(tok_path, n_bins=cfg.n_action_bins,
-                                                                        action_dim=cfg.action_dim), False
+    return cfg, params, norm_stats, tok, spec
+
+
+# ----------------------------------------------------------------------------------------------
+# Policy.load
+
+
+def load_policy(cls, path: str, *, center_crop: Optional[bool] = None, action_tokens_only: bool = False,
+                dtype: Optional[str] = None, param_dtype: Optional[str] = None, tokenizer: Optional[str] = None,
+                compilation_cache: Union[None, bool, str] = None, device=None, mesh=None,
+                device_memory: Optional[int] = None, **kw):
+    """The body of `Policy.load` (see there): `cls` is the Policy class, built from what the checkpoint holds."""
+    enable_compilation_cache(compilation_cache)
+    path = os.fspath(path)
+    precompiled = {}
+    placement_fn = None
+    if mesh is not None:
+        mesh = policy_mesh.as_mesh(mesh)
+
+        def place(cfg, spec):
+            shardings = policy_mesh.param_shardings(cfg, mesh)  # checks the mesh divides the dimensions
+            batch = min(int(b) for b in kw.get("batch_buckets", DEFAULT_BATCH_BUCKETS))
+            key = (spec.codec.num_action_tokens, batch, 2 * int(kw.get("prompt_bucket", DEFAULT_PROMPT_BUCKET)))
+            t0 = time.perf_counter()
+            compiled = policy_mesh.compile_decoder(OpenVLA(cfg), policy_mesh.abstract_split_params(cfg, mesh),
+                                                   mesh, key[1], key[2], key[0])
+            policy_mesh.check_fits(compiled, mesh, device_memory, what=path)
+            if not action_tokens_only:  # same program as the policy's own for this bucket
+                precompiled[key] = (compiled, time.perf_counter() - t0)
+            return shardings
+
+        placement_fn = place
+    if is_hf_dir(path):
+        load = load_hf_checkpoint
+    else:
+        kw.setdefault("dataset_configs", recorded_dataset_configs(path))
+        load = load_vla_checkpoint
+    cfg, params, stats, tok, spec = load(path, dtype=dtype, param_dtype=param_dtype, tokenizer=tokenizer,
+                                         device=device, placement_fn=placement_fn)
+    params = split_layers(params, consume=True)  # freshly loaded: no second copy of the layers
+    policy = cls(cfg, params, tok, stats, spec=spec, center_crop=center_crop, action_tokens_only=action_tokens_only,
+                 source=path, mesh=mesh, **kw)
+    for key, (compiled, seconds) in precompiled.items():
+        policy._executables[key], policy.compile_seconds[key] = compiled, seconds
+    return policy

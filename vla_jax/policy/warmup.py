@@ -23,7 +23,7 @@ from typing import Any, Dict, List
 
 import numpy as np
 
-from vla_jax.serving import json_numpy
+from vla_jax.policy import json_numpy
 
 WARMUP_INSTRUCTION = "pick up the object and put it in the bowl"
 WARMUP_IMAGE_SIZES = ((224, 224), (256, 320))  # OpenVLA clients' usual 224x224, and another size
@@ -47,7 +47,7 @@ def warm_up(service, prompt_len: int = 64) -> Dict[str, Any]:
     before = set(p.compile_seconds)
     dims = sorted({p.action_dim(k) for k in p.unnorm_keys})
     batches, lengths = batch_buckets(p, service.batcher.max_batch), prompt_buckets(p, prompt_len)
-    s = p.config.image_size
+    s = p.image_size
     ids = p.prompt_ids(WARMUP_INSTRUCTION)
     for n in dims:
         for b in batches:

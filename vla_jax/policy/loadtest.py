@@ -1,8 +1,8 @@
 """Bounded load test for a running server on loopback: N concurrent clients x M requests each.
 
-    python -m vla_jax.serving.loadtest --url=http://127.0.0.1:8000 --clients=8 --requests=50
-    python -m vla_jax.serving.loadtest --connection=new --clients=64 --requests=20
-    python -m vla_jax.serving.loadtest --connection=new --clients=64 --requests=20 --slow_clients=300
+    python -m vla_jax.policy.loadtest --url=http://127.0.0.1:8000 --clients=8 --requests=50
+    python -m vla_jax.policy.loadtest --connection=new --clients=64 --requests=20
+    python -m vla_jax.policy.loadtest --connection=new --clients=64 --requests=20 --slow_clients=300
 
 Clients send OpenVLA payloads (a random uint8 image per client, json_numpy encoded) back to back:
 --connection=keepalive: each client keeps one HTTP/1.1 connection (a robot with a session);
@@ -29,7 +29,7 @@ from typing import Any, Dict, List, Optional
 
 import numpy as np
 
-from vla_jax.serving import json_numpy
+from vla_jax.policy import json_numpy
 
 
 def make_payload(seed: int, size: int = 64, instruction: str = "put the carrot on the plate",
@@ -233,7 +233,7 @@ def soak(url: str, clients: int, requests: int, slow_clients: int, slow_kind: st
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m vla_jax.serving.loadtest", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m vla_jax.policy.loadtest", description=__doc__.split("\n\n")[0])
     p.add_argument("--url", default="http://127.0.0.1:8000", help="a loopback address only")
     p.add_argument("--clients", type=int, default=8)
     p.add_argument("--requests", type=int, default=50, help="per client")

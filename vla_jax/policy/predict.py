@@ -3,11 +3,16 @@
     policy = Policy.load("runs/debug")                  # vla_jax workdir / step folder, or an HF OpenVLA folder
     action = policy.predict_action(image, "put the carrot on the plate")      # float64 [action_dim]
     actions = policy.predict_actions(images, instructions)                    # float64 [B, action_dim]
+    pred = policy.predict(images, instructions, keys, grippers)  # Prediction: tokens, normalized, actions
+
+The checkpoint's contract (`vla_jax.spec.BatchSpec`, its `batch_spec` asset; derived for older
+checkpoints and HF folders, `loading.derive_batch_spec`) sets the image size, the test-time crop and
+the action codec; the codec (`vla_jax.spec.ActionCodec`) is the one decoder and un-normalizer.
 
 What happens (OPENVLA_REFERENCE.md §2-§4, §9):
-1. Image: uint8 RGB [H, W, 3] -> lanczos3 antialiased squash to config.image_size, the very function
-   the training pipeline uses (`vla_jax.data.transforms.resize_image`); then, for checkpoints
-   trained with image augmentation (recorded in their config asset), the centered 0.9-area crop
+1. Image: uint8 RGB [H, W, 3] -> lanczos3 antialiased squash to the spec's image size, the very function
+   the training pipeline uses (`vla_jax.data.transforms.resize_image`); then, when the spec says
+   `test_center_crop` (training used the random resized crop), the centered 0.9-area crop
    (`transforms.center_crop`), as OpenVLA's eval scripts do.
 2. Prompt: `[BOS] + "In: What action should the robot take to {instruction.lower()}?\\nOut:" + [29871]`.
 3. Decoding: rows are padded to a batch bucket (a power of two) and prompts to a multiple of
@@ -16,8 +21,8 @@ What happens (OPENVLA_REFERENCE.md §2-§4, §9):
    (`vla_jax.models.decode`). Pad rows are copies of a real row and their outputs are dropped;
    per-row lengths keep right-padding out of every row's attention.
 4. Tokens -> bin centers (float64) -> `where(mask, 0.5 (a + 1) (q99 - q01) + q01, a)` with the
-   statistics of `unnorm_key`; unmasked dimensions (the gripper) come back raw. Like OpenVLA's
-   `predict_action`, the result is a float64 numpy array, computed in float64.
+   statistics of `unnorm_key` (`ActionCodec.decode` / `unnormalize`); unmasked dimensions (the gripper)
+   come back raw. Like OpenVLA's `predict_action`, the result is a float64 numpy array, computed in float64.
 5. Gripper: OpenVLA's convention (1 = open, 0 = closed) by default; `gripper="dataset"` returns it
    in the convention the dataset was registered with (the inverse of its transform,
    `vla_jax.spec.gripper`; the checkpoint records its datasets' configs).
@@ -28,7 +33,7 @@ By default the argmax runs over the whole vocabulary, as OpenVLA's `generate` do
 One difference from OpenVLA's `predict_action`, on purpose: see `upstream_eos_ids` (`stop_at_eos`).
 
 Sharded inference: `Policy.load(path, mesh=(data, fsdp, tensor))` places the weights over a device mesh
-and runs the same decoder there (`vla_jax.policy_mesh`: training's logical-axis rules, KV cache split
+and runs the same decoder there (`vla_jax.policy.mesh`: training's logical-axis rules, KV cache split
 over heads, mesh and memory checked before anything is loaded).
 
 Compilation: `warmup()` compiles chosen buckets up front; the persistent XLA cache
@@ -39,63 +44,70 @@ VLA_JAX_COMPILATION_CACHE environment variable) lets later processes skip compil
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
+import dataclasses
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import jax
 import numpy as np
 
-from vla_jax import policy_mesh
 from vla_jax.models.config import OpenVLAConfig
 from vla_jax.models.decode import greedy_decode, is_split, split_layers, stack_layers
 from vla_jax.models.openvla import OpenVLA
-from vla_jax.policy_loading import (enable_compilation_cache, is_hf_dir, load_hf_checkpoint,  # noqa: F401
-                                    load_vla_checkpoint, recorded_dataset_configs)
+from vla_jax.policy import inputs
+from vla_jax.policy import mesh as policy_mesh
+from vla_jax.policy.decoding import DEFAULT_BATCH_BUCKETS, DEFAULT_PROMPT_BUCKET, bucket, upstream_eos_ids
+from vla_jax.policy.loading import check_runnable, derive_batch_spec, load_policy
+from vla_jax.spec import ActionCodec, BatchSpec
 from vla_jax.tokenizer import VLATokenizer
 
-DEFAULT_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
-DEFAULT_PROMPT_BUCKET = 16
 _WARMUP_INSTRUCTION = "pick up the object and put it in the bowl"
 log = logging.getLogger(__name__)
 
 
-def upstream_eos_ids(prompt: Sequence[int], tokens, eos_id: int) -> np.ndarray:
-    """The ids OpenVLA's `predict_action` decodes when EOS comes early: prompt ids [T] + greedy tokens int [n]
-    -> int [n].
+@dataclasses.dataclass(frozen=True)
+class Prediction:
+    """What `Policy.predict` returns for B rows (n: the largest action dim among the rows' statistics,
+    the number of tokens decoded; d_i: row i's own, n for every row with one dataset).
 
-    Upstream runs `generate(max_new_tokens=n)`, which stops right after an EOS, and then decodes the
-    last n ids of the whole sequence, so an EOS at step k (0-based) yields the last n-k-1 prompt ids,
-    the k tokens before EOS and EOS itself (all but the action ids decode to the clipped extreme bin).
-    vla_jax always decodes the n generated positions instead: every action dimension then comes
-    from a token predicted for it, which is what training supervises. Greedy tokens before the EOS
-    are the same either way, so this is a pure rearrangement of ids, used by `stop_at_eos=True`.
+    tokens      int32 [B, n]     greedy token ids
+    normalized  float64 [B, n]   their bin centres in [-1, 1] (the gripper in OpenVLA's convention)
+    rows        B float64 [d_i]  raw actions: the first d_i values un-normalized with row i's
+                                 statistics, the gripper in the convention asked for that row
+    unnorm_keys B dataset keys   the statistics each row was un-normalized with
     """
-    tokens = np.asarray(tokens)
-    hits = np.flatnonzero(tokens == eos_id)
-    if hits.size == 0:
-        return tokens
-    seq = np.concatenate([np.asarray(prompt, tokens.dtype), tokens[:hits[0] + 1]])
-    return seq[-len(tokens):]
+
+    tokens: np.ndarray
+    normalized: np.ndarray
+    rows: Tuple[np.ndarray, ...]
+    unnorm_keys: Tuple[str, ...]
+
+    @property
+    def actions(self) -> np.ndarray:
+        """float64 [B, D]: the rows stacked; ValueError when the rows' datasets have different action dims."""
+        dims = sorted({r.shape[-1] for r in self.rows})
+        if len(dims) > 1:
+            raise ValueError(f"the rows have action dims {dims} (keys {sorted(set(self.unnorm_keys))}); read "
+                             f"Prediction.rows instead of .actions")
+        return np.stack(self.rows)
 
 
-# ----------------------------------------------------------------------------------------------
-# The policy
-
-
-def _bucket(n: int, buckets: Sequence[int]) -> int:
-    for b in buckets:
-        if b >= n:
-            return b
-    return buckets[-1]
+def _per_row(value, b: int, name: str) -> List[Any]:
+    """One value for every row, or a sequence of b values -> list of b values."""
+    if value is None or isinstance(value, str):
+        return [value] * b
+    values = list(value)
+    if len(values) != b:
+        raise ValueError(f"{b} images but {len(values)} values of {name}")
+    return values
 
 
 class Policy:
     """A loaded OpenVLA checkpoint that maps (image, instruction) to actions. Thread-safe."""
 
     def __init__(self, config: OpenVLAConfig, params: Any, tokenizer: VLATokenizer, norm_stats: Mapping[str, Any], *,
-                 center_crop: bool = False, action_tokens_only: bool = False,
+                 spec: Optional[BatchSpec] = None, center_crop: Optional[bool] = None, action_tokens_only: bool = False,
                  batch_buckets: Sequence[int] = DEFAULT_BATCH_BUCKETS, prompt_bucket: int = DEFAULT_PROMPT_BUCKET,
                  source: str = "", dataset_configs: Optional[Mapping[str, Mapping[str, Any]]] = None,
                  mesh=None):
@@ -113,10 +125,14 @@ class Policy:
             raise ValueError(f"tokenizer has {tokenizer.action_tokenizer.n_bins} action bins, the model "
                              f"{config.n_action_bins}")
         self.config, self.tokenizer = config, tokenizer
+        # The contract (image size, test-time crop, action codec): the checkpoint's, or derived for a policy
+        # built in memory (no crop); center_crop None = the spec's test_center_crop.
+        self.spec = spec if spec is not None else derive_batch_spec(config, tokenizer, norm_stats)
+        check_runnable(self.spec, config, source or "Policy")
         # The decoding layout (one array per layer: decode.split_layers); params in the stacked
         # training layout are split here (a copy; Policy.load splits and frees its freshly loaded ones).
         self.decode_params = params if is_split(params) else split_layers(params)
-        # Sharded inference (vla_jax.policy_mesh): params placed over the mesh with training's rules.
+        # Sharded inference (vla_jax.policy.mesh): params placed over the mesh with training's rules.
         self.mesh = None if mesh is None else policy_mesh.as_mesh(mesh)
         if self.mesh is not None:
             self.decode_params = jax.device_put(self.decode_params,
@@ -124,11 +140,11 @@ class Policy:
         self.norm_stats = {k: v for k, v in dict(norm_stats).items()}
         # {dataset name: DatasetConfig fields} the checkpoint trained on (its gripper convention).
         self.dataset_configs = {k: dict(v) for k, v in dict(dataset_configs or {}).items()}
-        self._center_crop, self.action_tokens_only = bool(center_crop), bool(action_tokens_only)
+        crop = self.spec.test_center_crop if center_crop is None else center_crop
+        self._center_crop, self.action_tokens_only = bool(crop), bool(action_tokens_only)
         self.batch_buckets, self.prompt_bucket, self.source = tuple(buckets), int(prompt_bucket), source
         self.model = OpenVLA(config)
-        act = tokenizer.action_tokenizer
-        self._allowed = (act.first_id, act.last_id) if action_tokens_only else None
+        self._allowed = (self.codec.first_id, self.codec.last_id) if action_tokens_only else None
         self._executables: Dict[Tuple[int, int, int], Any] = {}
         self.compile_seconds: Dict[Tuple[int, int, int], float] = {}
         self._compile_lock = threading.Lock()
@@ -138,6 +154,16 @@ class Policy:
     def params(self):
         """The parameters in the stacked training/checkpoint layout (a new copy of the layer weights)."""
         return stack_layers(self.decode_params)
+
+    @property
+    def codec(self) -> ActionCodec:
+        """The action codec (ids <-> normalized <-> raw) of the checkpoint's spec."""
+        return self.spec.codec
+
+    @property
+    def image_size(self) -> int:
+        """Side of the square uint8 images the model sees (the spec's)."""
+        return self.spec.image_size
 
     @property
     def center_crop(self) -> bool:
@@ -157,53 +183,21 @@ class Policy:
              device_memory: Optional[int] = None, **kw) -> "Policy":
         """Loads a vla_jax checkpoint (the latest step of a workdir) or an HF OpenVLA folder.
 
-        center_crop: None = what the checkpoint records (its run config's data.image_aug with the random crop).
+        center_crop: None = what the checkpoint's BatchSpec says (`test_center_crop`; for checkpoints without
+          the `batch_spec` asset: its run config's data.image_aug with the random crop; HF folders: no crop).
         dtype / param_dtype: override the compute / parameter dtypes (e.g. 'bfloat16' on accelerators).
         tokenizer: a tokenizer.model to use instead of the checkpoint's.
         compilation_cache: see `enable_compilation_cache` (None = the environment variable decides).
-        mesh: shard the parameters and run the decoder over a device mesh (`vla_jax.policy_mesh`): a
+        mesh: shard the parameters and run the decoder over a device mesh (`vla_jax.policy.mesh`): a
           jax Mesh with axes (data, fsdp, tensor), "D,F,T" or (D, F, T). Before any weight reaches a
           device, the mesh is checked against the sharded dimensions and the decoder is compiled for
           the smallest batch bucket and a 2 * prompt_bucket-token prompt; a program needing more than
           `device_memory` bytes per device (default: what the device reports; CPUs report nothing)
           raises ValueError with its per-device figure.
         """
-        enable_compilation_cache(compilation_cache)
-        path = os.fspath(path)
-        precompiled = {}
-        placement_fn = None
-        if mesh is not None:
-            mesh = policy_mesh.as_mesh(mesh)
-
-            def place(cfg):
-                shardings = policy_mesh.param_shardings(cfg, mesh)  # checks the mesh divides the dimensions
-                batch = min(int(b) for b in kw.get("batch_buckets", DEFAULT_BATCH_BUCKETS))
-                key = (cfg.action_dim, batch, 2 * int(kw.get("prompt_bucket", DEFAULT_PROMPT_BUCKET)))
-                t0 = time.perf_counter()
-                compiled = policy_mesh.compile_decoder(OpenVLA(cfg), policy_mesh.abstract_split_params(cfg, mesh),
-                                                       mesh, key[1], key[2], key[0])
-                policy_mesh.check_fits(compiled, mesh, device_memory, what=path)
-                if not action_tokens_only:  # same program as the policy's own for this bucket
-                    precompiled[key] = (compiled, time.perf_counter() - t0)
-                return shardings
-
-            placement_fn = place
-        if is_hf_dir(path):
-            cfg, params, stats, tok, aug = load_hf_checkpoint(path, dtype=dtype, param_dtype=param_dtype,
-                                                              tokenizer=tokenizer, device=device,
-                                                              placement_fn=placement_fn)
-        else:
-            kw.setdefault("dataset_configs", recorded_dataset_configs(path))
-            cfg, params, stats, tok, aug = load_vla_checkpoint(path, dtype=dtype, param_dtype=param_dtype,
-                                                               device=device, placement_fn=placement_fn)
-            if tokenizer:
-                tok = VLATokenizer.from_file(tokenizer, n_bins=cfg.n_action_bins, action_dim=cfg.action_dim)
-        params = split_layers(params, consume=True)  # freshly loaded: no second copy of the layers
-        policy = cls(cfg, params, tok, stats, center_crop=aug if center_crop is None else center_crop,
-                     action_tokens_only=action_tokens_only, source=path, mesh=mesh, **kw)
-        for key, (compiled, seconds) in precompiled.items():
-            policy._executables[key], policy.compile_seconds[key] = compiled, seconds
-        return policy
+        return load_policy(cls, path, center_crop=center_crop, action_tokens_only=action_tokens_only, dtype=dtype,
+                           param_dtype=param_dtype, tokenizer=tokenizer, compilation_cache=compilation_cache,
+                           device=device, mesh=mesh, device_memory=device_memory, **kw)
 
     # -- statistics -----------------------------------------------------------------------------
 
@@ -227,59 +221,26 @@ class Policy:
         return unnorm_key
 
     def action_dim(self, unnorm_key: Optional[str] = None) -> int:
-        """len(q01) of the dataset's statistics (sets how many tokens are decoded, as in OpenVLA)."""
-        return len(self.norm_stats[self.resolve_unnorm_key(unnorm_key)]["action"]["q01"])
+        """len(q01) of the dataset's statistics (sets how many tokens are decoded, as in OpenVLA): the one
+        place the policy, the server and the evaluators read it."""
+        key = self.resolve_unnorm_key(unnorm_key)
+        return len(self.codec.action_statistics(self.norm_stats[key], f"{key!r} statistics")[0])
 
     # -- inputs ---------------------------------------------------------------------------------
 
     def check_image(self, image, index: int = 0) -> np.ndarray:
-        """PIL image or uint8 [H, W, 3] array -> uint8 [H, W, 3]; ValueError otherwise."""
-        if hasattr(image, "convert") and hasattr(image, "size"):  # a PIL image
-            image = np.asarray(image.convert("RGB"))
-        a = np.asarray(image)
-        if a.ndim != 3 or a.shape[-1] != 3:
-            raise ValueError(f"image {index}: expected an RGB image of shape [H, W, 3], got shape {a.shape}")
-        if a.dtype != np.uint8:
-            raise ValueError(f"image {index}: expected dtype uint8 (raw RGB 0..255), got {a.dtype}")
-        if min(a.shape[:2]) < 1:
-            raise ValueError(f"image {index}: empty image of shape {a.shape}")
-        return a
+        """PIL image or uint8 [H, W, 3] array -> uint8 [H, W, 3]; ValueError otherwise (`inputs.check_image`)."""
+        return inputs.check_image(image, index)
 
     def _image_fn(self):
-        """The training pipeline's resize (+ test-time crop) as one traced TF graph: same ops and
-        results as calling them eagerly, without per-op dispatch cost on every request."""
+        """The resize (+ test-time crop) TF function for this policy's image size and crop, built once."""
         if self._tf_image_fn is None:
-            import tensorflow as tf  # imported only when images are processed
-
-            from vla_jax.data import transforms
-
-            size, crop = self.config.image_size, self.center_crop
-
-            def fn(batch):  # uint8 [B, H, W, 3] -> uint8 [B, S, S, 3]
-                out = transforms.resize_image(batch, size)
-                return transforms.center_crop(out) if crop else out
-
-            self._tf_image_fn = tf.function(fn, reduce_retracing=True)
+            self._tf_image_fn = inputs.tf_image_fn(self.image_size, self.center_crop)
         return self._tf_image_fn
 
     def preprocess(self, images) -> np.ndarray:
         """B images (list or uint8 [B, H, W, 3]) -> uint8 [B, S, S, 3], exactly as training saw them."""
-        imgs = [self.check_image(im, i) for i, im in enumerate(images)]
-        if not imgs:
-            raise ValueError("no images given")
-        size = self.config.image_size
-        out = np.empty((len(imgs), size, size, 3), np.uint8)
-        by_shape: Dict[tuple, List[int]] = {}
-        for i, im in enumerate(imgs):
-            by_shape.setdefault(im.shape, []).append(i)
-        for shape, rows in by_shape.items():  # one call per image size
-            if shape[:2] == (size, size) and not self.center_crop:
-                # lanczos3 at scale 1 samples its kernel at integer offsets only (1 at 0, 0 elsewhere):
-                # TF returns the image unchanged, so skip the ~2 ms TF call (bench/compare_torch.py).
-                out[rows] = np.stack([imgs[i] for i in rows])
-            else:
-                out[rows] = np.asarray(self._image_fn()(np.stack([imgs[i] for i in rows])))
-        return out
+        return inputs.preprocess(images, self.image_size, self.center_crop, self._image_fn)
 
     def prompt_ids(self, instruction) -> List[int]:
         """Instruction (str or utf-8 bytes) -> `[BOS] + prompt + [29871]`; ValueError when empty or too long."""
@@ -297,7 +258,7 @@ class Policy:
 
     def max_prompt_len(self, num_tokens: Optional[int] = None) -> int:
         """Most text tokens (BOS..29871) a prompt may have: max_seq_len - image patches - generated tokens."""
-        n = num_tokens if num_tokens is not None else self.config.action_dim
+        n = num_tokens if num_tokens is not None else self.codec.num_action_tokens
         return self.config.llama.max_seq_len - self.config.num_patches - n
 
     # -- decoding -------------------------------------------------------------------------------
@@ -309,7 +270,7 @@ class Policy:
             return exe
         with self._compile_lock:
             if key not in self._executables:
-                s = self.config.image_size
+                s = self.image_size
                 args = (self.decode_params, jax.ShapeDtypeStruct((batch, s, s, 3), np.uint8),
                         jax.ShapeDtypeStruct((batch, length), np.int32), jax.ShapeDtypeStruct((batch,), np.int32))
                 fn = jax.jit(lambda p, x, i, l: greedy_decode(self.model, p, x, i, l, num_tokens, self._allowed))
@@ -328,10 +289,10 @@ class Policy:
 
     def buckets_for(self, batch: int, prompt_len: int, num_tokens: Optional[int] = None) -> Tuple[int, int]:
         """(padded batch, padded prompt length) a call with these sizes runs with."""
-        n = num_tokens if num_tokens is not None else self.config.action_dim
+        n = num_tokens if num_tokens is not None else self.codec.num_action_tokens
         limit = self.max_prompt_len(n)
         length = min(-(-prompt_len // self.prompt_bucket) * self.prompt_bucket, limit)
-        return _bucket(batch, self.batch_buckets), max(length, prompt_len)
+        return bucket(batch, self.batch_buckets), max(length, prompt_len)
 
     def decode_tokens(self, pixels: np.ndarray, prompts: Sequence[Sequence[int]], num_tokens: int) -> np.ndarray:
         """Preprocessed uint8 [B, S, S, 3] + B prompt id lists -> greedy token ids int32 [B, num_tokens].
@@ -359,20 +320,14 @@ class Policy:
         return np.concatenate(out, axis=0)
 
     def tokens_to_normalized(self, tokens) -> np.ndarray:
-        """Action token ids [..., D] -> float64 normalized actions (OpenVLA's bin centers; non-action ids clipped)."""
-        act = self.tokenizer.action_tokenizer
-        idx = np.clip(act.vocab_size - np.asarray(tokens, np.int64) - 1, 0, act.bin_centers.shape[0] - 1)
-        return act.bin_centers[idx]
+        """Action token ids [..., D] -> float64 normalized actions (`ActionCodec.decode`: OpenVLA's bin centers;
+        non-action ids clipped)."""
+        return self.codec.decode(tokens)
 
     def unnormalize(self, normalized: np.ndarray, unnorm_key: Optional[str] = None) -> np.ndarray:
-        """float64 [..., D] in [-1, 1] -> raw actions with the key's q01/q99 (mask False: passed through)."""
-        a = self.norm_stats[self.resolve_unnorm_key(unnorm_key)]["action"]
-        q01, q99 = np.asarray(a["q01"], np.float64), np.asarray(a["q99"], np.float64)
-        mask = np.asarray(a.get("mask", [True] * len(q01)), bool)
-        x = np.asarray(normalized, np.float64)
-        if x.shape[-1] != q01.shape[0]:
-            raise ValueError(f"actions have {x.shape[-1]} dims but the {unnorm_key!r} statistics have {q01.shape[0]}")
-        return np.where(mask, 0.5 * (x + 1.0) * (q99 - q01) + q01, x)
+        """float64 [..., D] in [-1, 1] -> raw actions with the key's q01/q99 (`ActionCodec.unnormalize`)."""
+        key = self.resolve_unnorm_key(unnorm_key)
+        return self.codec.unnormalize(normalized, self.norm_stats[key], f"{key!r} statistics")
 
     def dataset_config(self, unnorm_key: Optional[str] = None) -> Mapping[str, Any]:
         """DatasetConfig fields of the dataset behind `unnorm_key`: as the checkpoint recorded them, else
@@ -410,40 +365,67 @@ class Policy:
 
     # -- public prediction API ------------------------------------------------------------------
 
-    def predict_tokens(self, images, instructions, num_tokens: Optional[int] = None, *,
-                       stop_at_eos: bool = False) -> np.ndarray:
-        """B images + B instructions (or one for all) -> int32 [B, num_tokens] (default config.action_dim).
-        stop_at_eos: rows with an early EOS get OpenVLA's ids instead (`upstream_eos_ids`)."""
+    @staticmethod
+    def _rows(images, instructions) -> Tuple[List[Any], List[Any]]:
+        """B images (a list, uint8 [B, H, W, 3] or one [H, W, 3]) + B instructions (or one for all) -> two lists."""
         images = list(images) if not isinstance(images, np.ndarray) or images.ndim == 4 else [images]
         if isinstance(instructions, (str, bytes)):
             instructions = [instructions] * len(images)
         if len(instructions) != len(images):
             raise ValueError(f"{len(images)} images but {len(instructions)} instructions")
+        if not images:
+            raise ValueError("no images given")
+        return images, list(instructions)
+
+    def predict_tokens(self, images, instructions, num_tokens: Optional[int] = None, *,
+                       stop_at_eos: bool = False) -> np.ndarray:
+        """B images + B instructions (or one for all) -> int32 [B, num_tokens] (default: the codec's action
+        tokens). stop_at_eos: rows with an early EOS get OpenVLA's ids instead (`upstream_eos_ids`)."""
+        images, instructions = self._rows(images, instructions)
         prompts = [self.prompt_ids(s) for s in instructions]
-        n = int(num_tokens or self.config.action_dim)
+        n = int(num_tokens or self.codec.num_action_tokens)
         tokens = self.decode_tokens(self.preprocess(images), prompts, n)
         if stop_at_eos:
             eos = self.tokenizer.tokenizer.eos_id
             tokens = np.stack([upstream_eos_ids(p, t, eos) for p, t in zip(prompts, tokens)])
         return tokens
 
-    def predict_normalized(self, images, instructions, unnorm_key: Optional[str] = None, *,
-                           stop_at_eos: bool = False):
-        """-> (tokens int32 [B, D], normalized float64 [B, D]); D is the key's action dim."""
-        tokens = self.predict_tokens(images, instructions, self.action_dim(unnorm_key), stop_at_eos=stop_at_eos)
-        return tokens, self.tokens_to_normalized(tokens)
+    def predict(self, images, instructions, unnorm_key: Union[None, str, Sequence[str]] = None,
+                gripper: Union[str, Sequence[str]] = "openvla", *, stop_at_eos: bool = False) -> Prediction:
+        """B images (uint8 [H, W, 3] each, or [B, H, W, 3]) + B instructions -> `Prediction` (tokens,
+        normalized and raw actions): the one call the server and the evaluators use.
+
+        unnorm_key: one dataset key for every row (None: the only one) or B keys; each row decodes as
+          many tokens as the largest action dim among them (greedy decoding is causal: a row's first d
+          tokens are the same as a d-token decode) and is un-normalized with its own statistics.
+        gripper: 'openvla' (1 = open, 0 = closed, as OpenVLA returns it) or 'dataset' (the convention the
+          dataset was registered with; see `vla_jax.spec.gripper`), for every row or B of them.
+        stop_at_eos: upstream's early-EOS decoding, for parity studies (see `predict_action`)."""
+        images, instructions = self._rows(images, instructions)
+        b = len(images)
+        keys = [self.resolve_unnorm_key(k) for k in _per_row(unnorm_key, b, "unnorm_key")]
+        grippers = _per_row(gripper, b, "gripper")
+        for key, g in sorted(set(zip(keys, grippers))):
+            self.check_gripper(g, key)  # before decoding: a non-invertible convention fails fast
+        dims = [self.action_dim(k) for k in keys]
+        if stop_at_eos and len(set(dims)) > 1:
+            raise ValueError(f"stop_at_eos needs one action dim for all rows; the keys {sorted(set(keys))} have "
+                             f"{sorted(set(dims))}")
+        tokens = self.predict_tokens(images, instructions, max(dims), stop_at_eos=stop_at_eos)
+        normalized = self.codec.decode(tokens)
+        rows: List[Any] = [None] * b
+        for key, g, d in sorted(set(zip(keys, grippers, dims))):
+            idx = [i for i in range(b) if keys[i] == key and grippers[i] == g]
+            raw = self.convert_gripper(self.unnormalize(normalized[idx, :d], key), key, g)
+            for j, i in enumerate(idx):
+                rows[i] = raw[j]
+        return Prediction(tokens, normalized, tuple(rows), tuple(keys))
 
     def predict_actions(self, images, instructions, unnorm_key: Optional[str] = None,
                         gripper: str = "openvla", *, stop_at_eos: bool = False) -> np.ndarray:
-        """B images (uint8 [H, W, 3] each, or [B, H, W, 3]) + B instructions -> float64 [B, action_dim].
-
-        gripper: 'openvla' (default: 1 = open, 0 = closed, as OpenVLA returns it) or 'dataset' (the
-        convention the dataset was registered with; see `vla_jax.spec.gripper`).
-        stop_at_eos: upstream's early-EOS decoding, for parity studies (see `predict_action`)."""
-        key = self.resolve_unnorm_key(unnorm_key)
-        self.check_gripper(gripper, key)  # before decoding: a non-invertible convention fails fast
-        _, normalized = self.predict_normalized(images, instructions, key, stop_at_eos=stop_at_eos)
-        return self.convert_gripper(self.unnormalize(normalized, key), key, gripper)
+        """B images (uint8 [H, W, 3] each, or [B, H, W, 3]) + B instructions -> float64 [B, action_dim]
+        (`predict(...).actions`; gripper and stop_at_eos as there)."""
+        return self.predict(images, instructions, unnorm_key, gripper, stop_at_eos=stop_at_eos).actions
 
     def predict_action(self, image, instruction: str, unnorm_key: Optional[str] = None,
                        gripper: str = "openvla", *, stop_at_eos: bool = False) -> np.ndarray:
@@ -462,7 +444,7 @@ class Policy:
                num_tokens: Optional[int] = None) -> Dict[Tuple[int, int, int], float]:
         """Compiles the buckets serving these batch sizes and prompt lengths (default: the length of a
         typical instruction). Returns {(tokens, batch, length): compile seconds} of the new ones."""
-        n = int(num_tokens or self.config.action_dim)
+        n = int(num_tokens or self.codec.num_action_tokens)
         if prompt_lengths is None:
             prompt_lengths = [len(self.tokenizer.inference_ids(_WARMUP_INSTRUCTION))]
         before = set(self.compile_seconds)
@@ -474,7 +456,7 @@ class Policy:
 
     def describe(self) -> Dict[str, Any]:
         """JSON-able summary (served by GET /health)."""
-        return {"source": self.source, "image_size": self.config.image_size, "action_dim": self.config.action_dim,
+        return {"source": self.source, "image_size": self.image_size, "action_dim": self.codec.action_dim,
                 "unnorm_keys": self.unnorm_keys, "center_crop": self.center_crop,
                 "action_tokens_only": self.action_tokens_only, "batch_buckets": list(self.batch_buckets),
                 "compiled_buckets": [list(k) for k in sorted(self._executables)],

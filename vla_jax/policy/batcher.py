@@ -29,11 +29,14 @@ class QueueFull(RuntimeError):
 @dataclasses.dataclass
 class Example:
     """image: validated uint8 [H, W, 3] (resized by the worker, one call per batch and image size);
-    prompt: token ids; unnorm_key: resolved dataset key."""
+    prompt: its token ids (checked by the handler); instruction: the text; unnorm_key: resolved dataset
+    key; gripper: the output convention ('openvla' or 'dataset')."""
 
     image: np.ndarray
     prompt: List[int]
     unnorm_key: str
+    instruction: str
+    gripper: str = "openvla"
     future: Future = dataclasses.field(default_factory=Future)
     enqueued: float = dataclasses.field(default_factory=time.perf_counter)
 

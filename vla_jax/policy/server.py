@@ -21,7 +21,7 @@ that half-closes its sending side (shutdown(SHUT_WR)) after the body looks the s
 too, which HTTP/1.1 clients (requests, http.client, curl) do not do.
 
 Why the hardened stdlib server and not uvicorn (+ starlette/FastAPI, as deploy.py uses): measured on
-loopback with `python -m vla_jax.serving.loadtest` (BENCHMARKS.md, "Serving under client load"), both
+loopback with `python -m vla_jax.policy.loadtest` (BENCHMARKS.md, "Serving under client load"), both
 serve 64 clients opening a new connection per request without failures once the backlog is deep, but
 uvicorn 0.54 arms no timer on a connection until its first request completes: idle or half-sent
 connections stay open for as long as the client likes (300 of them were all still open after the test
@@ -45,9 +45,9 @@ from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
-from vla_jax.serving import json_numpy
-from vla_jax.serving.batcher import Batcher, Example, QueueFull
-from vla_jax.serving.connections import (ConnectionLimits, DeadlineReader, HardenedHTTPServer, SocketWriter,
+from vla_jax.policy import json_numpy
+from vla_jax.policy.batcher import Batcher, Example, QueueFull
+from vla_jax.policy.connections import (ConnectionLimits, DeadlineReader, HardenedHTTPServer, SocketWriter,
                                          peer_closed)
 
 log = logging.getLogger(__name__)
@@ -168,20 +168,18 @@ class PolicyService:
             self.errors += 1
 
     def _run_batch(self, examples: Sequence[Example]):
+        """One model call for the batch (`Policy.predict`, per-row keys and gripper conventions) -> one float64
+        action per example. Resizing here, batched, costs far less CPU than per request in the handler
+        threads, and keeps the handlers quick so concurrent requests reach the queue close together."""
         p = self.policy
-        dims = [p.action_dim(ex.unnorm_key) for ex in examples]
-        # Resizing here, batched, costs far less CPU than per request in the handler threads, and keeps
-        # the handlers quick so concurrent requests reach the queue close together (fuller batches).
-        pixels = p.preprocess([ex.image for ex in examples])
-        # Greedy decoding is causal: the first d of max(dims) tokens equal a d-token decode.
         compiled = set(p.compile_seconds)
-        tokens = p.decode_tokens(pixels, [ex.prompt for ex in examples], max(dims))
+        pred = p.predict([ex.image for ex in examples], [ex.instruction for ex in examples],
+                         [ex.unnorm_key for ex in examples], [ex.gripper for ex in examples])
         for key in set(p.compile_seconds) - compiled:
             log.warning("compiled decoder bucket (tokens %d, batch %d, prompt length %d) while serving, in %.1f s: "
                         "a bucket the start-up warm-up did not cover (see serve --prompt_len)", *key,
                         p.compile_seconds[key])
-        normalized = p.tokens_to_normalized(tokens)
-        return [p.unnormalize(normalized[i, :d], ex.unnorm_key) for i, (ex, d) in enumerate(zip(examples, dims))]
+        return list(pred.rows)
 
     def act(self, body: bytes, client_gone: Optional[Callable[[], bool]] = None) -> Tuple[Any, bool]:
         """Request body -> (float64 action, encoded_form). Raises RequestError, or ClientGone when
@@ -191,12 +189,12 @@ class PolicyService:
         try:
             key = p.resolve_unnorm_key(key)
             p.check_gripper(gripper, key)
-            prompt = p.prompt_ids(instruction)
+            prompt = p.prompt_ids(instruction)  # the prompt's length is checked here (a 400, not a failed batch)
             image = p.check_image(image)
         except ValueError as e:
             raise RequestError(400, str(e)) from None
         try:
-            future = self.batcher.submit(Example(image, prompt, key))
+            future = self.batcher.submit(Example(image, prompt, key, instruction, gripper))
         except QueueFull as e:
             raise RequestError(503, str(e)) from None
         except RuntimeError as e:
@@ -219,7 +217,7 @@ class PolicyService:
             except Exception as e:  # noqa: BLE001 - model failure: reported, server stays up
                 raise RequestError(500, f"inference failed: {type(e).__name__}: {e}") from None
             else:
-                return p.convert_gripper(result, key, gripper), encoded
+                return result, encoded
 
     def health(self) -> Dict[str, Any]:
         b = self.batcher
