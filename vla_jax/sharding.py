@@ -33,6 +33,12 @@ LOGICAL_RULES: Tuple[Tuple[str, object], ...] = (
     ("kv", None),
     ("vocab", "tensor"),
     ("layers", None),
+    # OpenVLA-OFT's L1 action head (vla_jax.models.action_head): like the Llama MLP, the input side
+    # of each matrix over fsdp and the head width over tensor.
+    ("action_in", "fsdp"),
+    ("action_embed", "fsdp"),
+    ("action_hidden", "tensor"),
+    ("action_out", None),
 )
 
 BATCH_AXES = ("data", "fsdp")

@@ -18,6 +18,10 @@ SIGLIP_MEAN = (0.5, 0.5, 0.5)
 SIGLIP_STD = (0.5, 0.5, 0.5)
 
 
+# OpenVLAConfig.action_head values: discrete action tokens (lm_head) or OFT's continuous L1 head.
+ACTION_HEADS = ("tokens", "l1")
+
+
 def to_dtype(name: str):
     """'float32' / 'bfloat16' / 'float16' -> jnp dtype."""
     return jnp.dtype(name)
@@ -111,6 +115,14 @@ class OpenVLAConfig:
 
     `base_vocab_size` is the tokenizer's base vocabulary (32000 for Llama-2); the 256 action
     tokens are its last ids. `pad_token_id` is the id of `<PAD>` (== base_vocab_size).
+
+    OpenVLA-OFT options (OFT_REFERENCE.md §2-§6; the defaults are the autoregressive OpenVLA):
+    `parallel_decoding`: predict all `chunk_size * action_dim` action values in one bidirectional
+    forward pass over zeroed action slots (`vla_jax.models.parallel`) instead of token by token.
+    `chunk_size` (K): future actions predicted per observation; > 1 needs parallel_decoding.
+    `action_head`: 'tokens' = the lm_head's logits, argmax over the full vocabulary, 256-bin decode;
+    'l1' = the continuous MLPResNet head (`vla_jax.models.action_head`, params['action_head'],
+    trained with an L1 loss); 'l1' needs parallel_decoding.
     """
 
     dino: ViTConfig
@@ -124,6 +136,14 @@ class OpenVLAConfig:
     action_dim: int = 7
     dtype: str = "bfloat16"
     param_dtype: str = "float32"
+    parallel_decoding: bool = False
+    chunk_size: int = 1
+    action_head: str = "tokens"
+
+    @property
+    def num_action_slots(self) -> int:
+        """A = chunk_size * action_dim: the action positions one parallel forward predicts."""
+        return self.chunk_size * self.action_dim
 
     @property
     def vision_dim(self) -> int:
@@ -143,6 +163,25 @@ class OpenVLAConfig:
                 f"both towers must see the same image size and patch grid, got DINO "
                 f"{self.dino.image_size}/{self.dino.patch_size} and SigLIP "
                 f"{self.siglip.image_size}/{self.siglip.patch_size}")
+        self._check_action_options()
+
+    def _check_action_options(self):
+        if not isinstance(self.parallel_decoding, bool):
+            raise ValueError(f"OpenVLAConfig.parallel_decoding must be True or False, got {self.parallel_decoding!r}")
+        if isinstance(self.chunk_size, bool) or not isinstance(self.chunk_size, int) or self.chunk_size < 1:
+            raise ValueError(f"OpenVLAConfig.chunk_size must be an integer >= 1 (actions per chunk), "
+                             f"got {self.chunk_size!r}")
+        if isinstance(self.action_dim, bool) or not isinstance(self.action_dim, int) or self.action_dim < 1:
+            raise ValueError(f"OpenVLAConfig.action_dim must be an integer >= 1, got {self.action_dim!r}")
+        if self.action_head not in ACTION_HEADS:
+            raise ValueError(f"OpenVLAConfig.action_head={self.action_head!r}; expected one of {ACTION_HEADS} "
+                             f"('tokens': discrete action tokens, 'l1': the continuous MLPResNet head)")
+        if not self.parallel_decoding and self.chunk_size != 1:
+            raise ValueError(f"OpenVLAConfig.chunk_size={self.chunk_size} needs parallel_decoding=True "
+                             f"(autoregressive decoding predicts one action, chunk_size=1)")
+        if not self.parallel_decoding and self.action_head != "tokens":
+            raise ValueError(f"OpenVLAConfig.action_head={self.action_head!r} needs parallel_decoding=True "
+                             f"(autoregressive decoding predicts action tokens, action_head='tokens')")
 
 
 def with_dtypes(cfg: OpenVLAConfig, dtype: str, param_dtype: str = "float32", remat: Optional[bool] = None) -> OpenVLAConfig:

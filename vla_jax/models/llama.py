@@ -130,7 +130,7 @@ class Attention(nn.Module):
     config: LlamaConfig
 
     @nn.compact
-    def __call__(self, x, positions, layer_cache=None, query_rows=None):
+    def __call__(self, x, positions, layer_cache=None, query_rows=None, key_mask=None):
         """x [B, T, D], positions [B, T] -> (out [B, R, D], new layer cache or None); R = T unless query_rows.
 
         layer_cache: {'k','v'} [B, S, KVH, hd]. The T new keys/values of row b are written at slots
@@ -140,8 +140,14 @@ class Attention(nn.Module):
         `attention.causal_attend`, per config.attention_query_block).
         query_rows: optional int32 [B, R] indices into the T tokens: keys/values are made for all T,
         queries (and outputs) only for these rows (a prefill's last layer needs one row per sequence).
+        key_mask: optional bool [B, T] (no cache, no query_rows): BIDIRECTIONAL attention instead of
+        causal, every query sees every key where key_mask is True (OpenVLA-OFT's parallel decoding
+        masks only right padding; OFT_REFERENCE.md §3).
         """
         cfg = self.config
+        if key_mask is not None and (layer_cache is not None or query_rows is not None):
+            raise ValueError("Attention: key_mask (bidirectional attention) cannot be combined with a KV cache "
+                             "or query_rows")
         dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         H, KVH, hd = cfg.num_heads, cfg.kv_heads, cfg.head_dim
 
@@ -163,7 +169,9 @@ class Attention(nn.Module):
 
         T = x.shape[1]
         new_cache = None
-        if layer_cache is None and query_rows is None:
+        if key_mask is not None:
+            out = attend(q, k, v, key_mask[:, None, :].astype(bool), dtype)  # mask [B, 1, T]: every row alike
+        elif layer_cache is None and query_rows is None:
             out = causal_attend(q, k, v, dtype, cfg.attention_query_block)
         elif layer_cache is None:
             idx = jnp.arange(T)
@@ -200,14 +208,15 @@ class DecoderLayer(nn.Module):
     config: LlamaConfig
 
     @nn.compact
-    def __call__(self, x, positions, layer_cache, query_rows=None):
+    def __call__(self, x, positions, layer_cache, query_rows=None, key_mask=None):
         """x [B, T, D] -> (x [B, R, D], new cache): R = T, or only the rows `query_rows` [B, R] (see
-        Attention; every row still writes its keys/values to the cache)."""
+        Attention; every row still writes its keys/values to the cache). key_mask [B, T]: bidirectional
+        attention over those keys (Attention)."""
         cfg = self.config
         dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         x = nn.with_logical_constraint(x, ACT_AXES)
         h = RMSNorm(cfg.rms_norm_eps, dtype, pdtype, name="input_layernorm")(x)
-        h, new_cache = Attention(cfg, name="self_attn")(h, positions, layer_cache, query_rows)
+        h, new_cache = Attention(cfg, name="self_attn")(h, positions, layer_cache, query_rows, key_mask)
         if query_rows is not None:
             x = jnp.take_along_axis(x, query_rows[..., None], axis=1)
         x = x + h
@@ -248,7 +257,7 @@ class Llama(nn.Module):
             # prevent_cse=False is safe (and faster) inside scan, which already blocks CSE.
             layer = nn.remat(layer, policy=_REMAT_POLICIES[self.remat_policy], prevent_cse=False)
         self.layers = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True},
-                              in_axes=(nn.broadcast, 0), length=cfg.num_layers,
+                              in_axes=(nn.broadcast, 0, nn.broadcast, nn.broadcast), length=cfg.num_layers,
                               metadata_params={nn.PARTITION_NAME: "layers"})(cfg)
         self.norm = RMSNorm(cfg.rms_norm_eps, dtype, pdtype)
         # bf16 inputs, fp32 accumulation and output: logits feed the loss and argmax.
@@ -261,7 +270,7 @@ class Llama(nn.Module):
             check_token_ids(ids, self.config.vocab_size)
         return self.embed_tokens(ids)
 
-    def __call__(self, x, positions, cache: Optional[Cache] = None):
+    def __call__(self, x, positions, cache: Optional[Cache] = None, key_mask=None):
         """x [B, T, D], positions [B, T] int32 -> (hidden [B, T, D] after the final norm, new cache).
 
         cache None: training/full forward, plain causal attention over the T tokens (right padding
@@ -271,6 +280,8 @@ class Llama(nn.Module):
         arange(T), decode T=1 with each row's own position). The caller must keep
         positions[b, -1] < S; this is checked on concrete inputs, but under jit an overflowing
         write would be clamped by XLA, silently.
+        key_mask: optional bool [B, T], cache None only: bidirectional attention where every token
+        sees every key with key_mask True (OpenVLA-OFT's parallel decoding; pads False).
         """
         cfg = self.config
         if x.ndim != 3 or x.shape[-1] != cfg.hidden_size:
@@ -282,14 +293,17 @@ class Llama(nn.Module):
             raise ValueError(f"sequence length {T} exceeds max_seq_len={cfg.max_seq_len}")
         if cache is not None:
             self._check_cache(cache, B, T, positions)
+        if key_mask is not None and (cache is not None or key_mask.shape != (B, T)):
+            raise ValueError(f"key_mask must be [B, T] = {(B, T)} and used without a cache, got shape "
+                             f"{key_mask.shape} and cache={'given' if cache is not None else None}")
         x = x.astype(jnp.dtype(cfg.dtype))
         if cache is None and layer_stack.unroll(cfg.unroll_layers) and not self.is_initializing():
             # The same stacked params as an unrolled loop (layer_stack): the same values as the scan.
             x = layer_stack.run_unrolled(DecoderLayer(cfg, parent=None), self.variables["params"]["layers"], x,
-                                         positions, None, remat=cfg.remat,
+                                         positions, None, None, key_mask, remat=cfg.remat,
                                          policy=_REMAT_POLICIES[self.remat_policy] if cfg.remat else None)
             return self.norm(x), None
-        x, new_cache = self.layers(x, positions, cache)
+        x, new_cache = self.layers(x, positions, cache, None, key_mask)
         return self.norm(x), new_cache
 
     def _check_cache(self, cache, B, T, positions):

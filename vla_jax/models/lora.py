@@ -108,6 +108,10 @@ PEFT_BASE_NAMES = tuple(sorted({v[0] for v in _TABLE.values()}))
 # get no gradient; torch's AdamW skips parameters without a gradient, so they stay at their init.
 _UNUSED = (("dino", "last_block"), ("dino", "attn_pool"), ("siglip", "last_block"), ("siglip", "attn_pool"))
 
+# OpenVLA-OFT's L1 action head (params['action_head']) is a module beside the PEFT-wrapped VLA in
+# upstream's finetune.py: it gets no adapters and is trained in full (OFT_REFERENCE.md §9).
+FULLY_TRAINED = ("action_head",)
+
 
 @dataclasses.dataclass(frozen=True)
 class LoraConfig:
@@ -205,7 +209,7 @@ def targets(params: Any, cfg: LoraConfig) -> List[Target]:
     groups: Dict[Tuple[str, ...], Dict[str, Any]] = {}
     out: List[Target] = []
     for path, leaf in flat.items():
-        if path[-1] != "kernel":
+        if path[-1] != "kernel" or path[0] in FULLY_TRAINED:
             continue
         module = path[-2] if len(path) >= 2 else ""
         if module not in _TABLE:
@@ -354,10 +358,13 @@ def _is_unused(path: Tuple[str, ...]) -> bool:
 def trainable_mask(tree: Any) -> Any:
     """Bool tree over `tree` (a LoRA tree or a combined params tree, boxed or not; boxes are leaves):
     True for lora_A/lora_B leaves, except the adapters of modules the model never runs (towers'
-    last_block and attn_pool: no gradient, so torch's AdamW never touches them); False elsewhere."""
+    last_block and attn_pool: no gradient, so torch's AdamW never touches them), and for every leaf
+    of a FULLY_TRAINED module (OFT's params['action_head']); False elsewhere."""
 
     def leaf(path, _):
         keys = tuple(getattr(k, "key", str(k)) for k in path)
+        if keys and keys[0] in FULLY_TRAINED:
+            return True
         return bool(keys and keys[-1] in (LORA_A, LORA_B) and not _is_unused(keys))
 
     return jax.tree_util.tree_map_with_path(leaf, tree, is_leaf=_is_box)

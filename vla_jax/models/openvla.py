@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vla_jax.models import parallel
+from vla_jax.models.action_head import L1ActionHead
 from vla_jax.models.config import OpenVLAConfig
 from vla_jax.models.llama import Llama
 from vla_jax.models.projector import FusedProjector
@@ -73,6 +75,9 @@ class OpenVLA(nn.Module):
         self.projector = FusedProjector(vision_dim=cfg.vision_dim, llm_dim=cfg.llama.hidden_size,
                                         dtype=cfg.dtype, param_dtype=cfg.param_dtype)
         self.llm = Llama(cfg.llama)
+        if cfg.action_head == "l1":  # OpenVLA-OFT's continuous head, params['action_head']
+            self.action_head = L1ActionHead(action_dim=cfg.action_dim, width=cfg.llama.hidden_size,
+                                            dtype=cfg.dtype, param_dtype=cfg.param_dtype)
 
     def encode_image(self, pixel_values):
         """uint8 `[B, S, S, 3]` -> projected patch embeddings `[B, P, D_llm]`.
@@ -105,7 +110,14 @@ class OpenVLA(nn.Module):
         logit_positions: optional int32 `[B, K]` indices into the fused sequence (length T + P);
         the lm_head is applied only there (the loss needs ~8 positions, not ~290).
         Returns float32 logits `[B, K, V]`, or `[B, T + P, V]` when logit_positions is None.
+        This is the causal (autoregressive) forward; `model.init` runs it, and for an action_head='l1'
+        config it then also creates params['action_head']. Parallel-decoding (OFT) models run
+        `parallel_logits` / `parallel_actions` instead.
         """
+        self._refuse_if_parallel("__call__")
+        if self.is_initializing() and self.config.action_head == "l1":
+            cfg = self.config
+            self.action_head(jnp.zeros((1, cfg.num_action_slots, cfg.llama.hidden_size), jnp.float32))
         x = self.embed_inputs(pixel_values, input_ids)
         b, n = x.shape[:2]
         positions = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))
@@ -121,6 +133,7 @@ class OpenVLA(nn.Module):
         cache: from `llama.init_cache(config.llama, B, max_len)` with max_len >= T + P + new tokens.
         Returns (logits at each row's last real position `[B, V]` float32, cache).
         """
+        self._refuse_if_parallel("prefill")
         x = self.embed_inputs(pixel_values, input_ids)
         b, n = x.shape[:2]
         positions = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))
@@ -134,3 +147,47 @@ class OpenVLA(nn.Module):
         x = self.llm.embed(token_ids[:, None])
         hidden, cache = self.llm(x, positions[:, None].astype(jnp.int32), cache)
         return self.llm.logits(hidden)[:, 0], cache
+
+    # ------------------------------------------------------------------------------------------
+    # OpenVLA-OFT parallel decoding (vla_jax.models.parallel, OFT_REFERENCE.md §2-§4)
+
+    def _refuse_if_parallel(self, what: str):
+        if self.config.parallel_decoding and not self.is_initializing():
+            raise ValueError(f"OpenVLA.{what} is the causal, autoregressive forward, but this model has "
+                             f"parallel_decoding=True (OpenVLA-OFT); use OpenVLA.parallel_logits / parallel_actions "
+                             f"or vla_jax.models.parallel_decode")
+
+    def _refuse_unless_parallel(self, what: str, head: Optional[str] = None):
+        cfg = self.config
+        if not cfg.parallel_decoding or (head is not None and cfg.action_head != head):
+            raise ValueError(f"OpenVLA.{what} needs parallel_decoding=True" + (f" and action_head={head!r}" if head else "")
+                             + f"; this model has parallel_decoding={cfg.parallel_decoding}, "
+                             f"action_head={cfg.action_head!r}")
+
+    def parallel_hidden(self, pixel_values, input_ids, attention_mask, action_mask, num_readout=None):
+        """One bidirectional forward over zeroed action slots -> post-norm hidden states [B, R, H] at
+        the readout positions [SPACE, a_0 .. a_{A-2}] (R = A = chunk_size * action_dim), plus a_{A-1}
+        when num_readout = A + 1.
+
+        pixel_values uint8 [B, S, S, 3]; input_ids int32 [B, T] right-padded rows
+        `[BOS] prompt SPACE [A slots] </s> [pads]`; attention_mask [B, T] (1 real, 0 pad);
+        action_mask bool [B, T] (True at the A slots; e.g. `parallel.action_mask_from_labels`).
+        """
+        self._refuse_unless_parallel("parallel_hidden")
+        check_inputs(self.config, pixel_values, input_ids)
+        return parallel.forward_hidden(self, pixel_values, input_ids, attention_mask, action_mask, num_readout)
+
+    def parallel_logits(self, pixel_values, input_ids, attention_mask, action_mask):
+        """Discrete OFT head: float32 logits [B, A + 1, V] over the full vocabulary at the A + 1 readout
+        positions; row k < A predicts action token a_k, row A predicts </s> (the training targets).
+        Decoding takes the argmax of rows 0..A-1. Inputs as `parallel_hidden`."""
+        self._refuse_unless_parallel("parallel_logits", "tokens")
+        hidden = self.parallel_hidden(pixel_values, input_ids, attention_mask, action_mask,
+                                      num_readout=self.config.num_action_slots + 1)
+        return self.llm.logits(hidden)
+
+    def parallel_actions(self, pixel_values, input_ids, attention_mask, action_mask):
+        """Continuous OFT head: normalized actions [B, K, D] float32 (K = chunk_size, D = action_dim)
+        from the A readout states reshaped row-major to [B, K, D * H]. Inputs as `parallel_hidden`."""
+        self._refuse_unless_parallel("parallel_actions", "l1")
+        return self.action_head(self.parallel_hidden(pixel_values, input_ids, attention_mask, action_mask))
