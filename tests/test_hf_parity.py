@@ -14,7 +14,7 @@ import transformers
 from tests.torch_reference import TorchOpenVLA
 from vla_jax import hf
 from vla_jax.hf import safetensors_io as sio
-from vla_jax.models import hf_keys
+from vla_jax.hf import keys_openvla
 from vla_jax.models.config import get_preset, with_dtypes
 from vla_jax.models.decode import make_greedy_decoder, split_layers
 from vla_jax.models.openvla import OpenVLA
@@ -31,7 +31,7 @@ PROMPT = [1, 512, 29901, 1724, 3158, 881, 278, 19964, 2125, 304, 5839, 701, 278,
 def exported(tmp_path_factory):
     ref = TorchOpenVLA(CFG).randomize(seed=5)
     out = tmp_path_factory.mktemp("parity") / "hf"
-    hf.export_params(hf_keys.hf_to_params(ref.hf_state_dict(), CFG), CFG, str(out), dtype="float32",
+    hf.export_params(keys_openvla.hf_to_params(ref.hf_state_dict(), CFG), CFG, str(out), dtype="float32",
                      max_shard_size="3MB")
     # A torch model with other random values, then the exported weights with strict key matching.
     torch_model = TorchOpenVLA(CFG).randomize(seed=6)

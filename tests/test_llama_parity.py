@@ -22,7 +22,7 @@ from flax import linen as nn
 
 from vla_jax.models.config import LlamaConfig
 from vla_jax.models.llama import DecoderLayer, Llama, check_token_ids, init_cache
-from vla_jax.models.llama_hf import flax_to_hf, hf_to_flax
+from vla_jax.hf.keys_llama import flax_to_hf, hf_to_flax
 
 V, D, F, L, H = 320, 64, 128, 3, 4
 MAX_LEN = 48

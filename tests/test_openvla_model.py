@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from tests.torch_reference import TorchOpenVLA
-from vla_jax.models import hf_keys
+from vla_jax.hf import keys_openvla
 from vla_jax.models.config import get_preset, with_dtypes
 from vla_jax.models.decode import make_greedy_decoder, split_layers, stack_layers
 from vla_jax.models.openvla import OpenVLA
@@ -31,7 +31,7 @@ def _images(seed, batch=2):
 def reference():
     torch.manual_seed(0)
     ref = TorchOpenVLA(CFG).randomize(seed=1)
-    params = jax.tree.map(jnp.asarray, hf_keys.hf_to_params(ref.hf_state_dict(), CFG))
+    params = jax.tree.map(jnp.asarray, keys_openvla.hf_to_params(ref.hf_state_dict(), CFG))
     return ref, params
 
 

@@ -17,7 +17,8 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 
 from vla_jax.models.config import ViTConfig, get_preset
-from vla_jax.models.vit import Block, LayerNorm, MAPHead, VisionTower, flax_to_timm, timm_to_flax
+from vla_jax.hf.keys_vit import flax_to_timm, timm_to_flax
+from vla_jax.models.vit import Block, LayerNorm, MAPHead, VisionTower
 
 RTOL_SCALE = 1e-5
 IMG = 56  # 4 x 4 patches of 14

@@ -13,7 +13,7 @@ rematerialised); the KV cache's per-layer slices are scanned alongside them. A f
 cache may instead run the same stacked parameters as an unrolled loop (`config.unroll_layers`,
 `layer_stack`).
 
-The HF <-> Flax rename table is in `llama_hf.py`.
+The HF <-> Flax rename table is in `vla_jax.hf.keys_llama`.
 """
 
 from __future__ import annotations
