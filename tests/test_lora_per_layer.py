@@ -23,6 +23,7 @@ from tests.test_lora import (CFG, LCFG, LOGITS_RTOL, PROMPT, TARGET_IDS, _images
 from tests.torch_reference import TorchOpenVLA
 from vla_jax.hf import keys_openvla
 from vla_jax.models import lora
+from vla_jax.models.execution import ExecutionConfig
 from vla_jax.models.openvla import OpenVLA
 from vla_jax.training.state import ParamHooks
 
@@ -30,9 +31,9 @@ GRAD_RTOL = 1e-4  # max |diff| <= GRAD_RTOL * max |torch grad| over each adapter
 
 
 def _config(unroll: bool):
-    kw = dict(unroll_layers=unroll, remat=True)
+    kw = dict(remat=True)
     return dataclasses.replace(CFG, dino=dataclasses.replace(CFG.dino, **kw), siglip=dataclasses.replace(CFG.siglip, **kw),
-                               llama=dataclasses.replace(CFG.llama, **kw))
+                               llama=dataclasses.replace(CFG.llama, **kw), execution=ExecutionConfig(unroll_layers=unroll))
 
 
 @pytest.fixture(scope="module")

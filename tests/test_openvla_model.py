@@ -13,6 +13,7 @@ from tests.torch_reference import TorchOpenVLA
 from vla_jax.hf import keys_openvla
 from vla_jax.models.config import get_preset, with_dtypes
 from vla_jax.models.decode import make_greedy_decoder, split_layers, stack_layers
+from vla_jax.models.execution import ExecutionConfig
 from vla_jax.models.openvla import OpenVLA
 
 # fp32 on both sides; differences come only from summation order. Fixed, never loosened.
@@ -40,7 +41,7 @@ def _with_query_block(block):
     default, 64 rows on CPU; 0: one block). The fused sequence has 276 tokens, so blocks are in play."""
     if block == "auto":
         return CFG
-    return dataclasses.replace(CFG, llama=dataclasses.replace(CFG.llama, attention_query_block=block))
+    return dataclasses.replace(CFG, execution=ExecutionConfig(attention_query_block=block))
 
 
 @pytest.mark.parametrize("block", ["auto", 0, 50])

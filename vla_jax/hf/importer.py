@@ -342,11 +342,12 @@ def load_hf_dir(path: str, mesh=None, shardings: Any = None, *, param_dtype: Opt
 
 
 def config_geometry(cfg: OpenVLAConfig) -> Dict[str, Any]:
-    """The numerics-relevant fields (dtypes, remat and max_seq_len excluded)."""
+    """The numerics-relevant fields (dtypes, remat, max_seq_len and the execution switches excluded)."""
     d = hfc.config_to_dict(cfg)
+    d.pop("execution", None)
     for part in ("dino", "siglip", "llama", None):
         sub = d if part is None else d[part]
-        for k in ("dtype", "param_dtype", "remat", "max_seq_len"):
+        for k in ("dtype", "param_dtype", "remat", "remat_policy", "max_seq_len"):
             sub.pop(k, None)
     return d
 

@@ -12,6 +12,11 @@ from typing import Optional
 
 import jax.numpy as jnp
 
+from vla_jax.models.execution import ExecutionConfig
+
+# Names of the Llama layers' remat policies (jax.checkpoint_policies), LlamaConfig.remat_policy.
+REMAT_POLICIES = ("nothing_saveable", "dots_with_no_batch_dims_saveable")
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 SIGLIP_MEAN = (0.5, 0.5, 0.5)
@@ -48,8 +53,6 @@ class ViTConfig:
     dtype: str = "bfloat16"
     param_dtype: str = "float32"
     remat: bool = False
-    # Run blocks 0..depth-2 as an unrolled loop instead of one scan (see LlamaConfig.unroll_layers).
-    unroll_layers: Optional[bool] = None
 
     @property
     def grid(self) -> int:
@@ -72,13 +75,9 @@ class ViTConfig:
 class LlamaConfig:
     """Llama-2 decoder geometry. `vocab_size` is the embedding/lm_head row count (32064 for OpenVLA).
 
-    `attention_query_block`: how the causal attention of a full forward (training, scoring) is
-    blocked over query rows, an execution choice that does not change the values
-    (`vla_jax.models.attention.causal_attend`): None = automatic (64 rows on CPU, one block on
-    accelerators), 0 = one block, n = n rows.
-    `unroll_layers`: whether a full forward runs the stacked layers as an unrolled loop instead of
-    one scan (`vla_jax.models.layer_stack`; same values, same parameter layout): None = automatic
-    (unrolled on CPU, scanned on accelerators).
+    `remat_policy` (used when `remat`): what each rematerialised layer keeps for its backward,
+    'nothing_saveable' (least memory, what OpenVLA's per-layer activation checkpointing does) or
+    'dots_with_no_batch_dims_saveable' (keeps the weight matmuls' outputs: fewer recomputed FLOPs).
     """
 
     vocab_size: int
@@ -93,8 +92,11 @@ class LlamaConfig:
     dtype: str = "bfloat16"
     param_dtype: str = "float32"
     remat: bool = False
-    attention_query_block: Optional[int] = None
-    unroll_layers: Optional[bool] = None
+    remat_policy: str = "nothing_saveable"
+
+    def __post_init__(self):
+        if self.remat_policy not in REMAT_POLICIES:
+            raise ValueError(f"LlamaConfig.remat_policy={self.remat_policy!r}; expected one of {REMAT_POLICIES}")
 
     @property
     def head_dim(self) -> int:
@@ -111,6 +113,7 @@ class OpenVLAConfig:
 
     `base_vocab_size` is the tokenizer's base vocabulary (32000 for Llama-2); the 256 action
     tokens are its last ids. `pad_token_id` is the id of `<PAD>` (== base_vocab_size).
+    `execution`: how the model runs on the backend (same values for every setting; `ExecutionConfig`).
     """
 
     dino: ViTConfig
@@ -124,6 +127,7 @@ class OpenVLAConfig:
     action_dim: int = 7
     dtype: str = "bfloat16"
     param_dtype: str = "float32"
+    execution: ExecutionConfig = ExecutionConfig()
 
     @property
     def vision_dim(self) -> int:
@@ -208,15 +212,30 @@ PRESETS = {
 }
 
 
-def config_from_dict(d) -> OpenVLAConfig:
-    """Inverse of `dataclasses.asdict(OpenVLAConfig)` (as stored in a checkpoint's meta['model'])."""
-    def vit(x):
-        x = dict(x)
-        x["mean"], x["std"] = tuple(x["mean"]), tuple(x["std"])
-        return ViTConfig(**x)
+# Execution switches that checkpoints written before `ExecutionConfig` store inside the part configs.
+_LEGACY_EXECUTION_KEYS = ("unroll_layers", "attention_query_block")
 
-    rest = {k: v for k, v in d.items() if k not in ("dino", "siglip", "llama")}
-    return OpenVLAConfig(dino=vit(d["dino"]), siglip=vit(d["siglip"]), llama=LlamaConfig(**d["llama"]), **rest)
+
+def config_from_dict(d) -> OpenVLAConfig:
+    """Inverse of `dataclasses.asdict(OpenVLAConfig)` (as stored in a checkpoint's meta['model']).
+
+    Older checkpoints stored `unroll_layers` / `attention_query_block` in the part configs; a value
+    other than None there becomes the `execution` setting (unless `execution` is stored too)."""
+    legacy = {}
+
+    def part(x, cls):
+        x = dict(x)
+        for k in _LEGACY_EXECUTION_KEYS:
+            if k in x and (v := x.pop(k)) is not None:
+                legacy[k] = v
+        if cls is ViTConfig:
+            x["mean"], x["std"] = tuple(x["mean"]), tuple(x["std"])
+        return cls(**x)
+
+    rest = {k: v for k, v in d.items() if k not in ("dino", "siglip", "llama", "execution")}
+    parts = dict(dino=part(d["dino"], ViTConfig), siglip=part(d["siglip"], ViTConfig), llama=part(d["llama"], LlamaConfig))
+    execution = ExecutionConfig(**d["execution"]) if "execution" in d else ExecutionConfig(**legacy)
+    return OpenVLAConfig(**parts, execution=execution, **rest)
 
 
 def get_preset(name: str) -> OpenVLAConfig:

@@ -96,7 +96,7 @@ def _layers(model: OpenVLA, layer_params, x, positions, caches, last_layer_rows=
     and MLP only for these rows (its keys/values still for all T), so x comes back `[B, R, D]`.
     Only the last real position of each prompt feeds the first token; the rest of the last layer's
     output is never read (about a fifth of the prefill's Llama FLOPs at 'mid', 2.6% at 7B)."""
-    layer = DecoderLayer(model.config.llama)
+    layer = DecoderLayer(model.config.llama, model.config.execution)
     out = []
     for i, (p, c) in enumerate(zip(layer_params, caches)):
         rows = last_layer_rows if i == len(layer_params) - 1 else None

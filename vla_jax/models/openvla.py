@@ -68,11 +68,12 @@ class OpenVLA(nn.Module):
 
     def setup(self):
         cfg = self.config
-        self.dino = VisionTower(cfg.dino)
-        self.siglip = VisionTower(cfg.siglip)
+        self.dino = VisionTower(cfg.dino, cfg.execution)
+        self.siglip = VisionTower(cfg.siglip, cfg.execution)
         self.projector = FusedProjector(vision_dim=cfg.vision_dim, llm_dim=cfg.llama.hidden_size,
-                                        dtype=cfg.dtype, param_dtype=cfg.param_dtype)
-        self.llm = Llama(cfg.llama)
+                                        dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                                        custom_vjp=cfg.execution.dense_custom_vjp)
+        self.llm = Llama(cfg.llama, cfg.execution)
 
     def encode_image(self, pixel_values):
         """uint8 `[B, S, S, 3]` -> projected patch embeddings `[B, P, D_llm]`.

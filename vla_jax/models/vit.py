@@ -17,9 +17,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vla_jax.models import layer_stack
 from vla_jax.models.config import ViTConfig
 from vla_jax.models.dense import Linear
+from vla_jax.models.execution import ExecutionConfig, layer_stack
 
 _ACT = ("act_batch", "act_len", "act_embed")
 # timm uses trunc_normal_(std=.02) with cut-offs at +-2, i.e. 100 sigma: effectively a plain normal.
@@ -73,10 +73,11 @@ class Mlp(nn.Module):
     hidden: int
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    custom_vjp: bool = True  # ExecutionConfig.dense_custom_vjp
 
     @nn.compact
     def __call__(self, x):
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, custom_vjp=self.custom_vjp)
         h = Linear((self.hidden,), ("embed", "mlp"), ("mlp",), name="fc1", **kw)(x)
         # timm uses torch's exact GELU; flax's default is the tanh approximation.
         h = nn.gelu(h, approximate=False)
@@ -96,11 +97,12 @@ class Attention(nn.Module):
     num_heads: int
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    custom_vjp: bool = True  # ExecutionConfig.dense_custom_vjp
 
     @nn.compact
     def __call__(self, x):
         d = x.shape[-1]
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, custom_vjp=self.custom_vjp)
         shape = (self.num_heads, d // self.num_heads)
         q, k, v = (Linear(shape, ("embed", "heads", "kv"), ("heads", "kv"), name=n, **kw)(x)
                    for n in ("query", "key", "value"))
@@ -115,17 +117,19 @@ class Block(nn.Module):
     """
 
     config: ViTConfig
+    execution: ExecutionConfig = ExecutionConfig()
 
     @nn.compact
     def __call__(self, x, _=None):
         cfg = self.config
         kw = dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
+        lin = dict(kw, custom_vjp=self.execution.dense_custom_vjp)
         x = nn.with_logical_constraint(x, _ACT)
-        y = Attention(cfg.num_heads, name="attn", **kw)(LayerNorm(cfg.ln_eps, name="norm1", **kw)(x))
+        y = Attention(cfg.num_heads, name="attn", **lin)(LayerNorm(cfg.ln_eps, name="norm1", **kw)(x))
         if cfg.layer_scale:
             y = LayerScale(name="ls1", **kw)(y)
         x = x + y
-        y = Mlp(cfg.mlp_dim, name="mlp", **kw)(LayerNorm(cfg.ln_eps, name="norm2", **kw)(x))
+        y = Mlp(cfg.mlp_dim, name="mlp", **lin)(LayerNorm(cfg.ln_eps, name="norm2", **kw)(x))
         if cfg.layer_scale:
             y = LayerScale(name="ls2", **kw)(y)
         return nn.with_logical_constraint(x + y, _ACT), None
@@ -160,11 +164,12 @@ class VisionTower(nn.Module):
 
     `pixels`: [B, H, W, 3] float, already normalized with the tower's mean/std, H == W == image_size.
     Returns [B, num_patches, width] in the compute dtype. Blocks 0..depth-2 are stacked (`blocks`,
-    leading 'layers' axis; scanned, or unrolled per `config.unroll_layers`); `last_block`, `norm`
+    leading 'layers' axis; scanned, or unrolled per `execution.unroll_layers`); `last_block`, `norm`
     and `attn_pool` exist only as parameters.
     """
 
     config: ViTConfig
+    execution: ExecutionConfig = ExecutionConfig()
 
     @nn.compact
     def __call__(self, pixels):
@@ -182,7 +187,7 @@ class VisionTower(nn.Module):
         # dropped, as a strided conv would.
         x = pixels[:, :g * p, :g * p].astype(dtype).reshape(b, g, p, g, p, 3).transpose(0, 1, 3, 2, 4, 5)
         x = Linear((d,), (None, None, None, "embed"), ("embed",), n_in=3, dtype=dtype, param_dtype=pdtype,
-                   name="patch_embed")(x).reshape(b, g * g, d)
+                   custom_vjp=self.execution.dense_custom_vjp, name="patch_embed")(x).reshape(b, g * g, d)
 
         prefix = []
         if cfg.class_token:
@@ -200,19 +205,19 @@ class VisionTower(nn.Module):
             x = jnp.concatenate(prefix + [x], axis=1) + pos
         x = nn.with_logical_constraint(x, _ACT)
 
-        if layer_stack.unroll(cfg.unroll_layers) and not self.is_initializing():
+        if layer_stack.unroll(self.execution.unroll_layers) and not self.is_initializing():
             # The same stacked params as an unrolled loop (layer_stack): the same values as the scan.
-            x = layer_stack.run_unrolled(Block(cfg, parent=None), self.variables["params"]["blocks"], x,
-                                         remat=cfg.remat)
+            x = layer_stack.run_unrolled(Block(cfg, self.execution, parent=None), self.variables["params"]["blocks"],
+                                         x, remat=cfg.remat)
         else:
             block = nn.remat(Block, prevent_cse=False) if cfg.remat else Block
             x, _ = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True}, length=cfg.depth - 1,
-                           metadata_params={nn.PARTITION_NAME: "layers"})(cfg, name="blocks")(x, None)
+                           metadata_params={nn.PARTITION_NAME: "layers"})(cfg, self.execution, name="blocks")(x, None)
         feats = x[:, cfg.num_prefix_tokens:]
 
         if self.is_initializing():
             # Create the parameters OpenVLA never runs (checkpoint round trips need them).
-            y, _ = Block(cfg, name="last_block")(x)
+            y, _ = Block(cfg, self.execution, name="last_block")(x)
             y = LayerNorm(cfg.ln_eps, dtype=dtype, param_dtype=pdtype, name="norm")(y)
             if cfg.map_head:
                 MAPHead(cfg, name="attn_pool")(y)  # timm pools the whole normed sequence
