@@ -181,9 +181,9 @@ def parse_args(argv):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=None, help=f"output folder (default {default_out_dir()})")
     p.add_argument("--data", default=None, help="demo dataset folder (default: the make_demo_data cache, 64 px)")
-    # Defaults sized for ~20 minutes in all on 2 cores: <= 16 min of training (batch 64; measured
-    # 1.9-2.15 steps/s, so 1.85 leaves a margin for start-up and a slower machine), then ~3.5 min of
-    # evaluation and export.
+    # Defaults sized for ~20 minutes in all on 2 cores: <= 16 min of training at batch 64 (steps_per_s
+    # a little below the measured speed, BENCHMARKS.md "Design choices measured", leaves a margin for
+    # start-up and a slower machine), then evaluation and export.
     p.add_argument("--minutes", type=float, default=16.0, help="training time budget (sets the step count)")
     p.add_argument("--steps", type=int, default=0, help="training steps (overrides --minutes)")
     p.add_argument("--steps_per_s", type=float, default=1.85, help="assumed training speed for --minutes")

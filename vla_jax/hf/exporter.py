@@ -254,8 +254,8 @@ def export_checkpoint(ckpt_path: str, out_dir: str, *, dtype: str = "bfloat16",
     cache: Dict[Tuple[Path, ...], Tuple[np.ndarray, ...]] = {}
 
     def fetch(paths):
-        # Small groups are restored together (each orbax restore costs ~30 ms of overhead); the
-        # byte budget keeps host memory bounded.
+        # Small groups are restored together (each orbax restore has a fixed overhead; BENCHMARKS.md,
+        # "Design choices measured"); the byte budget keeps host memory bounded.
         if paths not in cache:
             batch, size = [], 0
             for g in groups[groups.index(paths):]:

@@ -196,10 +196,10 @@ PRESETS = {
         llama=LlamaConfig(vocab_size=32064, hidden_size=512, intermediate_size=1376, num_layers=4, num_heads=8),
     ),
     # `make demo` (configs/demo.py): trained from scratch on 64x64 Meta-World frames on 2 CPU cores.
-    # Towers of width 128 with 16-px patches (a 4x4 grid keeps the Llama sequence short; 8-px patches
-    # measured ~2x slower per step); depth 3 because the towers return the second-to-last block.
-    # Width 128 instead of 64 costs ~nothing per step (the Llama dominates) and learned faster
-    # (held-out L1 0.038 vs 0.081-0.17, closed-loop 40% vs 0-18% at similar step counts).
+    # Towers of width 128 with 16-px patches (a 4x4 grid keeps the Llama sequence short; smaller
+    # patches were slower per step); depth 3 because the towers return the second-to-last block.
+    # Width 128 instead of 64 costs little per step (the Llama dominates) and learned faster
+    # (BENCHMARKS.md, "Design choices measured").
     # Vocabulary: a 512-piece demo tokenizer whose last 256 ids are the action bins, plus PAD, padded
     # to a multiple of 64 rows as OpenVLA pads 32001 -> 32064.
     "demo": OpenVLAConfig(
