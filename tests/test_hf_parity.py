@@ -2,6 +2,7 @@
 (timm towers + projector + LlamaForCausalLM, released key names, `.scale_factor` LayerScale), gives the
 logits and greedy action tokens vla_jax gives from the same folder."""
 
+import functools
 import json
 
 import jax
@@ -16,7 +17,7 @@ from vla_jax import hf
 from vla_jax.hf import safetensors_io as sio
 from vla_jax.hf import keys_openvla
 from vla_jax.models.config import get_preset, with_dtypes
-from vla_jax.models.decode import make_greedy_decoder, split_layers
+from vla_jax.models.decode import greedy_decode, split_layers
 from vla_jax.models.openvla import OpenVLA
 
 # fp32 on both sides; differences come only from summation order. Same bound as the model's parity test.
@@ -75,6 +76,6 @@ def test_greedy_action_tokens_match_the_pytorch_reference(exported):
     images = np.random.default_rng(1).integers(0, 256, (2, 224, 224, 3), dtype=np.uint8)
     ids = np.array([PROMPT, PROMPT], np.int32)
     expected = torch_model.greedy(images, torch.from_numpy(ids).long(), 7)
-    decoder = make_greedy_decoder(OpenVLA(cfg), num_tokens=7)
+    decoder = jax.jit(functools.partial(greedy_decode, OpenVLA(cfg), num_tokens=7))
     got = np.asarray(decoder(split_layers(params), images, ids, np.full((2,), len(PROMPT), np.int32)))
     np.testing.assert_array_equal(got, expected)

@@ -12,7 +12,6 @@ geometry (BENCHMARKS.md, "GPU suite"). Same tokens; on CPU the two layouts time 
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Dict, List, Optional, Tuple
 
 import jax
@@ -148,9 +147,3 @@ def greedy_decode(model: OpenVLA, params, pixel_values, input_ids, lengths, num_
 
     tokens, _ = jax.lax.fori_loop(1, num_tokens, body, (tokens, caches))
     return tokens
-
-
-def make_greedy_decoder(model: OpenVLA, num_tokens: int, allowed_range: Optional[Tuple[int, int]] = None):
-    """-> jitted `fn(split_params, pixel_values, input_ids, lengths) -> tokens [B, num_tokens]`
-    (split_params = `split_layers(params)`)."""
-    return jax.jit(functools.partial(greedy_decode, model, num_tokens=num_tokens, allowed_range=allowed_range))

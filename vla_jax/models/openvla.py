@@ -114,24 +114,3 @@ class OpenVLA(nn.Module):
         if logit_positions is not None:
             hidden = jnp.take_along_axis(hidden, logit_positions[..., None].astype(jnp.int32), axis=1)
         return self.llm.logits(hidden)
-
-    def prefill(self, pixel_values, input_ids, lengths, cache):
-        """Runs the prompt through the model and fills the KV cache.
-
-        input_ids: int32 `[B, T]` right-padded prompts; lengths: int32 `[B]` real text tokens per row.
-        cache: from `llama.init_cache(config.llama, B, max_len)` with max_len >= T + P + new tokens.
-        Returns (logits at each row's last real position `[B, V]` float32, cache).
-        """
-        x = self.embed_inputs(pixel_values, input_ids)
-        b, n = x.shape[:2]
-        positions = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))
-        hidden, cache = self.llm(x, positions, cache)
-        last = lengths.astype(jnp.int32) + self.config.num_patches - 1
-        hidden = jnp.take_along_axis(hidden, last[:, None, None], axis=1)
-        return self.llm.logits(hidden)[:, 0], cache
-
-    def decode_step(self, token_ids, positions, cache):
-        """One greedy step: token_ids int32 `[B]` placed at positions `[B]` -> (logits `[B, V]`, cache)."""
-        x = self.llm.embed(token_ids[:, None])
-        hidden, cache = self.llm(x, positions[:, None].astype(jnp.int32), cache)
-        return self.llm.logits(hidden)[:, 0], cache
