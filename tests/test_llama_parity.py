@@ -107,14 +107,15 @@ def test_full_forward_matches_hf(kv_heads, query_block, unroll):
 
 
 @pytest.mark.parametrize("unroll", [False, True], ids=["scan", "unrolled"])
-@pytest.mark.parametrize("remat", [True, False], ids=["remat", "no_remat"])
+@pytest.mark.parametrize("remat", ["nothing_saveable", "dots_with_no_batch_dims_saveable", None],
+                         ids=["remat", "remat_dots", "no_remat"])
 @pytest.mark.parametrize("query_block,kv_heads", [(0, H), (5, H), (5, 2)],
                          ids=["one_block", "blocks_of_5", "blocks_of_5_gqa"])
 def test_gradients_match_hf(query_block, kv_heads, remat, unroll):
     """Backward through the layers (one scan, or unrolled with `layer_stack.unstack`'s stacking
-    backward), with or without remat, equals torch autograd; with query blocks the attention
-    backward is the hand-written one of `execution.blocked_attention` (key/value gradients summed over
-    blocks and, with grouped-query heads, over the heads of a group)."""
+    backward), with or without remat (either LlamaConfig.remat_policy), equals torch autograd; with
+    query blocks the attention backward is the hand-written one of `execution.blocked_attention`
+    (key/value gradients summed over blocks and, with grouped-query heads, over the heads of a group)."""
     hf, _, cfg, params = _setup(kv_heads)
     execution = ExecutionConfig(attention_query_block=query_block, unroll_layers=unroll)
     rng = np.random.default_rng(2)
@@ -124,7 +125,7 @@ def test_gradients_match_hf(query_block, kv_heads, remat, unroll):
     (hf(input_ids=torch.as_tensor(ids)).logits * torch.as_tensor(weights)).sum().backward()
     ref = {k: p.grad.numpy() for k, p in hf.named_parameters()}
 
-    model = Llama(dataclasses.replace(cfg, remat=remat), execution)
+    model = Llama(dataclasses.replace(cfg, remat=remat is not None, remat_policy=remat or "nothing_saveable"), execution)
     pos = jnp.broadcast_to(jnp.arange(16, dtype=jnp.int32), (2, 16))
 
     def loss(p):
