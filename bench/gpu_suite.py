@@ -170,9 +170,11 @@ def decode_inputs(cfg, batch: int, prompt_len: int, bucket: int, rng) -> tuple:
 
 
 def inference_part(a) -> dict:
+    import functools
+
     import jax
 
-    from vla_jax.models.decode import make_greedy_decoder, split_layers
+    from vla_jax.models.decode import greedy_decode, split_layers
     from vla_jax.models.openvla import OpenVLA
 
     cfg = model_config(a.preset, a.dtype, a.dtype, remat=False)
@@ -182,7 +184,7 @@ def inference_part(a) -> dict:
     jax.block_until_ready(params)
     out = {"params": count(params), "param_dtype": a.dtype, "init_s": round(time.perf_counter() - t0, 1),
            "limit": hardware_limit(cfg, a.prompt_len, a.peak_tflops * 1e12, a.peak_tbps * 1e12)}
-    decoder = make_greedy_decoder(model, NUM_TOKENS)
+    decoder = jax.jit(functools.partial(greedy_decode, model, num_tokens=NUM_TOKENS))  # what Policy compiles
     rng = np.random.default_rng(0)
     batches = [int(b) for b in a.batches.split(",")]
     inputs = {b: decode_inputs(cfg, b, a.prompt_len, a.prompt_bucket, rng) for b in batches}

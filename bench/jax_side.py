@@ -161,13 +161,13 @@ def main(argv=None) -> int:
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     import jax
 
-    from vla_jax.models import hf_keys
+    from vla_jax.hf import keys_openvla
 
     with open(os.path.join(a.dir, "reference.json")) as f:
         ref = json.load(f)
     batch = dict(np.load(os.path.join(a.dir, "batch.npz")))
     cfg = cs.model_config(a.setup)
-    params_np = hf_keys.hf_to_params(dict(np.load(os.path.join(a.dir, "weights.npz"))), cfg)
+    params_np = keys_openvla.hf_to_params(dict(np.load(os.path.join(a.dir, "weights.npz"))), cfg)
     out = {"side": "vla_jax", "setup": a.setup, "jax": jax.__version__, "device": str(jax.devices()[0]),
            "xla_flags": os.environ["XLA_FLAGS"], "start": info, "rss_after_setup_mb": cs.rss_mb()}
     out["inference"] = inference_side(a.setup, params_np, ref, batch.pop("images"), a.infer_reps, a.batch_reps)

@@ -3,7 +3,7 @@
     python bench/oft_inference.py [--preset=mid] [--batches=1,8] [--chunk=8] [--rounds=10]
 
 Model level (pre-resized uint8 224 px images, a 20-token prompt, random fp32 weights: speed does
-not depend on the values): the autoregressive side is `decode.make_greedy_decoder` (jitted prefill +
+not depend on the values): the autoregressive side is `decode.greedy_decode` jitted as Policy does (prefill +
 6 cached steps -> 7 tokens = 1 action per row); the OFT side is `parallel_decode.make_parallel_decoder`
 with chunk_size K and the L1 head (one forward pass -> K actions per row). Calls alternate AR, OFT in
 each round so both see the same machine load; the ratio is the median of per-round actions/s ratios.
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import platform
@@ -54,7 +55,7 @@ def main():
     import jax
 
     from vla_jax.models.config import get_preset, with_dtypes
-    from vla_jax.models.decode import make_greedy_decoder, split_layers
+    from vla_jax.models.decode import greedy_decode, split_layers
     from vla_jax.models.openvla import OpenVLA
     from vla_jax.models.parallel_decode import make_parallel_decoder
 
@@ -64,7 +65,7 @@ def main():
     oft_model = OpenVLA(oft_cfg)
     oft_params = random_params(oft_model, s)
     ar_params = split_layers({k: v for k, v in oft_params.items() if k != "action_head"})
-    ar_decode = make_greedy_decoder(OpenVLA(ar_cfg), num_tokens=ar_cfg.action_dim)
+    ar_decode = jax.jit(functools.partial(greedy_decode, OpenVLA(ar_cfg), num_tokens=ar_cfg.action_dim))
     oft_decode = make_parallel_decoder(oft_model)
 
     rows = []

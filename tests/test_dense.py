@@ -1,4 +1,5 @@
-"""`vla_jax.models.dense`: the hand-written backward equals torch autograd of the same contraction."""
+"""`vla_jax.models.dense`: the hand-written backward (`execution.dense_vjp`, the default) and the plain
+path's derived one both equal torch autograd of the same contraction."""
 
 import math
 
@@ -24,13 +25,14 @@ def _torch_grads(x, k, n_in, g):
     return y.detach().numpy(), xt.grad.numpy(), kt.grad.numpy()
 
 
+@pytest.mark.parametrize("custom_vjp", [True, False], ids=["hand_written_vjp", "derived_vjp"])
 @pytest.mark.parametrize("xs,ks,n_in", CASES)
-def test_value_and_grads_match_torch_fp32(xs, ks, n_in):
+def test_value_and_grads_match_torch_fp32(xs, ks, n_in, custom_vjp):
     rng = np.random.default_rng(0)
     x, k = rng.standard_normal(xs).astype(np.float32), rng.standard_normal(ks).astype(np.float32)
     g = rng.standard_normal(xs[:len(xs) - n_in] + ks[n_in:]).astype(np.float32)
     y_want, dx_want, dk_want = _torch_grads(x, k, n_in, g)
-    y, vjp = jax.vjp(lambda a, b: dense(a, b, n_in), jnp.asarray(x), jnp.asarray(k))
+    y, vjp = jax.vjp(lambda a, b: dense(a, b, n_in, False, custom_vjp), jnp.asarray(x), jnp.asarray(k))
     dx, dk = jax.jit(vjp)(jnp.asarray(g))
     for name, got, want in (("y", y, y_want), ("dx", dx, dx_want), ("dkernel", dk, dk_want)):
         assert got.shape == want.shape, name

@@ -18,7 +18,7 @@ from vla_jax import checkpoints as ckpt_lib
 from vla_jax.hf import __main__ as cli
 from vla_jax.hf import config as hfc
 from vla_jax.hf import import_checkpoint, importer
-from vla_jax.models import hf_keys, vit
+from vla_jax.hf import keys_openvla, keys_vit
 from vla_jax.models.config import get_preset, with_dtypes
 
 CFG = with_dtypes(get_preset("tiny"), "float32")
@@ -64,13 +64,13 @@ def test_base_components(tmp_path, llama_tokenizer_path):
     sd = {k: v.numpy() for k, v in dino518.state_dict().items()}
     want_pos = resample_abs_pos_embed(dino518.pos_embed.detach(), new_size=(16, 16), num_prefix_tokens=0).numpy()
     assert np.abs(np.asarray(params["dino"]["pos_embed"]) - want_pos).max() <= POS_ATOL
-    want_dino = vit.timm_to_flax(dict(sd, pos_embed=want_pos), CFG.dino)
+    want_dino = keys_vit.timm_to_flax(dict(sd, pos_embed=want_pos), CFG.dino)
     got, want = traverse_util.flatten_dict(params["dino"]), traverse_util.flatten_dict(want_dino)
     assert set(got) == set(want)
     for k in want:
         if k != ("pos_embed",):
             np.testing.assert_array_equal(np.asarray(got[k]), want[k], err_msg=str(k))
-    want_siglip = vit.timm_to_flax({k: v.numpy() for k, v in siglip.state_dict().items()}, CFG.siglip)
+    want_siglip = keys_vit.timm_to_flax({k: v.numpy() for k, v in siglip.state_dict().items()}, CFG.siglip)
     for k, v in traverse_util.flatten_dict(want_siglip).items():
         np.testing.assert_array_equal(np.asarray(traverse_util.flatten_dict(params["siglip"])[k]), v)
 
@@ -119,7 +119,7 @@ def test_prismatic_pickle_needs_the_flag_and_then_imports(tmp_path, capsys, llam
     assert cli.main(["import", str(pt), str(work), "--allow_pickle", f"--hf_config={cfg_json}",
                      f"--tokenizer={llama_tokenizer_path}"]) == 0
     got = traverse_util.flatten_dict(_load(work, with_dtypes(CFG, "float32")))
-    want = traverse_util.flatten_dict(hf_keys.hf_to_params(ref.hf_state_dict(), CFG))
+    want = traverse_util.flatten_dict(keys_openvla.hf_to_params(ref.hf_state_dict(), CFG))
     assert set(got) == set(want)
     for k in want:
         np.testing.assert_array_equal(np.asarray(got[k]), want[k], err_msg=str(k))

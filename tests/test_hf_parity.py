@@ -2,6 +2,7 @@
 (timm towers + projector + LlamaForCausalLM, released key names, `.scale_factor` LayerScale), gives the
 logits and greedy action tokens vla_jax gives from the same folder."""
 
+import functools
 import json
 
 import jax
@@ -14,9 +15,9 @@ import transformers
 from tests.torch_reference import TorchOpenVLA
 from vla_jax import hf
 from vla_jax.hf import safetensors_io as sio
-from vla_jax.models import hf_keys
+from vla_jax.hf import keys_openvla
 from vla_jax.models.config import get_preset, with_dtypes
-from vla_jax.models.decode import make_greedy_decoder, split_layers
+from vla_jax.models.decode import greedy_decode, split_layers
 from vla_jax.models.openvla import OpenVLA
 
 # fp32 on both sides; differences come only from summation order. Same bound as the model's parity test.
@@ -31,7 +32,7 @@ PROMPT = [1, 512, 29901, 1724, 3158, 881, 278, 19964, 2125, 304, 5839, 701, 278,
 def exported(tmp_path_factory):
     ref = TorchOpenVLA(CFG).randomize(seed=5)
     out = tmp_path_factory.mktemp("parity") / "hf"
-    hf.export_params(hf_keys.hf_to_params(ref.hf_state_dict(), CFG), CFG, str(out), dtype="float32",
+    hf.export_params(keys_openvla.hf_to_params(ref.hf_state_dict(), CFG), CFG, str(out), dtype="float32",
                      max_shard_size="3MB")
     # A torch model with other random values, then the exported weights with strict key matching.
     torch_model = TorchOpenVLA(CFG).randomize(seed=6)
@@ -75,6 +76,6 @@ def test_greedy_action_tokens_match_the_pytorch_reference(exported):
     images = np.random.default_rng(1).integers(0, 256, (2, 224, 224, 3), dtype=np.uint8)
     ids = np.array([PROMPT, PROMPT], np.int32)
     expected = torch_model.greedy(images, torch.from_numpy(ids).long(), 7)
-    decoder = make_greedy_decoder(OpenVLA(cfg), num_tokens=7)
+    decoder = jax.jit(functools.partial(greedy_decode, OpenVLA(cfg), num_tokens=7))
     got = np.asarray(decoder(split_layers(params), images, ids, np.full((2,), len(PROMPT), np.int32)))
     np.testing.assert_array_equal(got, expected)

@@ -20,7 +20,8 @@ from vla_jax import sharding as shd
 from vla_jax.hf import __main__ as cli
 from vla_jax.hf import checkpoint_io, importer
 from vla_jax.hf import safetensors_io as sio
-from vla_jax.models import hf_keys, lora
+from vla_jax.hf import keys_openvla
+from vla_jax.models import lora
 from vla_jax.models.config import get_preset, with_dtypes
 
 CFG = with_dtypes(get_preset("tiny"), "float32")
@@ -33,7 +34,7 @@ STATS = {"bridge_orig": {"action": {"mean": [0.1] * 7, "std": [1.0] * 7, "max": 
 @pytest.fixture(scope="module")
 def params():
     ref = TorchOpenVLA(CFG).randomize(seed=3)
-    return hf_keys.hf_to_params(ref.hf_state_dict(), CFG)
+    return keys_openvla.hf_to_params(ref.hf_state_dict(), CFG)
 
 
 def _flat(tree):
@@ -55,7 +56,7 @@ def test_fp32_round_trip_is_bit_identical(params, tmp_path, llama_tokenizer_path
     shards = [f for f in files if f.endswith(".safetensors")]
     assert len(shards) > 2 and sio.INDEX_FILE in files  # several shards + the index
     index = json.loads((out / sio.INDEX_FILE).read_text())
-    assert set(index["weight_map"]) == {r.key for r in hf_keys.openvla_rules(CFG)}
+    assert set(index["weight_map"]) == {r.key for r in keys_openvla.openvla_rules(CFG)}
     assert index["metadata"]["total_size"] == sum(t.nbytes for t in sio.index_tensors(str(out)).values())
     cfg, got, stats, tok = hf.load_hf_dir(str(out))
     assert cfg == with_dtypes(CFG, "bfloat16", "float32")  # compute dtype defaults to bf16

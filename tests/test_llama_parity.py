@@ -21,8 +21,9 @@ import transformers
 from flax import linen as nn
 
 from vla_jax.models.config import LlamaConfig
+from vla_jax.models.execution import ExecutionConfig
 from vla_jax.models.llama import DecoderLayer, Llama, check_token_ids, init_cache
-from vla_jax.models.llama_hf import flax_to_hf, hf_to_flax
+from vla_jax.hf.keys_llama import flax_to_hf, hf_to_flax
 
 V, D, F, L, H = 320, 64, 128, 3, 4
 MAX_LEN = 48
@@ -94,11 +95,11 @@ def _noise_cache(cfg, batch, slots, seed):
 @pytest.mark.parametrize("kv_heads", [H, 2], ids=["mha", "gqa"])
 def test_full_forward_matches_hf(kv_heads, query_block, unroll):
     hf, _, cfg, params = _setup(kv_heads)
-    cfg = dataclasses.replace(cfg, attention_query_block=query_block, unroll_layers=unroll)
+    execution = ExecutionConfig(attention_query_block=query_block, unroll_layers=unroll)
     ids = np.random.default_rng(1).integers(0, V, (2, 24))
     ref = _hf_logits(hf, ids)
     pos = jnp.broadcast_to(jnp.arange(24, dtype=jnp.int32), (2, 24))
-    logits, cache = _forward(Llama(cfg), params, jnp.asarray(ids, jnp.int32), pos, None)
+    logits, cache = _forward(Llama(cfg, execution), params, jnp.asarray(ids, jnp.int32), pos, None)
     assert cache is None and logits.dtype == jnp.float32
     diff, tol = _max_diff(logits, ref)
     print(f"full forward ({kv_heads} kv heads, query block {query_block}, unroll {unroll}): max abs diff {diff:.2e} (tol {tol:.2e})")
@@ -106,16 +107,17 @@ def test_full_forward_matches_hf(kv_heads, query_block, unroll):
 
 
 @pytest.mark.parametrize("unroll", [False, True], ids=["scan", "unrolled"])
-@pytest.mark.parametrize("remat", [True, False], ids=["remat", "no_remat"])
+@pytest.mark.parametrize("remat", ["nothing_saveable", "dots_with_no_batch_dims_saveable", None],
+                         ids=["remat", "remat_dots", "no_remat"])
 @pytest.mark.parametrize("query_block,kv_heads", [(0, H), (5, H), (5, 2)],
                          ids=["one_block", "blocks_of_5", "blocks_of_5_gqa"])
 def test_gradients_match_hf(query_block, kv_heads, remat, unroll):
     """Backward through the layers (one scan, or unrolled with `layer_stack.unstack`'s stacking
-    backward), with or without remat, equals torch autograd; with query blocks the attention
-    backward is the hand-written one of `attention._blocked_causal` (key/value gradients summed over
-    blocks and, with grouped-query heads, over the heads of a group)."""
+    backward), with or without remat (either LlamaConfig.remat_policy), equals torch autograd; with
+    query blocks the attention backward is the hand-written one of `execution.blocked_attention`
+    (key/value gradients summed over blocks and, with grouped-query heads, over the heads of a group)."""
     hf, _, cfg, params = _setup(kv_heads)
-    cfg = dataclasses.replace(cfg, attention_query_block=query_block, unroll_layers=unroll)
+    execution = ExecutionConfig(attention_query_block=query_block, unroll_layers=unroll)
     rng = np.random.default_rng(2)
     ids = rng.integers(0, V, (2, 16))
     weights = rng.normal(size=(2, 16, V)).astype(np.float32)
@@ -123,7 +125,7 @@ def test_gradients_match_hf(query_block, kv_heads, remat, unroll):
     (hf(input_ids=torch.as_tensor(ids)).logits * torch.as_tensor(weights)).sum().backward()
     ref = {k: p.grad.numpy() for k, p in hf.named_parameters()}
 
-    model = Llama(dataclasses.replace(cfg, remat=remat))
+    model = Llama(dataclasses.replace(cfg, remat=remat is not None, remat_policy=remat or "nothing_saveable"), execution)
     pos = jnp.broadcast_to(jnp.arange(16, dtype=jnp.int32), (2, 16))
 
     def loss(p):
@@ -273,7 +275,7 @@ def test_bad_inputs_raise():
     with pytest.raises(ValueError, match="max_seq_len"):
         init_cache(cfg, 1, MAX_LEN + 1)
     with pytest.raises(ValueError, match="attention_query_block=-2"):
-        Llama(dataclasses.replace(cfg, attention_query_block=-2)).apply(
+        Llama(cfg, ExecutionConfig(attention_query_block=-2)).apply(
             {"params": params}, jnp.zeros((1, 4, D)), jnp.arange(4)[None])
 
     with pytest.raises(ValueError, match="unknown HF Llama key"):

@@ -20,7 +20,8 @@ import torch
 from flax import traverse_util
 
 from tests.torch_reference import TorchOpenVLA
-from vla_jax.models import hf_keys, lora
+from vla_jax.hf import keys_openvla
+from vla_jax.models import lora
 from vla_jax.models.config import get_preset, with_dtypes
 from vla_jax.models.openvla import OpenVLA
 
@@ -127,7 +128,7 @@ def _images(seed):
 def setup():
     torch.manual_seed(0)
     ref = TorchOpenVLA(CFG).randomize(seed=1)
-    base = jax.tree.map(jnp.asarray, hf_keys.hf_to_params(ref.hf_state_dict(), CFG))
+    base = jax.tree.map(jnp.asarray, keys_openvla.hf_to_params(ref.hf_state_dict(), CFG))
     model = OpenVLA(CFG)
 
     @jax.jit

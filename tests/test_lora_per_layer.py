@@ -21,7 +21,9 @@ from flax import traverse_util
 from tests.test_lora import (CFG, LCFG, LOGITS_RTOL, PROMPT, TARGET_IDS, _images, _install_torch_lora, _our_adapter,
                              _peft_all_linear_targets, _random_lora)
 from tests.torch_reference import TorchOpenVLA
-from vla_jax.models import hf_keys, lora
+from vla_jax.hf import keys_openvla
+from vla_jax.models import lora
+from vla_jax.models.execution import ExecutionConfig
 from vla_jax.models.openvla import OpenVLA
 from vla_jax.training.state import ParamHooks
 
@@ -29,9 +31,9 @@ GRAD_RTOL = 1e-4  # max |diff| <= GRAD_RTOL * max |torch grad| over each adapter
 
 
 def _config(unroll: bool):
-    kw = dict(unroll_layers=unroll, remat=True)
+    kw = dict(remat=True)
     return dataclasses.replace(CFG, dino=dataclasses.replace(CFG.dino, **kw), siglip=dataclasses.replace(CFG.siglip, **kw),
-                               llama=dataclasses.replace(CFG.llama, **kw))
+                               llama=dataclasses.replace(CFG.llama, **kw), execution=ExecutionConfig(unroll_layers=unroll))
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +41,7 @@ def torch_truth():
     """(base params, adapters, images, ids, torch logits, {our lora path + kind: stacked torch grad})."""
     torch.manual_seed(0)
     ref = TorchOpenVLA(CFG).randomize(seed=1)
-    base = jax.tree.map(jnp.asarray, hf_keys.hf_to_params(ref.hf_state_dict(), CFG))
+    base = jax.tree.map(jnp.asarray, keys_openvla.hf_to_params(ref.hf_state_dict(), CFG))
     shapes = jax.eval_shape(lambda r: lora.init_lora(base, LCFG, r), jax.random.PRNGKey(0))
     adapters = _random_lora(shapes, seed=11)
     images, ids = _images(3), np.array([PROMPT], np.int32)

@@ -11,7 +11,7 @@ import torch
 
 from tests.oft_torch_reference import TorchMLPResNet, TorchOFT, head_params, oft_rows
 from tests.torch_reference import TorchOpenVLA
-from vla_jax.models import hf_keys
+from vla_jax.hf import keys_openvla as hf_keys
 from vla_jax.models.config import get_preset, with_dtypes
 from vla_jax.models.openvla import OpenVLA
 from vla_jax.models.parallel import action_mask_from_labels
@@ -115,7 +115,7 @@ def test_attention_is_bidirectional(reference, hidden_fn):
     np.testing.assert_allclose(ours, bidir, rtol=0, atol=tol)
     assert float(np.abs(ours - causal).max()) > 1e-2
     # The scanned layer stack (accelerators' default; CPU runs it unrolled) takes the same mask.
-    scanned = OpenVLA(dataclasses.replace(TOKENS_CFG, llama=dataclasses.replace(TOKENS_CFG.llama, unroll_layers=False)))
+    scanned = OpenVLA(dataclasses.replace(TOKENS_CFG, execution=dataclasses.replace(TOKENS_CFG.execution, unroll_layers=False)))
     got = jax.jit(lambda p, *xs: scanned.apply({"params": p}, *xs, method=OpenVLA.parallel_hidden))(
         params, images, ids.astype(np.int32), mask, slots)
     np.testing.assert_allclose(np.asarray(got), bidir, rtol=0, atol=tol)

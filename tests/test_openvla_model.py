@@ -2,6 +2,7 @@
 bad-input errors and greedy decoding with the KV cache."""
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -10,9 +11,10 @@ import pytest
 import torch
 
 from tests.torch_reference import TorchOpenVLA
-from vla_jax.models import hf_keys
+from vla_jax.hf import keys_openvla
 from vla_jax.models.config import get_preset, with_dtypes
-from vla_jax.models.decode import make_greedy_decoder, split_layers, stack_layers
+from vla_jax.models.decode import greedy_decode, split_layers, stack_layers
+from vla_jax.models.execution import ExecutionConfig
 from vla_jax.models.openvla import OpenVLA
 
 # fp32 on both sides; differences come only from summation order. Fixed, never loosened.
@@ -31,8 +33,13 @@ def _images(seed, batch=2):
 def reference():
     torch.manual_seed(0)
     ref = TorchOpenVLA(CFG).randomize(seed=1)
-    params = jax.tree.map(jnp.asarray, hf_keys.hf_to_params(ref.hf_state_dict(), CFG))
+    params = jax.tree.map(jnp.asarray, keys_openvla.hf_to_params(ref.hf_state_dict(), CFG))
     return ref, params
+
+
+def _decoder(**kw):
+    """The jitted greedy decoder Policy runs: fn(split params, images, ids, lengths) -> tokens."""
+    return jax.jit(functools.partial(greedy_decode, OpenVLA(CFG), **kw))
 
 
 def _with_query_block(block):
@@ -40,7 +47,7 @@ def _with_query_block(block):
     default, 64 rows on CPU; 0: one block). The fused sequence has 276 tokens, so blocks are in play."""
     if block == "auto":
         return CFG
-    return dataclasses.replace(CFG, llama=dataclasses.replace(CFG.llama, attention_query_block=block))
+    return dataclasses.replace(CFG, execution=ExecutionConfig(attention_query_block=block))
 
 
 @pytest.mark.parametrize("block", ["auto", 0, 50])
@@ -73,7 +80,7 @@ def test_greedy_tokens_match_reference(reference):
     images = _images(2)
     ids = np.array([PROMPT, PROMPT], np.int32)
     expected = ref.greedy(images, torch.from_numpy(ids).long(), 7)
-    decoder = make_greedy_decoder(OpenVLA(CFG), num_tokens=7)
+    decoder = _decoder(num_tokens=7)
     got = np.asarray(decoder(split_layers(params), images, ids, np.full((2,), len(PROMPT), np.int32)))
     np.testing.assert_array_equal(got, expected)
 
@@ -83,7 +90,7 @@ def test_batched_decode_with_different_prompt_lengths(reference):
     params = split_layers(reference[1])
     images = _images(3)
     short = PROMPT[:12] + [29871]
-    decoder = make_greedy_decoder(OpenVLA(CFG), num_tokens=7)
+    decoder = _decoder(num_tokens=7)
     padded = np.array([PROMPT, short + [CFG.pad_token_id] * (len(PROMPT) - len(short))], np.int32)
     batched = np.asarray(decoder(params, images, padded, np.array([len(PROMPT), len(short)], np.int32)))
     alone0 = np.asarray(decoder(params, images[:1], np.array([PROMPT], np.int32), np.array([len(PROMPT)], np.int32)))
@@ -94,7 +101,7 @@ def test_batched_decode_with_different_prompt_lengths(reference):
 def test_restricting_argmax_to_action_tokens(reference):
     _, params = reference
     lo, hi = CFG.base_vocab_size - CFG.n_action_bins, CFG.base_vocab_size - 1
-    decoder = make_greedy_decoder(OpenVLA(CFG), num_tokens=7, allowed_range=(lo, hi))
+    decoder = _decoder(num_tokens=7, allowed_range=(lo, hi))
     tokens = np.asarray(decoder(split_layers(params), _images(4), np.array([PROMPT] * 2, np.int32), np.full((2,), len(PROMPT), np.int32)))
     assert tokens.min() >= lo and tokens.max() <= hi
 
@@ -120,7 +127,7 @@ def test_split_layout_round_trip(reference):
 
 
 def test_decoding_names_the_layout_it_needs(reference):
-    decoder = make_greedy_decoder(OpenVLA(CFG), num_tokens=7)
+    decoder = _decoder(num_tokens=7)
     with pytest.raises(ValueError, match=r"split_layers\(params\).*got \['dino', 'llm', 'projector', 'siglip'\]"):
         decoder(reference[1], _images(4), np.array([PROMPT], np.int32), np.array([len(PROMPT)], np.int32))
     with pytest.raises(ValueError, match=r"stacked 'llm/layers' subtree, got \['dino', 'projector'\]"):

@@ -20,7 +20,7 @@ INSTRUCTIONS = ["put the carrot on the plate", "Open the drawer"]
 
 @pytest.fixture(scope="module")
 def crafted(llama_tokenizer_path):
-    from vla_jax.models import hf_keys
+    from vla_jax.hf import keys_openvla
     from vla_jax.policy import Policy
     from vla_jax.tokenizer import VLATokenizer
 
@@ -39,7 +39,7 @@ def crafted(llama_tokenizer_path):
         head.zero_()
         for dim, nxt in enumerate((A1, A2, EOS)):
             head[nxt, dim] = 5.0
-    params = hf_keys.hf_to_params(ref.hf_state_dict(), cfg)
+    params = keys_openvla.hf_to_params(ref.hf_state_dict(), cfg)
     tok = VLATokenizer.from_file(str(llama_tokenizer_path))
     policy = Policy(cfg, params, tok, {"bridge_orig": stats_entry(0.02)}, batch_buckets=(2,))
     return policy, lm

@@ -13,6 +13,7 @@ import pytest
 
 from vla_jax import sharding as shd
 from vla_jax.models.config import get_preset, with_dtypes
+from vla_jax.models.execution import ExecutionConfig
 from vla_jax.models.openvla import OpenVLA
 from vla_jax.tokenizer import IGNORE_INDEX, ActionTokenizer
 from vla_jax.training import state as st
@@ -198,3 +199,26 @@ def test_check_batch_names_the_problem(setup):
         sp.check_batch(dict(batch, labels=labels), loss_cfg, cfg.image_size)
     with pytest.raises(ValueError, match=r"dataset_index.*\[0, 2\)"):
         sp.check_batch(dict(batch, dataset_index=batch["dataset_index"] + 5), loss_cfg, cfg.image_size)
+
+
+def test_constrain_activations_comes_from_the_model_config(setup):
+    """`ExecutionConfig.constrain_activations` of the model config decides whether the jitted step is
+    traced under the mesh rules: with it the lowered step carries the model's activation sharding
+    constraints, without it none of them; an explicit `constrain_activations=` still wins."""
+    s = setup
+    mesh = shd.make_mesh((2, 4, 1), jax.devices()[:8])
+    loss_cfg = sp.LossConfig.for_model(s["cfg"], num_datasets=NUM_DS)
+    shapes = {k: s["batch"][k].shape for k in sp.BATCH_KEYS}
+    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=shd.batch_sharding(mesh, v.ndim))
+             for k, v in s["batch"].items() if k in sp.BATCH_KEYS}
+    constraints = {}
+    for flag in (True, False):
+        model = OpenVLA(dataclasses.replace(s["cfg"], execution=ExecutionConfig(constrain_activations=flag)))
+        shardings, abstract = st.abstract_train_state(model, s["tx"], mesh, shd.LOGICAL_RULES, 0, s["example"], s["mask"])
+        fn = sp.make_train_step(model, s["tx"], s["schedule"], loss_cfg, s["mask"], 1, mesh=mesh)
+        step = sp.jit_train_step(fn, mesh, shardings, shapes)
+        assert step.constrain_activations is flag
+        constraints[flag] = step.lower(abstract, batch).as_text().count("sharding_constraint")
+        assert sp.jit_train_step(fn, mesh, shardings, shapes, constrain_activations=not flag).constrain_activations \
+            is (not flag)
+    assert constraints[True] > 0 and constraints[False] == 0, constraints

@@ -17,7 +17,9 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 
 from vla_jax.models.config import ViTConfig, get_preset
-from vla_jax.models.vit import Block, LayerNorm, MAPHead, VisionTower, flax_to_timm, timm_to_flax
+from vla_jax.models.execution import ExecutionConfig
+from vla_jax.hf.keys_vit import flax_to_timm, timm_to_flax
+from vla_jax.models.vit import Block, LayerNorm, MAPHead, VisionTower
 
 RTOL_SCALE = 1e-5
 IMG = 56  # 4 x 4 patches of 14
@@ -105,7 +107,7 @@ def test_features_match_timm(kind):
     params = timm_to_flax(_state_dict(m), cfg)
     pixels = jnp.asarray(x.numpy().transpose(0, 2, 3, 1))
     for unroll in (False, True):  # the stacked blocks as one scan, and unrolled (layer_stack)
-        got = jax.jit(VisionTower(dataclasses.replace(cfg, unroll_layers=unroll)).apply)({"params": params}, pixels)
+        got = jax.jit(VisionTower(cfg, ExecutionConfig(unroll_layers=unroll)).apply)({"params": params}, pixels)
         _check_close(f"{kind} features (unroll_layers={unroll})", got, ref.numpy())
     # remat changes nothing; and a normal apply never touches the unused parameters (runs without them).
     used = {k: v for k, v in params.items() if k not in ("last_block", "norm", "attn_pool")}
@@ -132,7 +134,7 @@ def test_gradients_match_timm(kind, unroll, remat):
     """The towers' backward (blocks scanned, or unrolled with layer_stack's stacking backward) equals
     torch autograd through timm's blocks, for every parameter OpenVLA's features depend on."""
     m = _random_timm(kind)
-    cfg = dataclasses.replace(_flax_cfg(kind), unroll_layers=unroll, remat=remat)
+    cfg = dataclasses.replace(_flax_cfg(kind), remat=remat)
     rng = np.random.default_rng(3)
     x = torch.from_numpy(rng.standard_normal((BATCH, 3, IMG, IMG)).astype(np.float32))
     h = m.norm_pre(m.patch_drop(m._pos_embed(m.patch_embed(x))))
@@ -146,7 +148,7 @@ def test_gradients_match_timm(kind, unroll, remat):
 
     params = timm_to_flax(_state_dict(m), cfg)
     pixels = jnp.asarray(x.numpy().transpose(0, 2, 3, 1))
-    loss = lambda p: jnp.sum(VisionTower(cfg).apply({"params": p}, pixels) * weights)  # noqa: E731
+    loss = lambda p: jnp.sum(VisionTower(cfg, ExecutionConfig(unroll_layers=unroll)).apply({"params": p}, pixels) * weights)  # noqa: E731
     grads = flax_to_timm(jax.jit(jax.grad(loss))(params), cfg)
     assert any(k.startswith("blocks.0.") for k in ref) and len(ref) > 10
     worst = 0.0

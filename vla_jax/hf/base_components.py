@@ -29,7 +29,7 @@ import numpy as np
 from vla_jax.hf import config as hfc
 from vla_jax.hf import importer
 from vla_jax.hf import safetensors_io as sio
-from vla_jax.models import hf_keys
+from vla_jax.hf import keys_openvla
 from vla_jax.models.config import OpenVLAConfig, ViTConfig, with_dtypes
 from vla_jax.models.projector import FusedProjector
 
@@ -128,13 +128,13 @@ def load_base_components(dino_file: str, siglip_file: str, llm_dir: str, *, imag
     params = {}
     for name, file, tower in (("dino", dino_file, cfg.dino), ("siglip", siglip_file, cfg.siglip)):
         infos, converted, transforms = _tower_tensors(file, tower)
-        rules = hf_keys.vit_rules(tower, "", name)
+        rules = keys_openvla.vit_rules(tower, "", name)
         importer.check_tensors(converted, rules, file)
         items = ((i.key, a) for i, a in sio.iter_tensors(sio.read_order(infos.values())))
         params.update(importer.stream_into(items, rules, {name: targets[name]}, file, transforms))
 
     base_llm = dataclasses.replace(cfg.llama, vocab_size=cfg.base_vocab_size)
-    rules = hf_keys.llama_rules(base_llm, "", "llm")
+    rules = keys_openvla.llama_rules(base_llm, "", "llm")
     importer.check_tensors(llm_tensors, rules, llm_dir)
     std = float(dict(hfc.LLAMA_DEFAULTS, **llm_json)["initializer_range"])
     rows, width = cfg.llama.vocab_size, cfg.llama.hidden_size

@@ -30,7 +30,7 @@ from vla_jax.hf import importer
 from vla_jax.hf import safetensors_io as sio
 from vla_jax.hf import tokenizer_files
 from vla_jax.hf.outdir import atomic_dir
-from vla_jax.models import hf_keys
+from vla_jax.hf import keys_openvla
 from vla_jax.models.config import OpenVLAConfig, config_from_dict
 
 log = logging.getLogger(__name__)
@@ -41,10 +41,10 @@ DEFAULT_MAX_SHARD_SIZE = "5GB"
 PREFETCH_BYTES = 256 * 2 ** 20
 
 
-def leaf_groups(cfg: OpenVLAConfig) -> List[Tuple[Tuple[Path, ...], List[hf_keys.TensorRule]]]:
+def leaf_groups(cfg: OpenVLAConfig) -> List[Tuple[Tuple[Path, ...], List[keys_openvla.TensorRule]]]:
     """Rules grouped by the leaves they read, in module order; each group's rules by layer."""
-    groups: Dict[Tuple[Path, ...], List[hf_keys.TensorRule]] = {}
-    for rule in hf_keys.openvla_rules(cfg):
+    groups: Dict[Tuple[Path, ...], List[keys_openvla.TensorRule]] = {}
+    for rule in keys_openvla.openvla_rules(cfg):
         groups.setdefault(rule.leaves, []).append(rule)
     return [(leaves, sorted(rs, key=lambda r: -1 if r.layer is None else r.layer)) for leaves, rs in groups.items()]
 
@@ -254,8 +254,8 @@ def export_checkpoint(ckpt_path: str, out_dir: str, *, dtype: str = "bfloat16",
     cache: Dict[Tuple[Path, ...], Tuple[np.ndarray, ...]] = {}
 
     def fetch(paths):
-        # Small groups are restored together (each orbax restore costs ~30 ms of overhead); the
-        # byte budget keeps host memory bounded.
+        # Small groups are restored together (each orbax restore has a fixed overhead; BENCHMARKS.md,
+        # "Design choices measured"); the byte budget keeps host memory bounded.
         if paths not in cache:
             batch, size = [], 0
             for g in groups[groups.index(paths):]:

@@ -125,10 +125,10 @@ def _warn_if_short_of_memory(abstract: Any, cfg: OpenVLAConfig, log: Callable[[s
 def _convert_and_write(out_dir: str, cfg: OpenVLAConfig, tensors: Mapping[str, Any], items: Callable[[], Iterable],
                        norm_stats: Mapping[str, Any], tok: str, source: Dict[str, Any], where: str, overwrite: bool,
                        log: Callable[[str], None]) -> Dict[str, Any]:
-    from vla_jax.models import hf_keys
+    from vla_jax.hf import keys_openvla
 
     t0 = time.perf_counter()
-    table = hf_keys.openvla_rules(cfg)
+    table = keys_openvla.openvla_rules(cfg)
     importer.check_tensors(tensors, table, where)  # before any output exists
     tokenizer_asset(tok, cfg)
     log(f"reading {len(tensors)} tensors ({source['storage_dtype']}) from {where}; params as {cfg.param_dtype}")

@@ -30,7 +30,7 @@ from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
 from vla_jax import sharding as shd
 from vla_jax.hf import config as hfc
 from vla_jax.hf import safetensors_io as sio
-from vla_jax.models import hf_keys
+from vla_jax.hf import keys_openvla
 from vla_jax.models.config import OpenVLAConfig
 from vla_jax.models.openvla import OpenVLA
 
@@ -127,7 +127,7 @@ def hf_config(ck: HFCheckpoint, dtype: str = "bfloat16", param_dtype: Optional[s
 # Key/shape checks before any data is read
 
 
-def check_tensors(tensors: Mapping[str, sio.TensorInfo], rules: Sequence[hf_keys.TensorRule], where: str) -> None:
+def check_tensors(tensors: Mapping[str, sio.TensorInfo], rules: Sequence[keys_openvla.TensorRule], where: str) -> None:
     """ValueError naming the first missing/unexpected keys and shape mismatches (with their files)."""
     by_key = {r.key: r for r in rules}
     present = {k: t for k, t in tensors.items() if not k.endswith(IGNORED_SUFFIXES)}
@@ -292,7 +292,7 @@ class Assembler:
         return traverse_util.unflatten_dict(self.leaves)
 
 
-def stream_into(items: Iterable[Tuple[str, np.ndarray]], rules: Sequence[hf_keys.TensorRule], targets: Any,
+def stream_into(items: Iterable[Tuple[str, np.ndarray]], rules: Sequence[keys_openvla.TensorRule], targets: Any,
                 where: str, transforms: Optional[Mapping[str, Callable]] = None) -> dict:
     """(HF key, array) pairs -> params on `targets` (unboxed ShapeDtypeStruct tree with shardings).
 
@@ -334,7 +334,7 @@ def load_hf_dir(path: str, mesh=None, shardings: Any = None, *, param_dtype: Opt
     """
     ck = read_hf_dir(path)
     cfg = hf_config(ck, dtype, param_dtype)
-    table = hf_keys.openvla_rules(cfg)
+    table = keys_openvla.openvla_rules(cfg)
     check_tensors(ck.tensors, table, ck.path)
     targets = targets_for(abstract_params(cfg), mesh, shardings, rules)
     params = stream_into(read_items(ck.tensors), table, targets, ck.path)
@@ -342,11 +342,12 @@ def load_hf_dir(path: str, mesh=None, shardings: Any = None, *, param_dtype: Opt
 
 
 def config_geometry(cfg: OpenVLAConfig) -> Dict[str, Any]:
-    """The numerics-relevant fields (dtypes, remat and max_seq_len excluded)."""
+    """The numerics-relevant fields (dtypes, remat, max_seq_len and the execution switches excluded)."""
     d = hfc.config_to_dict(cfg)
+    d.pop("execution", None)
     for part in ("dino", "siglip", "llama", None):
         sub = d if part is None else d[part]
-        for k in ("dtype", "param_dtype", "remat", "max_seq_len"):
+        for k in ("dtype", "param_dtype", "remat", "remat_policy", "max_seq_len"):
             sub.pop(k, None)
     return d
 
@@ -368,7 +369,7 @@ def load_hf_params(path: str, abstract: Any, expect_config: Optional[OpenVLAConf
         if diff:
             raise ValueError(f"{path}: its config differs from this run's model in " + ", ".join(
                 f"{'.'.join(k)} ({theirs.get(k)!r} there, {ours[k]!r} here)" for k in diff[:5]))
-    table = hf_keys.openvla_rules(cfg)
+    table = keys_openvla.openvla_rules(cfg)
     check_tensors(ck.tensors, table, ck.path)
     model_keys = ("dino", "siglip", "projector", "llm")
     missing = [k for k in model_keys if k not in abstract]

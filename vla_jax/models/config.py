@@ -12,6 +12,11 @@ from typing import Optional
 
 import jax.numpy as jnp
 
+from vla_jax.models.execution import ExecutionConfig
+
+# Names of the Llama layers' remat policies (jax.checkpoint_policies), LlamaConfig.remat_policy.
+REMAT_POLICIES = ("nothing_saveable", "dots_with_no_batch_dims_saveable")
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 SIGLIP_MEAN = (0.5, 0.5, 0.5)
@@ -52,8 +57,6 @@ class ViTConfig:
     dtype: str = "bfloat16"
     param_dtype: str = "float32"
     remat: bool = False
-    # Run blocks 0..depth-2 as an unrolled loop instead of one scan (see LlamaConfig.unroll_layers).
-    unroll_layers: Optional[bool] = None
 
     @property
     def grid(self) -> int:
@@ -76,13 +79,9 @@ class ViTConfig:
 class LlamaConfig:
     """Llama-2 decoder geometry. `vocab_size` is the embedding/lm_head row count (32064 for OpenVLA).
 
-    `attention_query_block`: how the causal attention of a full forward (training, scoring) is
-    blocked over query rows, an execution choice that does not change the values
-    (`vla_jax.models.attention.causal_attend`): None = automatic (64 rows on CPU, one block on
-    accelerators), 0 = one block, n = n rows.
-    `unroll_layers`: whether a full forward runs the stacked layers as an unrolled loop instead of
-    one scan (`vla_jax.models.layer_stack`; same values, same parameter layout): None = automatic
-    (unrolled on CPU, scanned on accelerators).
+    `remat_policy` (used when `remat`): what each rematerialised layer keeps for its backward,
+    'nothing_saveable' (least memory, what OpenVLA's per-layer activation checkpointing does) or
+    'dots_with_no_batch_dims_saveable' (keeps the weight matmuls' outputs: fewer recomputed FLOPs).
     """
 
     vocab_size: int
@@ -97,8 +96,11 @@ class LlamaConfig:
     dtype: str = "bfloat16"
     param_dtype: str = "float32"
     remat: bool = False
-    attention_query_block: Optional[int] = None
-    unroll_layers: Optional[bool] = None
+    remat_policy: str = "nothing_saveable"
+
+    def __post_init__(self):
+        if self.remat_policy not in REMAT_POLICIES:
+            raise ValueError(f"LlamaConfig.remat_policy={self.remat_policy!r}; expected one of {REMAT_POLICIES}")
 
     @property
     def head_dim(self) -> int:
@@ -123,6 +125,7 @@ class OpenVLAConfig:
     `action_head`: 'tokens' = the lm_head's logits, argmax over the full vocabulary, 256-bin decode;
     'l1' = the continuous MLPResNet head (`vla_jax.models.action_head`, params['action_head'],
     trained with an L1 loss); 'l1' needs parallel_decoding.
+    `execution`: how the model runs on the backend (same values for every setting; `ExecutionConfig`).
     """
 
     dino: ViTConfig
@@ -139,6 +142,7 @@ class OpenVLAConfig:
     parallel_decoding: bool = False
     chunk_size: int = 1
     action_head: str = "tokens"
+    execution: ExecutionConfig = ExecutionConfig()
 
     @property
     def num_action_slots(self) -> int:
@@ -231,10 +235,10 @@ PRESETS = {
         llama=LlamaConfig(vocab_size=32064, hidden_size=512, intermediate_size=1376, num_layers=4, num_heads=8),
     ),
     # `make demo` (configs/demo.py): trained from scratch on 64x64 Meta-World frames on 2 CPU cores.
-    # Towers of width 128 with 16-px patches (a 4x4 grid keeps the Llama sequence short; 8-px patches
-    # measured ~2x slower per step); depth 3 because the towers return the second-to-last block.
-    # Width 128 instead of 64 costs ~nothing per step (the Llama dominates) and learned faster
-    # (held-out L1 0.038 vs 0.081-0.17, closed-loop 40% vs 0-18% at similar step counts).
+    # Towers of width 128 with 16-px patches (a 4x4 grid keeps the Llama sequence short; smaller
+    # patches were slower per step); depth 3 because the towers return the second-to-last block.
+    # Width 128 instead of 64 costs little per step (the Llama dominates) and learned faster
+    # (BENCHMARKS.md, "Design choices measured").
     # Vocabulary: a 512-piece demo tokenizer whose last 256 ids are the action bins, plus PAD, padded
     # to a multiple of 64 rows as OpenVLA pads 32001 -> 32064.
     "demo": OpenVLAConfig(
@@ -247,15 +251,30 @@ PRESETS = {
 }
 
 
-def config_from_dict(d) -> OpenVLAConfig:
-    """Inverse of `dataclasses.asdict(OpenVLAConfig)` (as stored in a checkpoint's meta['model'])."""
-    def vit(x):
-        x = dict(x)
-        x["mean"], x["std"] = tuple(x["mean"]), tuple(x["std"])
-        return ViTConfig(**x)
+# Execution switches that checkpoints written before `ExecutionConfig` store inside the part configs.
+_LEGACY_EXECUTION_KEYS = ("unroll_layers", "attention_query_block")
 
-    rest = {k: v for k, v in d.items() if k not in ("dino", "siglip", "llama")}
-    return OpenVLAConfig(dino=vit(d["dino"]), siglip=vit(d["siglip"]), llama=LlamaConfig(**d["llama"]), **rest)
+
+def config_from_dict(d) -> OpenVLAConfig:
+    """Inverse of `dataclasses.asdict(OpenVLAConfig)` (as stored in a checkpoint's meta['model']).
+
+    Older checkpoints stored `unroll_layers` / `attention_query_block` in the part configs; a value
+    other than None there becomes the `execution` setting (unless `execution` is stored too)."""
+    legacy = {}
+
+    def part(x, cls):
+        x = dict(x)
+        for k in _LEGACY_EXECUTION_KEYS:
+            if k in x and (v := x.pop(k)) is not None:
+                legacy[k] = v
+        if cls is ViTConfig:
+            x["mean"], x["std"] = tuple(x["mean"]), tuple(x["std"])
+        return cls(**x)
+
+    rest = {k: v for k, v in d.items() if k not in ("dino", "siglip", "llama", "execution")}
+    parts = dict(dino=part(d["dino"], ViTConfig), siglip=part(d["siglip"], ViTConfig), llama=part(d["llama"], LlamaConfig))
+    execution = ExecutionConfig(**d["execution"]) if "execution" in d else ExecutionConfig(**legacy)
+    return OpenVLAConfig(**parts, execution=execution, **rest)
 
 
 def get_preset(name: str) -> OpenVLAConfig:

@@ -6,15 +6,12 @@ No Python loop per token and static shapes throughout, so a decoder compiled for
 Decoding runs on its own parameter layout (`split_layers`): each Llama layer's weights and KV cache
 are separate arrays and the layers are unrolled in the program. Training and checkpoints keep the
 stacked layout (one `nn.scan` over [L, ...] tensors), whose per-step layer weights are dynamic
-slices of the stacked arrays. Measured on an H200 at the 7B geometry, batch 1 (BENCHMARKS.md,
-`bench/gpu_decode_probe.py`): a cached step took 11.8 ms stacked and 3.7 ms split (the latter reads
-the 13.2 GB of weights at 3.6 TB/s); the gap is about what copying each layer's slice before its
-matmuls would cost (not profiled). Same tokens; on CPU the two layouts time alike.
+slices of the stacked arrays, which made a cached step on a GPU about three times slower at the 7B
+geometry (BENCHMARKS.md, "GPU suite"). Same tokens; on CPU the two layouts time alike.
 """
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Dict, List, Optional, Tuple
 
 import jax
@@ -95,8 +92,8 @@ def _layers(model: OpenVLA, layer_params, x, positions, caches, last_layer_rows=
     last_layer_rows: optional int32 `[B, R]`: the last layer computes its queries, attention output
     and MLP only for these rows (its keys/values still for all T), so x comes back `[B, R, D]`.
     Only the last real position of each prompt feeds the first token; the rest of the last layer's
-    output is never read (about a fifth of the prefill's Llama FLOPs at 'mid', 2.6% at 7B)."""
-    layer = DecoderLayer(model.config.llama)
+    output is never read, so it is not computed (BENCHMARKS.md has the FLOPs saved)."""
+    layer = DecoderLayer(model.config.llama, model.config.execution)
     out = []
     for i, (p, c) in enumerate(zip(layer_params, caches)):
         rows = last_layer_rows if i == len(layer_params) - 1 else None
@@ -150,9 +147,3 @@ def greedy_decode(model: OpenVLA, params, pixel_values, input_ids, lengths, num_
 
     tokens, _ = jax.lax.fori_loop(1, num_tokens, body, (tokens, caches))
     return tokens
-
-
-def make_greedy_decoder(model: OpenVLA, num_tokens: int, allowed_range: Optional[Tuple[int, int]] = None):
-    """-> jitted `fn(split_params, pixel_values, input_ids, lengths) -> tokens [B, num_tokens]`
-    (split_params = `split_layers(params)`)."""
-    return jax.jit(functools.partial(greedy_decode, model, num_tokens=num_tokens, allowed_range=allowed_range))

@@ -10,10 +10,10 @@ L layers.
 
 The layers' parameters are stacked on a leading 'layers' axis, created by one `nn.scan` (optionally
 rematerialised); the KV cache's per-layer slices are scanned alongside them. A full forward without
-cache may instead run the same stacked parameters as an unrolled loop (`config.unroll_layers`,
-`layer_stack`).
+cache may instead run the same stacked parameters as an unrolled loop (`ExecutionConfig.unroll_layers`,
+`execution.layer_stack`). Every module takes its `LlamaConfig` and the model's `ExecutionConfig`.
 
-The HF <-> Flax rename table is in `llama_hf.py`.
+The HF <-> Flax rename table is in `vla_jax.hf.keys_llama`.
 """
 
 from __future__ import annotations
@@ -25,10 +25,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vla_jax.models import layer_stack
 from vla_jax.models.attention import attend, causal_attend
-from vla_jax.models.config import LlamaConfig
+from vla_jax.models.config import REMAT_POLICIES, LlamaConfig
 from vla_jax.models.dense import Linear
+from vla_jax.models.execution import ExecutionConfig, layer_stack
 
 ACT_AXES = ("act_batch", "act_len", "act_embed")
 _INIT_STD = 0.02  # transformers' default `initializer_range` for Llama
@@ -128,6 +128,7 @@ class Attention(nn.Module):
     """Causal self-attention with RoPE, optional grouped-query heads and an optional KV cache."""
 
     config: LlamaConfig
+    execution: ExecutionConfig = ExecutionConfig()
 
     @nn.compact
     def __call__(self, x, positions, layer_cache=None, query_rows=None, key_mask=None):
@@ -136,8 +137,7 @@ class Attention(nn.Module):
         layer_cache: {'k','v'} [B, S, KVH, hd]. The T new keys/values of row b are written at slots
         positions[b, 0] .. positions[b, 0] + T - 1 (positions must be contiguous within a call), and
         the query at position p sees slots j <= p only: later slots hold stale padding.
-        Without a cache the mask is plain causal over the T tokens (computed in blocks of query rows,
-        `attention.causal_attend`, per config.attention_query_block).
+        Without a cache the mask is plain causal over the T tokens (`attention.causal_attend`).
         query_rows: optional int32 [B, R] indices into the T tokens: keys/values are made for all T,
         queries (and outputs) only for these rows (a prefill's last layer needs one row per sequence).
         key_mask: optional bool [B, T] (no cache, no query_rows): BIDIRECTIONAL attention instead of
@@ -153,7 +153,7 @@ class Attention(nn.Module):
 
         def proj(inputs, n, name):
             return Linear((n, hd), ("embed", "heads", "kv"), kernel_init=_INIT, dtype=dtype, param_dtype=pdtype,
-                          name=name)(inputs)
+                          custom_vjp=self.execution.dense_custom_vjp, name=name)(inputs)
 
         if query_rows is None:
             xq, q_positions = x, positions
@@ -172,7 +172,7 @@ class Attention(nn.Module):
         if key_mask is not None:
             out = attend(q, k, v, key_mask[:, None, :].astype(bool), dtype)  # mask [B, 1, T]: every row alike
         elif layer_cache is None and query_rows is None:
-            out = causal_attend(q, k, v, dtype, cfg.attention_query_block)
+            out = causal_attend(q, k, v, dtype, self.execution.attention_query_block)
         elif layer_cache is None:
             idx = jnp.arange(T)
             out = attend(q, k, v, idx[None, None, :] <= query_rows[:, :, None], dtype)  # mask [B, R, T]
@@ -184,7 +184,7 @@ class Attention(nn.Module):
             mask = slots[None, None, :] <= q_positions[:, :, None]  # [B, R, S]
             out = attend(q, k_all.astype(dtype), v_all.astype(dtype), mask, dtype)
         out = Linear((cfg.hidden_size,), ("heads", "kv", "embed"), n_in=2, kernel_init=_INIT, dtype=dtype,
-                     param_dtype=pdtype, name="o_proj")(out)
+                     param_dtype=pdtype, custom_vjp=self.execution.dense_custom_vjp, name="o_proj")(out)
         return out, new_cache
 
 
@@ -192,11 +192,13 @@ class MLP(nn.Module):
     """SwiGLU: x [B, T, D] -> down(silu(gate(x)) * up(x)) [B, T, D]."""
 
     config: LlamaConfig
+    execution: ExecutionConfig = ExecutionConfig()
 
     @nn.compact
     def __call__(self, x):
         cfg = self.config
-        kw = dict(kernel_init=_INIT, dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
+        kw = dict(kernel_init=_INIT, dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype),
+                  custom_vjp=self.execution.dense_custom_vjp)
         gate = Linear((cfg.intermediate_size,), ("embed", "mlp"), name="gate_proj", **kw)(x)
         up = Linear((cfg.intermediate_size,), ("embed", "mlp"), name="up_proj", **kw)(x)
         return Linear((cfg.hidden_size,), ("mlp", "embed"), name="down_proj", **kw)(nn.silu(gate) * up)
@@ -206,6 +208,7 @@ class DecoderLayer(nn.Module):
     """One pre-norm Llama block; signature fits nn.scan: (carry x, broadcast positions, scanned cache)."""
 
     config: LlamaConfig
+    execution: ExecutionConfig = ExecutionConfig()
 
     @nn.compact
     def __call__(self, x, positions, layer_cache, query_rows=None, key_mask=None):
@@ -216,31 +219,28 @@ class DecoderLayer(nn.Module):
         dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         x = nn.with_logical_constraint(x, ACT_AXES)
         h = RMSNorm(cfg.rms_norm_eps, dtype, pdtype, name="input_layernorm")(x)
-        h, new_cache = Attention(cfg, name="self_attn")(h, positions, layer_cache, query_rows, key_mask)
+        h, new_cache = Attention(cfg, self.execution, name="self_attn")(h, positions, layer_cache, query_rows,
+                                                                        key_mask)
         if query_rows is not None:
             x = jnp.take_along_axis(x, query_rows[..., None], axis=1)
         x = x + h
         h = RMSNorm(cfg.rms_norm_eps, dtype, pdtype, name="post_attention_layernorm")(x)
-        x = x + MLP(cfg, name="mlp")(h)
+        x = x + MLP(cfg, self.execution, name="mlp")(h)
         x = nn.with_logical_constraint(x, ACT_AXES)
         return x, new_cache
 
 
-_REMAT_POLICIES = {
-    "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
-    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-}
+_REMAT_POLICIES = {name: getattr(jax.checkpoint_policies, name) for name in REMAT_POLICIES}
 
 
 class Llama(nn.Module):
     """Llama-2 decoder. Methods: `embed`, `__call__` (layers + final norm) and `logits`.
 
-    `remat_policy` (used when config.remat): 'nothing_saveable' (least memory, what OpenVLA's
-    per-layer activation checkpointing does) or 'dots_with_no_batch_dims_saveable'.
+    With config.remat each layer is rematerialised with `config.remat_policy`.
     """
 
     config: LlamaConfig
-    remat_policy: str = "nothing_saveable"
+    execution: ExecutionConfig = ExecutionConfig()
 
     def setup(self):
         cfg = self.config
@@ -252,17 +252,15 @@ class Llama(nn.Module):
                                      embedding_init=_init(("vocab", "embed")))
         layer = DecoderLayer
         if cfg.remat:
-            if self.remat_policy not in _REMAT_POLICIES:
-                raise ValueError(f"remat_policy={self.remat_policy!r}; expected one of {sorted(_REMAT_POLICIES)}")
             # prevent_cse=False is safe (and faster) inside scan, which already blocks CSE.
-            layer = nn.remat(layer, policy=_REMAT_POLICIES[self.remat_policy], prevent_cse=False)
+            layer = nn.remat(layer, policy=_REMAT_POLICIES[cfg.remat_policy], prevent_cse=False)
         self.layers = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True},
                               in_axes=(nn.broadcast, 0, nn.broadcast, nn.broadcast), length=cfg.num_layers,
-                              metadata_params={nn.PARTITION_NAME: "layers"})(cfg)
+                              metadata_params={nn.PARTITION_NAME: "layers"})(cfg, self.execution)
         self.norm = RMSNorm(cfg.rms_norm_eps, dtype, pdtype)
         # bf16 inputs, fp32 accumulation and output: logits feed the loss and argmax.
         self.lm_head = Linear((cfg.vocab_size,), ("embed", "vocab"), kernel_init=_INIT, accumulate_fp32=True,
-                              dtype=dtype, param_dtype=pdtype)
+                              dtype=dtype, param_dtype=pdtype, custom_vjp=self.execution.dense_custom_vjp)
 
     def embed(self, ids):
         """ids [B, T] int32 -> embeddings [B, T, D] in compute dtype (ids checked when concrete)."""
@@ -297,11 +295,12 @@ class Llama(nn.Module):
             raise ValueError(f"key_mask must be [B, T] = {(B, T)} and used without a cache, got shape "
                              f"{key_mask.shape} and cache={'given' if cache is not None else None}")
         x = x.astype(jnp.dtype(cfg.dtype))
-        if cache is None and layer_stack.unroll(cfg.unroll_layers) and not self.is_initializing():
+        if cache is None and layer_stack.unroll(self.execution.unroll_layers) and not self.is_initializing():
             # The same stacked params as an unrolled loop (layer_stack): the same values as the scan.
-            x = layer_stack.run_unrolled(DecoderLayer(cfg, parent=None), self.variables["params"]["layers"], x,
-                                         positions, None, None, key_mask, remat=cfg.remat,
-                                         policy=_REMAT_POLICIES[self.remat_policy] if cfg.remat else None)
+            x = layer_stack.run_unrolled(DecoderLayer(cfg, self.execution, parent=None),
+                                         self.variables["params"]["layers"], x, positions, None, None, key_mask,
+                                         remat=cfg.remat,
+                                         policy=_REMAT_POLICIES[cfg.remat_policy] if cfg.remat else None)
             return self.norm(x), None
         x, new_cache = self.layers(x, positions, cache, None, key_mask)
         return self.norm(x), new_cache

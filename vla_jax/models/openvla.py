@@ -70,11 +70,12 @@ class OpenVLA(nn.Module):
 
     def setup(self):
         cfg = self.config
-        self.dino = VisionTower(cfg.dino)
-        self.siglip = VisionTower(cfg.siglip)
+        self.dino = VisionTower(cfg.dino, cfg.execution)
+        self.siglip = VisionTower(cfg.siglip, cfg.execution)
         self.projector = FusedProjector(vision_dim=cfg.vision_dim, llm_dim=cfg.llama.hidden_size,
-                                        dtype=cfg.dtype, param_dtype=cfg.param_dtype)
-        self.llm = Llama(cfg.llama)
+                                        dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                                        custom_vjp=cfg.execution.dense_custom_vjp)
+        self.llm = Llama(cfg.llama, cfg.execution)
         if cfg.action_head == "l1":  # OpenVLA-OFT's continuous head, params['action_head']
             self.action_head = L1ActionHead(action_dim=cfg.action_dim, width=cfg.llama.hidden_size,
                                             dtype=cfg.dtype, param_dtype=cfg.param_dtype)
@@ -125,28 +126,6 @@ class OpenVLA(nn.Module):
         if logit_positions is not None:
             hidden = jnp.take_along_axis(hidden, logit_positions[..., None].astype(jnp.int32), axis=1)
         return self.llm.logits(hidden)
-
-    def prefill(self, pixel_values, input_ids, lengths, cache):
-        """Runs the prompt through the model and fills the KV cache.
-
-        input_ids: int32 `[B, T]` right-padded prompts; lengths: int32 `[B]` real text tokens per row.
-        cache: from `llama.init_cache(config.llama, B, max_len)` with max_len >= T + P + new tokens.
-        Returns (logits at each row's last real position `[B, V]` float32, cache).
-        """
-        self._refuse_if_parallel("prefill")
-        x = self.embed_inputs(pixel_values, input_ids)
-        b, n = x.shape[:2]
-        positions = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))
-        hidden, cache = self.llm(x, positions, cache)
-        last = lengths.astype(jnp.int32) + self.config.num_patches - 1
-        hidden = jnp.take_along_axis(hidden, last[:, None, None], axis=1)
-        return self.llm.logits(hidden)[:, 0], cache
-
-    def decode_step(self, token_ids, positions, cache):
-        """One greedy step: token_ids int32 `[B]` placed at positions `[B]` -> (logits `[B, V]`, cache)."""
-        x = self.llm.embed(token_ids[:, None])
-        hidden, cache = self.llm(x, positions[:, None].astype(jnp.int32), cache)
-        return self.llm.logits(hidden)[:, 0], cache
 
     # ------------------------------------------------------------------------------------------
     # OpenVLA-OFT parallel decoding (vla_jax.models.parallel, OFT_REFERENCE.md §2-§4)

@@ -19,10 +19,12 @@ class FusedProjector(nn.Module):
     llm_dim: int
     dtype: str = "bfloat16"
     param_dtype: str = "float32"
+    custom_vjp: bool = True  # ExecutionConfig.dense_custom_vjp
 
     def _dense(self, features, in_axis, out_axis, name):
         return Linear((features,), (in_axis, out_axis), (out_axis,), kernel_init=nn.initializers.lecun_normal(),
-                      dtype=jnp.dtype(self.dtype), param_dtype=jnp.dtype(self.param_dtype), name=name)
+                      dtype=jnp.dtype(self.dtype), param_dtype=jnp.dtype(self.param_dtype),
+                      custom_vjp=self.custom_vjp, name=name)
 
     @nn.compact
     def __call__(self, x):

@@ -66,7 +66,8 @@ def compile_predict_action(devices: Sequence[Any], mesh_shape=(1, 1, -1), batch:
                            preset: str = "openvla-7b", dtype: str = "bfloat16") -> Dict[str, Any]:
     """Compiles greedy decoding of ACTION_TOKENS tokens for `devices`; returns the per-chip report."""
     model_cfg = with_dtypes(get_preset(preset), dtype, dtype)
-    model_cfg = dataclasses.replace(model_cfg, llama=dataclasses.replace(model_cfg.llama, attention_query_block=0))
+    model_cfg = dataclasses.replace(model_cfg, execution=dataclasses.replace(model_cfg.execution,
+                                                                             attention_query_block=0))
     model = OpenVLA(model_cfg)
     mesh = shd.make_mesh(mesh_shape, devices)
     params = abstract_decode_params(model, mesh)

@@ -16,43 +16,23 @@ import jax
 import numpy as np
 
 from vla_jax import sharding as shd
-from vla_jax.models.llama import Llama
+from vla_jax.models.config import REMAT_POLICIES
 from vla_jax.models.openvla import OpenVLA
-from vla_jax.models.projector import FusedProjector
-from vla_jax.models.vit import VisionTower
 from vla_jax.plan import hlo_cost
 from vla_jax.training import metrics as mlib
 from vla_jax.training import run, state as st, step as sp
 
-REMAT_POLICIES = ("nothing_saveable", "dots_with_no_batch_dims_saveable")
 
-
-class _OpenVLAWithPolicy(OpenVLA):
-    """OpenVLA whose Llama uses `llm_remat_policy` (the model itself always uses Llama's default,
-    'nothing_saveable'). Same parameter tree; only what the backward pass recomputes differs."""
-
-    llm_remat_policy: str = "nothing_saveable"
-
-    def setup(self):
-        cfg = self.config
-        self.dino = VisionTower(cfg.dino)
-        self.siglip = VisionTower(cfg.siglip)
-        self.projector = FusedProjector(vision_dim=cfg.vision_dim, llm_dim=cfg.llama.hidden_size,
-                                        dtype=cfg.dtype, param_dtype=cfg.param_dtype)
-        self.llm = Llama(cfg.llama, remat_policy=self.llm_remat_policy)
-
-
-def accelerator_model_config(cfg, llama_layers: int = 0):
+def accelerator_model_config(cfg, llama_layers: int = 0, remat_policy: str = "nothing_saveable"):
     """config.model -> OpenVLAConfig with the accelerators' execution choices (layers scanned, attention
-    in one block), not the CPU ones this process would pick. llama_layers > 0: that many Llama layers
-    (the guard-rail test's reduced depth at full width)."""
+    in one block), not the CPU ones this process would pick, and the Llama's `remat_policy`.
+    llama_layers > 0: that many Llama layers (the guard-rail test's reduced depth at full width)."""
     model_cfg = run.model_config(cfg.model)
-    llama = dataclasses.replace(model_cfg.llama, unroll_layers=False, attention_query_block=0)
+    llama = dataclasses.replace(model_cfg.llama, remat_policy=remat_policy)
     if llama_layers:
         llama = dataclasses.replace(llama, num_layers=int(llama_layers))
-    return dataclasses.replace(model_cfg, llama=llama,
-                               dino=dataclasses.replace(model_cfg.dino, unroll_layers=False),
-                               siglip=dataclasses.replace(model_cfg.siglip, unroll_layers=False))
+    execution = dataclasses.replace(model_cfg.execution, unroll_layers=False, attention_query_block=0)
+    return dataclasses.replace(model_cfg, llama=llama, execution=execution)
 
 
 def apply_overrides(cfg, mesh: Optional[Sequence[int]] = None, batch: int = 0, grad_accum: int = 0):
@@ -97,8 +77,8 @@ def build(cfg, devices: Sequence[Any], llama_layers: int = 0, remat_policy: str 
     """The train step of `cfg` (already carrying any mesh/batch overrides) for `devices`."""
     if remat_policy not in REMAT_POLICIES:
         raise ValueError(f"--remat_policy={remat_policy!r}; expected one of {REMAT_POLICIES}")
-    model_cfg = accelerator_model_config(cfg, llama_layers)
-    model = _OpenVLAWithPolicy(model_cfg, llm_remat_policy=remat_policy)
+    model_cfg = accelerator_model_config(cfg, llama_layers, remat_policy)
+    model = OpenVLA(model_cfg)
     mesh = run.make_mesh(cfg.mesh, devices)
     run.check_batch_layout(cfg, mesh)
     tx, schedule = st.make_optimizer(st.OptimConfig.from_config(cfg.optim), cfg.num_steps)

@@ -7,8 +7,9 @@ Never render in a process that has imported TensorFlow: with Mesa's llvmpipe, Te
 LLVM and Mesa's libLLVM clash and the process segfaults (in either import order). vla_jax therefore
 runs the simulators in worker processes of their own (`vla_jax.sim.worker`).
 
-Speed: MuJoCo's default offscreen settings (multisampling, shadows, reflections) cost ~80 ms per
-128x128 frame on llvmpipe; `SceneRenderer` turns them off (~5 ms per frame).
+Speed: MuJoCo's default offscreen settings (multisampling, shadows, reflections) make software
+rendering (llvmpipe) many times slower per frame; `SceneRenderer` turns them off (BENCHMARKS.md,
+"Design choices measured").
 """
 
 from __future__ import annotations

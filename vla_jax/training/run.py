@@ -63,8 +63,11 @@ def model_config(model_cfg) -> OpenVLAConfig:
 
 
 def geometry(cfg: OpenVLAConfig) -> Dict[str, Any]:
-    """JSON-able model geometry (stored in checkpoints, compared on resume)."""
-    return dataclasses.asdict(cfg)
+    """JSON-able model geometry (stored in checkpoints, compared on resume). The execution switches
+    (`cfg.execution`) are left out: they change no values, and a run may resume on another backend."""
+    d = dataclasses.asdict(cfg)
+    d.pop("execution")
+    return d
 
 
 def make_mesh(mesh_cfg, devices=None):

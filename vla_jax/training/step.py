@@ -20,16 +20,11 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from vla_jax import sharding as shd
+from vla_jax.models.execution import ExecutionConfig
 from vla_jax.tokenizer import IGNORE_INDEX, ActionTokenizer
 from vla_jax.training.state import ParamHooks, TrainState, merge, select
 
 BATCH_KEYS = ("pixel_values", "input_ids", "labels", "dataset_index")
-
-# The model's activation constraints (nn.with_logical_constraint at block boundaries) act only when the
-# step is traced under the mesh and the rules; without them XLA may keep activations replicated over
-# the FSDP axis (the 7B plan at 64 devices then needs ~400 GB of temporaries per device instead of
-# ~18 GB). A test or benchmark may set False to compare.
-CONSTRAIN_ACTIVATIONS: bool = True
 SUM_KEYS = ("ce_sum", "tokens", "correct", "l1_sum", "actions", "ds_correct", "ds_l1_sum", "ds_actions")
 
 
@@ -196,6 +191,8 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule
         new_state = state.replace(step=state.step + 1, params=new_params, opt_state=opt_state)
         return new_state, metrics
 
+    # jit_train_step reads the model's execution switches (constrain_activations) from here.
+    train_step.execution = getattr(getattr(model, "config", None), "execution", ExecutionConfig())
     return train_step
 
 
@@ -203,7 +200,8 @@ def jit_train_step(train_step: Callable, mesh, state_shardings, batch_shapes: Di
                    rules=shd.LOGICAL_RULES, constrain_activations: Optional[bool] = None, steps_per_call: int = 1):
     """Jits `train_step` with explicit shardings and the state donated; calls run under `mesh` and
     `rules` (Flax's activation constraints are no-ops without them); constrain_activations None: the
-    module default CONSTRAIN_ACTIVATIONS.
+    model config's `ExecutionConfig.constrain_activations` (`train_step.execution`, set by
+    `make_train_step`; the ExecutionConfig default for other callables).
 
     batch_shapes: {key: global shape}; each batch key is sharded on its leading axis over the data axes.
     steps_per_call n > 1: the callable runs n consecutive steps in one program (`lax.scan` over the
@@ -224,7 +222,7 @@ def jit_train_step(train_step: Callable, mesh, state_shardings, batch_shapes: Di
     jitted = jax.jit(fn, in_shardings=(state_shardings, batch_shardings),
                      out_shardings=(state_shardings, replicated), donate_argnums=(0,))
     if constrain_activations is None:
-        constrain_activations = CONSTRAIN_ACTIVATIONS
+        constrain_activations = getattr(train_step, "execution", ExecutionConfig()).constrain_activations
     return shd.MeshBound(jitted, mesh, rules, constrain_activations)
 
 

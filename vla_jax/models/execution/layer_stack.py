@@ -10,11 +10,10 @@ layer is its own program region on static slices of the same arrays, with none o
 `unstack` gives the L per-layer parameter trees; its backward stacks the L gradients once (JAX's
 own transpose of L static slices would pad each gradient to [L, ...] and add them up).
 `run_unrolled` applies the scanned layer module to them one after the other. Used for the
-full forward (training, scoring) when `unroll(config.unroll_layers)`: automatic = on the CPU backend
-only, where it was measured: the 'mid' train step (Llama and towers unrolled) took 0.968x the
-scan's time (median of per-round ratios, 16 alternating steps in one process; BENCHMARKS.md).
-Accelerators keep the scan (one compiled layer body: shorter compiles at 7B depth; not measured). The KV-cache paths keep the scan too (`decode.py` has its own
-per-layer layout).
+full forward (training, scoring) when `unroll(ExecutionConfig.unroll_layers)`: by default on the
+CPU backend only, where it made the train step faster (BENCHMARKS.md, "stacked layers unrolled").
+Accelerators keep the scan (one compiled layer body: shorter compiles at 7B depth; not measured).
+The KV-cache paths keep the scan too (`decode.py` has its own per-layer layout).
 """
 
 from __future__ import annotations

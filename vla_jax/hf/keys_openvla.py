@@ -5,8 +5,8 @@ HF key prefixes (OPENVLA_REFERENCE.md §8):
   vision_backbone.fused_featurizer.*  -> params['siglip']    (timm SigLIP names)
   projector.fc{1,2,3}.{weight,bias}   -> params['projector']['fc{1,2,3}']
   language_model.*                    -> params['llm']       (transformers LlamaForCausalLM names)
-Per-tower / per-LLM layouts (transposes, qkv split, layer stacking) live next to the modules:
-`vit.timm_to_flax`/`flax_to_timm` and `llama_hf.hf_to_flax`/`flax_to_hf`.
+Per-tower / per-LLM layouts (transposes, qkv split, layer stacking) are in `keys_vit`
+(`timm_to_flax`/`flax_to_timm`) and `keys_llama` (`hf_to_flax`/`flax_to_hf`).
 
 Two forms: whole-dict (`hf_to_params`, `params_to_hf`; small models, tests) and per tensor
 (`openvla_rules` -> `TensorRule`s, one per HF tensor; what vla_jax.hf streams 7B checkpoints with).
@@ -19,7 +19,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from vla_jax.models import llama_hf, vit
+from vla_jax.hf import keys_llama, keys_vit
 from vla_jax.models.config import OpenVLAConfig
 
 DINO_PREFIX = "vision_backbone.featurizer."
@@ -53,23 +53,23 @@ def hf_to_params(state_dict: Dict[str, np.ndarray], config: OpenVLAConfig) -> di
     for name in PROJECTOR_LAYERS:
         projector[name] = {"kernel": np.ascontiguousarray(proj[f"{name}.weight"].T), "bias": proj[f"{name}.bias"]}
     return {
-        "dino": vit.timm_to_flax(_hf_dino_to_timm(_sub(state_dict, DINO_PREFIX)), config.dino),
-        "siglip": vit.timm_to_flax(_sub(state_dict, SIGLIP_PREFIX), config.siglip),
+        "dino": keys_vit.timm_to_flax(_hf_dino_to_timm(_sub(state_dict, DINO_PREFIX)), config.dino),
+        "siglip": keys_vit.timm_to_flax(_sub(state_dict, SIGLIP_PREFIX), config.siglip),
         "projector": projector,
-        "llm": llama_hf.hf_to_flax(_sub(state_dict, LLM_PREFIX), config.llama),
+        "llm": keys_llama.hf_to_flax(_sub(state_dict, LLM_PREFIX), config.llama),
     }
 
 
 def params_to_hf(params: dict, config: OpenVLAConfig) -> Dict[str, np.ndarray]:
     """Our params pytree -> HF OpenVLA state dict with the released key names and PyTorch layouts."""
     out = {}
-    out.update({DINO_PREFIX + k: v for k, v in _timm_dino_to_hf(vit.flax_to_timm(params["dino"], config.dino)).items()})
-    out.update({SIGLIP_PREFIX + k: v for k, v in vit.flax_to_timm(params["siglip"], config.siglip).items()})
+    out.update({DINO_PREFIX + k: v for k, v in _timm_dino_to_hf(keys_vit.flax_to_timm(params["dino"], config.dino)).items()})
+    out.update({SIGLIP_PREFIX + k: v for k, v in keys_vit.flax_to_timm(params["siglip"], config.siglip).items()})
     for name in PROJECTOR_LAYERS:
         layer = params["projector"][name]
         out[f"{PROJECTOR_PREFIX}{name}.weight"] = np.ascontiguousarray(np.asarray(layer["kernel"]).T)
         out[f"{PROJECTOR_PREFIX}{name}.bias"] = np.asarray(layer["bias"])
-    out.update({LLM_PREFIX + k: v for k, v in llama_hf.flax_to_hf(params["llm"], config.llama).items()})
+    out.update({LLM_PREFIX + k: v for k, v in keys_llama.flax_to_hf(params["llm"], config.llama).items()})
     return out
 
 
@@ -101,7 +101,7 @@ class TensorRule:
 
 def _vit_rules(cfg, prefix: str, root: str, hf_names: bool) -> List[TensorRule]:
     out = []
-    for key, shape, paths, layer, fwd, inv in vit.tensor_rules(cfg):
+    for key, shape, paths, layer, fwd, inv in keys_vit.tensor_rules(cfg):
         if hf_names and key.endswith(".gamma"):
             key = key[: -len("gamma")] + "scale_factor"
         out.append(TensorRule(prefix + key, tuple(shape), tuple((root,) + tuple(p) for p in paths), layer, fwd, inv))
@@ -109,24 +109,24 @@ def _vit_rules(cfg, prefix: str, root: str, hf_names: bool) -> List[TensorRule]:
 
 
 def _llama_rule(hf_key: str, sub: str, table_key: str, path: tuple, kind: str, layer, cfg, root: str) -> TensorRule:
-    # llama_hf.py keeps its layout table private; these are the same functions its whole-dict
+    # keys_llama.py keeps its layout table private; these are the same functions its whole-dict
     # conversion uses (tests check both paths agree).
-    return TensorRule(hf_key, llama_hf._hf_shape(table_key, cfg), ((root,) + path,), layer,
-                      lambda w, k=kind: (llama_hf._to_flax(w, k, cfg),),
-                      lambda a, k=kind: llama_hf._to_hf(a[0], k, cfg))
+    return TensorRule(hf_key, keys_llama._hf_shape(table_key, cfg), ((root,) + path,), layer,
+                      lambda w, k=kind: (keys_llama._to_flax(w, k, cfg),),
+                      lambda a, k=kind: keys_llama._to_hf(a[0], k, cfg))
 
 
 def llama_rules(cfg, prefix: str = "", root: str = "llm") -> List[TensorRule]:
     """Rules for every tensor of an HF LlamaForCausalLM (keys `prefix + 'model.…'`, `prefix + 'lm_head.weight'`)."""
     out = []
-    for key in llama_hf.hf_keys(cfg, prefix):
+    for key in keys_llama.hf_keys(cfg, prefix):
         sub = key[len(prefix):]
-        m = llama_hf._LAYER_RE.fullmatch(sub)
+        m = keys_llama._LAYER_RE.fullmatch(sub)
         if m:
-            path, kind = llama_hf._LAYER_TABLE[m.group(2)]
+            path, kind = keys_llama._LAYER_TABLE[m.group(2)]
             out.append(_llama_rule(key, sub, m.group(2), ("layers",) + path, kind, int(m.group(1)), cfg, root))
         else:
-            path, kind = llama_hf._TOP_TABLE[sub]
+            path, kind = keys_llama._TOP_TABLE[sub]
             out.append(_llama_rule(key, sub, sub, path, kind, None, cfg, root))
     return out
 

@@ -34,7 +34,7 @@ import subprocess
 import sys
 import tempfile
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # bench/, for compare_setup
 import compare_setup as cs  # noqa: E402
 
 CATEGORIES = ("dense matmuls", "attention", "layer-stack bookkeeping", "optimizer", "other")

@@ -8,7 +8,7 @@ weighted sum (no projections, no RoPE). Each side runs in its own process pinned
 - jax `model_one_block`: vla_jax's code (`vla_jax.models.attention.causal_attend`, [B, T, H, hd]
   einsums with the head axis inside, masked fp32 softmax) as one block, gradients derived by JAX;
 - jax `model_blocked`: the same function in blocks of 64 query rows (its default on CPU), with its
-  hand-written backward (`attention._blocked_causal`; results/attention_core.json predates it);
+  hand-written backward (`vla_jax.models.execution.blocked_attention`; results/attention_core.json predates it);
 - jax `head_major`: the same on [B, H, T, hd] inputs (a clean batched matmul for XLA);
 - jax `dot_product_attention`: `jax.nn.dot_product_attention(is_causal=True)` (implementation 'xla');
 - torch `sdpa`: `torch.nn.functional.scaled_dot_product_attention(is_causal=True)`, which calls
@@ -26,7 +26,7 @@ import subprocess
 import sys
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
@@ -52,10 +52,10 @@ def jax_side(b: int, t: int, h: int, d: int, reps: int) -> dict:
     causal = jnp.arange(t)[None, :] <= jnp.arange(t)[:, None]  # [T, S]
 
     def model_one_block(q, k, v):  # [B, T, H, hd]
-        return causal_attend(q, k, v, jnp.float32, block=0)
+        return causal_attend(q, k, v, jnp.float32, query_block=0)
 
     def model_blocked(q, k, v):
-        return causal_attend(q, k, v, jnp.float32, block=64)
+        return causal_attend(q, k, v, jnp.float32, query_block=64)
 
     def head_major(q, k, v):  # [B, H, T, hd]
         s = jnp.einsum("bhtd,bhsd->bhts", q, k) * d ** -0.5
