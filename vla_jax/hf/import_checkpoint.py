@@ -214,7 +214,7 @@ def import_base(dino_file: str, siglip_file: str, llm_dir: str, out_dir: str, *,
 
 
 def describe(cfg: OpenVLAConfig) -> str:
-    from vla_jax.training.state import count_params
+    from vla_jax.models.params import count_params
 
     n = count_params(importer.abstract_params(cfg))
     d = dataclasses.asdict(cfg)
