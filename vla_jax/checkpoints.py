@@ -389,13 +389,13 @@ def load_params(path: str, abstract_params: Any) -> Any:
 
 def tokenizer_asset(vla_tokenizer, action_dim: int) -> Dict[str, Any]:
     """Settings needed to tokenize prompts and decode actions, with the SentencePiece model embedded."""
-    tok, act = vla_tokenizer.tokenizer, vla_tokenizer.action_tokenizer
+    tok, act = vla_tokenizer.tokenizer, vla_tokenizer.codec
     with open(tok.model_file, "rb") as f:
         model_bytes = f.read()
     return {"kind": "llama-sentencepiece", "vocab_size": tok.vocab_size, "bos_id": tok.bos_id, "eos_id": tok.eos_id,
             "pad_id": tok.pad_id, "space_id": tok.space_id, "max_seq_len": vla_tokenizer.max_len,
-            "action_tokenizer": {"vocab_size": act.vocab_size, "n_bins": act.n_bins, "min_action": act.min_action,
-                                 "max_action": act.max_action, "first_id": act.first_id, "last_id": act.last_id},
+            "action_tokenizer": {"vocab_size": act.base_vocab_size, "n_bins": act.n_bins, "min_action": -1.0,
+                                 "max_action": 1.0, "first_id": act.first_id, "last_id": act.last_id},
             "action_dim": int(action_dim), "prompt": "In: What action should the robot take to {instruction}?\nOut:",
             "sentencepiece_model_file": os.path.basename(tok.model_file),
             "sentencepiece_model_b64": base64.b64encode(model_bytes).decode()}
