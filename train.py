@@ -79,8 +79,7 @@ def main(argv):
         params = run.load_pretrained(cfg.init_from, abstract.params, model_cfg) if cfg.init_from else None
         state = st.create_train_state(model, tx, mesh, shd.LOGICAL_RULES, cfg.seed, example, mask, hooks,
                                       params=params)[0]
-    assets = {"config": cfg.to_dict(), "dataset_statistics": data.statistics, "tokenizer": data.tokenizer_asset,
-              "training_data": data.training_data}
+    assets = ckpt_lib.build_assets(cfg.to_dict(), data.statistics, data.tokenizer_asset, spec, data.training_data)
     summary = st.param_summary(abstract.params, mask)
 
     batch_shapes = spec.shapes(cfg.global_batch_size)
