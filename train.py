@@ -51,7 +51,7 @@ def main(argv):
     run.fit_warmup(cfg)
     tx, schedule = st.make_optimizer(st.OptimConfig.from_config(cfg.optim), cfg.num_steps)
     hooks = run.param_hooks(cfg)
-    example = run.example_inputs(model_cfg, cfg.data.max_seq_len)
+    example = run.example_inputs(run.batch_spec(cfg, model_cfg))  # init shapes only
     mask = run.trainable(cfg, st.abstract_params(model, example, hooks), hooks)
     shardings, abstract = st.abstract_train_state(model, tx, mesh, shd.LOGICAL_RULES, cfg.seed, example, mask, hooks)
 
@@ -69,7 +69,8 @@ def main(argv):
         return
 
     data = run.make_data(cfg, model_cfg, per_process_batch, mesh)
-    loss_cfg = sp.LossConfig.for_model(model_cfg, num_datasets=len(data.dataset_names))
+    spec = data.batch_spec  # the run's batch layout: checked on every batch, stored with every checkpoint
+    loss_cfg = sp.LossConfig.for_model(model_cfg, spec)
     if start:
         state, data_json = ckpt.restore(start, abstract)
         data.iterator.set_state(ckpt_lib.decode_data_state(data_json, jax.process_index(), jax.process_count()))
@@ -78,13 +79,10 @@ def main(argv):
         params = run.load_pretrained(cfg.init_from, abstract.params, model_cfg) if cfg.init_from else None
         state = st.create_train_state(model, tx, mesh, shd.LOGICAL_RULES, cfg.seed, example, mask, hooks,
                                       params=params)[0]
-    assets = {"config": cfg.to_dict(), "dataset_statistics": data.statistics, "tokenizer": data.tokenizer_asset,
-              "training_data": data.training_data}
+    assets = ckpt_lib.build_assets(cfg.to_dict(), data.statistics, data.tokenizer_asset, spec, data.training_data)
     summary = st.param_summary(abstract.params, mask)
 
-    batch_shapes = {"pixel_values": (cfg.global_batch_size, model_cfg.image_size, model_cfg.image_size, 3),
-                    "input_ids": (cfg.global_batch_size, cfg.data.max_seq_len),
-                    "labels": (cfg.global_batch_size, cfg.data.max_seq_len), "dataset_index": (cfg.global_batch_size,)}
+    batch_shapes = spec.shapes(cfg.global_batch_size)
     step_fn = sp.make_train_step(model, tx, schedule, loss_cfg, mask, cfg.grad_accum_steps, hooks, mesh)
     train_step = sp.jit_train_step(step_fn, mesh, shardings, batch_shapes)
     train_steps = None
@@ -92,7 +90,7 @@ def main(argv):
         chunk_step = sp.jit_train_step(step_fn, mesh, shardings, batch_shapes, steps_per_call=cfg.steps_per_call)
 
         def run_chunk(state, batches):
-            stacked = sp.stack_batches(batches, batch_shapes)
+            stacked = sp.stack_batches(batches, spec.keys)
             return chunk_step(state, shd.host_batch_to_global(stacked, mesh, stacked=True))
         train_steps = run_chunk
     flops = cfg.global_batch_size * mlib.train_flops_per_example(
@@ -119,9 +117,9 @@ def main(argv):
 
     state, status = loop.train_loop(
         state, train_step, data.iterator, start=start, num_steps=cfg.num_steps, save_every=cfg.save_every,
-        log_every=cfg.log_every, to_global=lambda b: shd.host_batch_to_global({k: b[k] for k in batch_shapes}, mesh),
+        log_every=cfg.log_every, to_global=lambda b: shd.host_batch_to_global(spec.select(b), mesh),
         record=record, save=save, writer=writer, preempted=preemption.requested, latest_saved=ckpt.latest_step,
-        check_batch=lambda b: sp.check_batch(b, loss_cfg, model_cfg.image_size),
+        check_batch=spec.check,
         steps_per_call=cfg.steps_per_call, train_steps=train_steps)
     ckpt.close()
     writer.close()

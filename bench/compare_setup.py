@@ -74,10 +74,12 @@ def training_batch(name: str) -> dict:
     [B, S, S, 3], input_ids / attention_mask / labels int32 [B, T], dataset_index int32 [B]."""
     import numpy as np
 
+    from vla_jax.spec import BatchSpec
     from vla_jax.training.synthetic import synthetic_row
 
     s = SETUPS[name]
-    rows = [synthetic_row(0, 0, r, s["image_size"], s["text_len"]) for r in range(s["batch"])]
+    spec = BatchSpec(image_size=s["image_size"], text_len=s["text_len"])
+    rows = [synthetic_row(0, 0, r, spec) for r in range(s["batch"])]
     batch = {k: np.stack([r[k] for r in rows]) for k in ("pixel_values", "input_ids", "attention_mask", "labels")}
     batch["dataset_index"] = np.zeros((s["batch"],), np.int32)
     return batch

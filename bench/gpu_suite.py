@@ -212,8 +212,9 @@ def train_part(a, lora: bool) -> dict:
 
     from vla_jax import sharding as shd
     from vla_jax.models.openvla import OpenVLA
+    from vla_jax.spec import BatchSpec
     from vla_jax.training import metrics as mlib
-    from vla_jax.training import state as st
+    from vla_jax.training import run, state as st
     from vla_jax.training import step as sp
     from vla_jax.training.synthetic import SyntheticBatches
 
@@ -229,16 +230,17 @@ def train_part(a, lora: bool) -> dict:
         hooks = st.ParamHooks(**lora_lib.hook_functions(lora_lib.LoraConfig(rank=32, alpha=16.0)))
     mesh = shd.make_mesh((1, 1, 1), jax.devices()[:1])
     tx, schedule = st.make_optimizer(st.OptimConfig(2e-5, 0.0, 0.9, 0.999, 1e-8, 1.0), 1000)
-    example = (np.zeros((1, cfg.image_size, cfg.image_size, 3), np.uint8), np.ones((1, a.text_len), np.int32))
+    spec = BatchSpec.for_model(cfg, a.text_len)
+    example = run.example_inputs(spec)
     abstract_params = st.abstract_params(model, example, hooks)
     mask = hooks.trainable(abstract_params) if hooks.trainable else st.trainable_mask(abstract_params)
     t0 = time.perf_counter()
     state, shardings, abstract = st.create_train_state(model, tx, mesh, shd.LOGICAL_RULES, 0, example, mask, hooks)
     jax.block_until_ready(state)
     init_s = time.perf_counter() - t0
-    data = SyntheticBatches(batch_size, cfg.image_size, a.text_len)
-    host = {k: v for k, v in next(data).items() if k in sp.BATCH_KEYS}
-    loss_cfg = sp.LossConfig.for_model(cfg)
+    data = SyntheticBatches(batch_size, spec)
+    host = spec.select(next(data))
+    loss_cfg = sp.LossConfig.for_model(cfg, spec)
     step = sp.jit_train_step(sp.make_train_step(model, tx, schedule, loss_cfg, mask, 1, hooks, mesh=mesh), mesh,
                              shardings, {k: v.shape for k, v in host.items()})
     t0 = time.perf_counter()

@@ -82,6 +82,7 @@ def build_train_step(setup: str, batch: dict, params_np: Optional[dict] = None, 
 
     from vla_jax import sharding as shd
     from vla_jax.models.openvla import OpenVLA
+    from vla_jax.spec import BatchSpec
     from vla_jax.training import run, state as st, step as sp
 
     cfg = cs.model_config(setup)
@@ -90,7 +91,8 @@ def build_train_step(setup: str, batch: dict, params_np: Optional[dict] = None, 
     o = cs.OPTIM
     tx, schedule = st.make_optimizer(st.OptimConfig(o["learning_rate"], o["weight_decay"], o["b1"], o["b2"], o["eps"],
                                                     o["grad_clip"], schedule="constant"), num_steps=1000)
-    example = run.example_inputs(cfg, batch["input_ids"].shape[1])
+    spec = BatchSpec.for_model(cfg, batch["input_ids"].shape[1])
+    example = run.example_inputs(spec)
     mask = st.trainable_mask(st.abstract_params(model, example))
     params = None
     if params_np is not None:
@@ -101,11 +103,12 @@ def build_train_step(setup: str, batch: dict, params_np: Optional[dict] = None, 
                                                        params=params)
     jax.block_until_ready(state)
     init_s = time.perf_counter() - t0
-    host = {k: batch[k] for k in sp.BATCH_KEYS}
-    step = sp.jit_train_step(sp.make_train_step(model, tx, schedule, sp.LossConfig.for_model(cfg), mask, 1, mesh=mesh),
+    host = spec.select(batch)
+    step = sp.jit_train_step(sp.make_train_step(model, tx, schedule, sp.LossConfig.for_model(cfg, spec), mask, 1,
+                                                 mesh=mesh),
                              mesh, shardings, {k: v.shape for k, v in host.items()}, steps_per_call=steps_per_call)
     if steps_per_call > 1:
-        host = sp.stack_batches([host] * steps_per_call, sp.BATCH_KEYS)
+        host = sp.stack_batches([host] * steps_per_call, spec.keys)
 
     def put_batch():
         return shd.host_batch_to_global(host, mesh, stacked=steps_per_call > 1)

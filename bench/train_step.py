@@ -58,15 +58,15 @@ def bench_one(name: str, steps: int) -> dict:
     mesh = run.make_mesh(cfg.mesh)
     run.check_batch_layout(cfg, mesh)
     tx, schedule = st.make_optimizer(st.OptimConfig.from_config(cfg.optim), cfg.num_steps)
-    example = run.example_inputs(model_cfg, cfg.data.max_seq_len)
+    example = run.example_inputs(run.batch_spec(cfg, model_cfg))
     mask = run.trainable(cfg, st.abstract_params(model, example, st.ParamHooks()), st.ParamHooks())
     t0 = time.perf_counter()
     state, shardings, abstract = st.create_train_state(model, tx, mesh, shd.LOGICAL_RULES, cfg.seed, example, mask)
     jax.block_until_ready(state)
     t_init = time.perf_counter() - t0
     data = run.make_data(cfg, model_cfg, cfg.global_batch_size, mesh)
-    loss_cfg = sp.LossConfig.for_model(model_cfg, len(data.dataset_names))
-    keys = ("pixel_values", "input_ids", "labels", "dataset_index")
+    loss_cfg = sp.LossConfig.for_model(model_cfg, data.batch_spec)
+    keys = data.batch_spec.keys
     batches = [next(data.iterator) for _ in range(4)]
     shapes = {k: batches[0][k].shape for k in keys}
     step = sp.jit_train_step(sp.make_train_step(model, tx, schedule, loss_cfg, mask, cfg.grad_accum_steps, mesh=mesh),

@@ -12,7 +12,8 @@ import tensorflow as tf
 
 from vla_jax.data import pipeline, transforms
 from vla_jax.data.oxe import DatasetConfig, register_dataset, register_mixture
-from vla_jax.tokenizer import ActionTokenizer, VLATokenizer
+from vla_jax.spec import ActionCodec
+from vla_jax.tokenizer import VLATokenizer
 
 BUILDER = "bridge_dataset"
 
@@ -117,7 +118,7 @@ def test_batches_shapes_labels_and_content_at_224(cfg, reference, tokenizer):
 
     cfg224 = dataclasses.replace(cfg, resize_size=224, batch_size=4)
     it = pipeline.make_train_iterator(cfg224, tokenizer, 0, 1)
-    at = ActionTokenizer()
+    at = ActionCodec()
     for _ in range(3):
         b = next(it)
         assert set(b) == {"pixel_values", "input_ids", "attention_mask", "labels", "actions", "dataset_index"}

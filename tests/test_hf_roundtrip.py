@@ -23,6 +23,7 @@ from vla_jax.hf import safetensors_io as sio
 from vla_jax.hf import keys_openvla
 from vla_jax.models import lora
 from vla_jax.models.config import get_preset, with_dtypes
+from vla_jax.spec import ActionCodec, BatchSpec
 
 CFG = with_dtypes(get_preset("tiny"), "float32")
 STATS = {"bridge_orig": {"action": {"mean": [0.1] * 7, "std": [1.0] * 7, "max": [1.0] * 7, "min": [-1.0] * 7,
@@ -109,6 +110,11 @@ def test_cli_import_writes_a_checkpoint_training_loads_and_export_restores_the_f
     assert assets["meta"]["model"] == json.loads(json.dumps(dataclasses.asdict(
         with_dtypes(CFG, "bfloat16", "float32"))))
     assert assets["config"]["model"]["preset"] == "tiny"
+    # The import's batch layout: the tiny model's image and action codec, 64 text tokens (the tokenizer
+    # asset's), one dataset per statistics entry, no test-time crop (an HF folder records no augmentation).
+    spec = BatchSpec.from_json(assets["batch_spec"])
+    assert spec == BatchSpec(image_size=CFG.image_size, text_len=64, codec=ActionCodec(action_dim=7),
+                             num_datasets=1, test_center_crop=False)
     abstract = importer.targets_for(importer.abstract_params(with_dtypes(CFG, "float32")))
     _assert_bits_equal(ckpt_lib.load_params(str(work), abstract), params)
     # Export back (streamed from orbax, tokenizer from the embedded asset): same tensors, same bytes.

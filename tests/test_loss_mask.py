@@ -1,5 +1,5 @@
 """The train step's loss, metrics and gradients on batches whose rows carry fewer than K = 8
-supervised labels, or none (both allowed by check_batch), against a float64 numpy re-computation of
+supervised labels, or none (both allowed by BatchSpec.check), against a float64 numpy re-computation of
 HF's shifted causal-LM loss over the full fused sequence (mean over every supervised token of the
 global batch), with gradient accumulation putting the padded rows in their own micro-batches.
 
@@ -17,7 +17,7 @@ import pytest
 from vla_jax import sharding as shd
 from vla_jax.models.config import get_preset, with_dtypes
 from vla_jax.models.openvla import OpenVLA
-from vla_jax.tokenizer import IGNORE_INDEX, ActionTokenizer
+from vla_jax.spec import IGNORE_INDEX, ActionCodec, BatchSpec
 from vla_jax.training import state as st
 from vla_jax.training import step as sp
 
@@ -59,7 +59,7 @@ def setup():
     mesh1 = shd.make_mesh((1, 1, 1), jax.devices()[:1])
     state, _, _ = st.create_train_state(model, tx, mesh1, shd.LOGICAL_RULES, 0, example, mask)
     state = jax.device_get(state)
-    loss_cfg = sp.LossConfig.for_model(cfg, num_datasets=2)
+    loss_cfg = sp.LossConfig.for_model(cfg, BatchSpec.for_model(cfg, L, num_datasets=2))
     step = jax.jit(sp.make_train_step(model, tx, schedule, loss_cfg, mask, grad_accum_steps=2, return_grads=True))
     return dict(cfg=cfg, model=model, mask=mask, state=state, step=step, loss_cfg=loss_cfg)
 
@@ -80,7 +80,7 @@ def _reference(setup, batch, params=None):
     ce = -np.take_along_axis(logp, np.where(sup, shift_labels, 0)[..., None], -1)[..., 0]
     act = shift_labels > 31743
     pred = shift_logits.argmax(-1)
-    tok = ActionTokenizer()
+    tok = ActionCodec()
     l1 = np.abs(tok.decode(pred) - tok.decode(np.where(act, shift_labels, 31872)))
     return dict(loss=ce[sup].mean(), tokens=sup.sum(), accuracy=(pred == shift_labels)[act].mean(),
                 l1=l1[act].mean(), actions=act.sum(), rows_tokens=sup.sum(1))
@@ -88,7 +88,7 @@ def _reference(setup, batch, params=None):
 
 def test_rows_with_fewer_or_no_labels_match_the_reference(setup):
     batch = make_batch()
-    sp.check_batch(batch, setup["loss_cfg"], SIZE)  # the batch is one the pipeline may hand over
+    setup["loss_cfg"].spec.check(batch)  # the batch is one the pipeline may hand over
     ref = _reference(setup, batch)
     np.testing.assert_array_equal(ref["rows_tokens"], N_LABELS)
     _, m = jax.device_get(setup["step"](setup["state"], batch))

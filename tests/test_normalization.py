@@ -1,5 +1,6 @@
-"""BOUNDS_Q99 normalization, its inverse, the statistics fields, and the statistics cache
-(location, reuse, key). Formulas from OPENVLA_REFERENCE.md §4, written out in numpy here."""
+"""BOUNDS_Q99 normalization, its inverse (vla_jax.spec.ActionCodec.unnormalize, the one un-normalizer),
+the statistics fields, and the statistics cache (location, reuse, key). Formulas from
+OPENVLA_REFERENCE.md §4, written out in numpy here."""
 
 import json
 import os
@@ -10,6 +11,7 @@ import numpy as np
 
 from vla_jax.data import normalization, pipeline, rlds
 from vla_jax.data.oxe import get_standardize
+from vla_jax.spec import ActionCodec
 
 ENTRY = {"action": {
     "q01": [-0.5, -1.0, 0.0, 2.0, 0.0, -3.0, 0.0],
@@ -46,11 +48,13 @@ def test_unnormalize_is_the_inference_inverse():
     q01, q99 = np.array(a["q01"]), np.array(a["q99"])
     mask = np.array(a["mask"])
     z = np.random.default_rng(1).uniform(-1, 1, (200, 7)).astype(np.float32)
-    got = normalization.unnormalize_actions(z, ENTRY)
-    np.testing.assert_allclose(got, np.where(mask, 0.5 * (z + 1) * (q99 - q01) + q01, z), rtol=0, atol=1e-6)
+    got = ActionCodec().unnormalize(z, ENTRY)
+    assert got.dtype == np.float64  # as OpenVLA's predict_action
+    z64 = z.astype(np.float64)
+    np.testing.assert_allclose(got, np.where(mask, 0.5 * (z64 + 1) * (q99 - q01) + q01, z64), rtol=0, atol=1e-6)
     # Round trip for values inside [q01, q99] on normalized, non-constant dims.
     x = q01 + (q99 - q01) * np.random.default_rng(2).uniform(0, 1, (200, 7))
-    back = normalization.unnormalize_actions(normalization.normalize_actions(x, ENTRY), ENTRY)
+    back = ActionCodec().unnormalize(normalization.normalize_actions(x, ENTRY), ENTRY)
     for d in (0, 1, 2, 5):
         np.testing.assert_allclose(back[:, d], x[:, d], rtol=0, atol=1e-5)
 

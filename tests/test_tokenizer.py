@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 
-from vla_jax.tokenizer import ActionTokenizer, LlamaTokenizer, VLATokenizer, build_prompt
+from vla_jax.spec import ActionCodec
+from vla_jax.tokenizer import LlamaTokenizer, VLATokenizer, build_prompt
 
 SPOON_PREFIX = [1, 512, 29901, 1724, 3158, 881, 278, 19964, 2125, 304, 5839, 701, 278, 805, 6150, 29973, 13,
                 3744, 29901, 29871]
@@ -36,12 +37,12 @@ def test_prompt_ids_match_reference(tok):
 
 
 def test_action_tokenizer_reference_points(tok):
-    at = tok.action_tokenizer
+    at = tok.codec
     assert (at.first_id, at.last_id) == (31744, 31999)
     assert at.encode(np.array([0.0, 1.0, -1.0])).tolist() == [31872, 31744, 31999]
     assert at.encode(np.array([0.0, 1.0, -1.0])).dtype == np.int32
     dec = at.decode(np.array([31744, 31745, 31999, 31872]))
-    assert dec.dtype == np.float32
+    assert dec.dtype == np.float64  # float64 bin centres, as OpenVLA's numpy decode
     assert round(float(dec[0]), 5) == 0.99608 and round(float(dec[1]), 5) == 0.99608
     assert round(float(dec[2]), 5) == -0.99608
     assert float(dec[3]) == 0.0
@@ -50,7 +51,7 @@ def test_action_tokenizer_reference_points(tok):
 def test_action_tokenizer_bit_exact_with_reference_formula():
     """Reference §3 written out: edges linspace(-1,1,256), id = 32000 - digitize(clip(a)),
     decode = centers[clip(32000 - id - 1, 0, 254)], centers c_i = -1 + (2i+1)/255."""
-    at = ActionTokenizer(vocab_size=32000)
+    at = ActionCodec(base_vocab_size=32000)
     rng = np.random.default_rng(0)
     edges = -1.0 + 2.0 * np.arange(256) / 255.0
     a = np.concatenate([rng.uniform(-1.3, 1.3, 20000), edges, np.nextafter(edges, 2), np.nextafter(edges, -2),
@@ -62,9 +63,10 @@ def test_action_tokenizer_bit_exact_with_reference_formula():
     assert int((ref_ids == 31744).sum()) == int((a >= 1.0).sum())  # only a == 1 (after clip) is the top id
     ids = np.arange(31700, 32064)  # action ids plus non-action ids on both sides (decoded after clipping)
     idx = np.clip(32000 - ids - 1, 0, 254)
-    ref = (-1.0 + (2 * idx + 1) / 255.0).astype(np.float32)
+    ref = -1.0 + (2 * idx + 1) / 255.0
     np.testing.assert_allclose(at.decode(ids), ref, rtol=0, atol=1e-7)
-    assert np.array_equal(at.decode(ids), ActionTokenizer().bin_centers[idx].astype(np.float32))
+    edges = np.linspace(-1.0, 1.0, 256)  # upstream's bins and centres, bit for bit
+    assert np.array_equal(at.decode(ids), ((edges[:-1] + edges[1:]) / 2.0)[idx])
     with pytest.raises(ValueError, match="NaN"):
         at.encode(np.array([0.1, np.nan]))
 
@@ -76,7 +78,7 @@ def test_training_batch_layout(tok):
     for v in out.values():
         assert v.shape == (2, 40) and v.dtype == np.int32
     ids, labels, mask = out["input_ids"], out["labels"], out["attention_mask"]
-    act = tok.action_tokenizer.encode(actions)
+    act = tok.codec.encode(actions)
     for r, instr in enumerate(["pick up the spoon", "Put the carrot on the plate."]):
         expect = ([1] + spm.SentencePieceProcessor(model_file=tok.tokenizer.model_file).encode(
             f"In: What action should the robot take to {instr.lower()}?\nOut:") + [29871] + act[r].tolist() + [2])
@@ -131,7 +133,7 @@ def test_smaller_tokenizer_derives_action_range(tmp_path):
     small = VLATokenizer(LlamaTokenizer(tmp_path / "small.model"), max_len=96)
     v = small.tokenizer.vocab_size
     assert v == 400 and small.pad_id == 400
-    at = small.action_tokenizer
+    at = small.codec
     assert (at.first_id, at.last_id) == (v - 256, v - 1)
     assert at.encode(np.array([1.0, 0.0, -1.0])).tolist() == [v - 256, v - 128, v - 1]
     out = small.encode_batch(["pick up the red block"], np.zeros((1, 7), np.float32))

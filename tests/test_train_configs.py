@@ -61,7 +61,7 @@ def test_config_builds_and_its_train_state_fits_the_mesh(name, arg):
     model = OpenVLA(model_cfg)
     tx, _ = st.make_optimizer(st.OptimConfig.from_config(cfg.optim), cfg.num_steps)
     hooks = run.param_hooks(cfg)
-    example = run.example_inputs(model_cfg, cfg.data.max_seq_len)
+    example = run.example_inputs(run.batch_spec(cfg, model_cfg))
     mask = run.trainable(cfg, st.abstract_params(model, example, hooks), hooks)
     _, abstract = st.abstract_train_state(model, tx, mesh, shd.LOGICAL_RULES, cfg.seed, example, mask, hooks)
     summary = st.param_summary(abstract.params, mask)

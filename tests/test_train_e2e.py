@@ -86,6 +86,12 @@ def test_debug_config_overfits_real_bridge_episodes(uninterrupted):
     assert tok["action_tokenizer"]["first_id"] == 31744 and tok["max_seq_len"] == 40
     cfg = json.loads((step_dir / "config" / "config.json").read_text())
     assert cfg["model"]["preset"] == "debug" and cfg["num_steps"] == OVERFIT_STEPS
+    # The batch layout it trained on (configs/debug.py: 112 px, 40 text tokens, one dataset, no augmentation).
+    spec = json.loads((step_dir / "batch_spec" / "batch_spec.json").read_text())
+    assert (spec["image_size"], spec["text_len"], spec["num_datasets"], spec["test_center_crop"]) == (112, 40, 1, False)
+    assert spec["cameras"] == ["primary"] and spec["proprio_dim"] is None
+    assert spec["codec"] == {"action_dim": 7, "n_bins": 256, "base_vocab_size": 32000, "chunk_size": 1,
+                             "decoding": "autoregressive", "head": "tokens"}
 
 
 def test_sigterm_saves_and_restart_continues_with_identical_losses(uninterrupted, tmp_path, debug_args):

@@ -14,6 +14,7 @@ from vla_jax import checkpoints as ckpt_lib
 from vla_jax import sharding as shd
 from vla_jax.models.config import get_preset, with_dtypes
 from vla_jax.models.openvla import OpenVLA
+from vla_jax.spec import BatchSpec
 from vla_jax.training import loop
 from vla_jax.training import state as st
 from vla_jax.training import step as sp
@@ -68,7 +69,8 @@ def fake_step(explode_at, how):
 @pytest.mark.parametrize("how", ["huge", "inf"])
 def test_an_exploded_update_with_a_finite_loss_is_not_saved(tmp_path, how):
     state = {"step": jnp.zeros((), jnp.int32), "w": jnp.full((4,), 3.0, jnp.float32)}
-    status, ckpt, lines = run_loop(tmp_path, state, fake_step(3, how), 5, SyntheticBatches(2, 14, 16))
+    data = SyntheticBatches(2, BatchSpec(image_size=14, text_len=16))
+    status, ckpt, lines = run_loop(tmp_path, state, fake_step(3, how), 5, data)
     assert status == loop.NONFINITE
     assert ckpt_lib.Checkpointer(str(tmp_path / "checkpoints")).all_steps() == [1, 2]
     assert any(m.startswith("step 3:") and "update" in m and "latest good checkpoint is step 2" in m
@@ -88,9 +90,10 @@ def test_the_real_step_reports_its_update_and_the_loop_stops_an_explosion(tmp_pa
     mesh = shd.make_mesh((1, 1, 1), jax.devices()[:1])
     state, _, _ = st.create_train_state(model, tx, mesh, shd.LOGICAL_RULES, 0, example, mask)
     before = jax.tree.map(np.asarray, jax.device_get(state.params))
-    step_fn = jax.jit(sp.make_train_step(model, tx, schedule, sp.LossConfig.for_model(cfg), mask))
-    batches = SyntheticBatches(2, cfg.image_size, L, seed=1, action_dim=cfg.action_dim)
-    keys = ("pixel_values", "input_ids", "labels", "dataset_index")
+    spec = BatchSpec.for_model(cfg, L)
+    step_fn = jax.jit(sp.make_train_step(model, tx, schedule, sp.LossConfig.for_model(cfg, spec), mask))
+    batches = SyntheticBatches(2, spec, seed=1)
+    keys = spec.keys
 
     calls = []
 

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from vla_jax import checkpoints as ckpt_lib
+from vla_jax.spec import BatchSpec
 from vla_jax.training import loop
 from vla_jax.training.synthetic import SyntheticBatches
 from vla_jax.training.writers import MetricWriter
@@ -40,7 +41,7 @@ def run(tmp_path, nan_at=None, preempt_at=None, num_steps=6, save_every=2, start
     """-> (status, checkpoint steps, {saved step: data position}, messages, logged steps); `trace`
     (a dict) also receives the steps per call made ('calls') and the final state ('state')."""
     ckpt = ckpt_lib.Checkpointer(str(tmp_path / "checkpoints"), max_to_keep=2, async_save=True)
-    data = SyntheticBatches(2, 14, 16)
+    data = SyntheticBatches(2, BatchSpec(image_size=14, text_len=16))
     writer = Messages(tmp_path)
     saved, calls = {}, []
 

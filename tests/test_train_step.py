@@ -15,12 +15,16 @@ from vla_jax import sharding as shd
 from vla_jax.models.config import get_preset, with_dtypes
 from vla_jax.models.execution import ExecutionConfig
 from vla_jax.models.openvla import OpenVLA
-from vla_jax.tokenizer import IGNORE_INDEX, ActionTokenizer
+from vla_jax.spec import IGNORE_INDEX, ActionCodec, BatchSpec
 from vla_jax.training import state as st
 from vla_jax.training import step as sp
 from vla_jax.training.synthetic import SyntheticBatches
 
 B, L, NUM_DS = 16, 24, 2
+
+
+def batch_spec(cfg):
+    return BatchSpec.for_model(cfg, L, num_datasets=NUM_DS)
 
 
 def tiny_config(image_size=56):
@@ -40,7 +44,7 @@ def setup():
     tx, schedule = st.make_optimizer(opt, 10)
     mesh1 = shd.make_mesh((1, 1, 1), jax.devices()[:1])
     state, _, _ = st.create_train_state(model, tx, mesh1, shd.LOGICAL_RULES, 0, example, mask)
-    batch = next(SyntheticBatches(B, cfg.image_size, L, seed=3, num_datasets=NUM_DS))
+    batch = next(SyntheticBatches(B, batch_spec(cfg), seed=3))
     s = dict(cfg=cfg, model=model, example=example, mask=mask, tx=tx, schedule=schedule, batch=batch,
              host_state=jax.tree.map(np.asarray, jax.device_get(state)))
     s["ref_state"], s["ref"], _ = _run_step(s, mesh1, 1)  # the plain step on one device
@@ -82,7 +86,7 @@ def test_loss_and_metrics_match_full_sequence_reference(setup):
 
     pred = shift_logits.argmax(-1)
     act = shift_labels > 31743  # OpenVLA's mask: action tokens only, EOS excluded
-    tok = ActionTokenizer()
+    tok = ActionCodec()
     l1 = np.abs(tok.decode(pred) - tok.decode(np.where(act, shift_labels, 31872)))
     hit = pred == shift_labels
     np.testing.assert_allclose(got["action_accuracy"], hit[act].mean(), rtol=1e-6)
@@ -96,14 +100,15 @@ def test_loss_and_metrics_match_full_sequence_reference(setup):
 
 def _run_step(setup, mesh, accum):
     s = setup
-    loss_cfg = sp.LossConfig.for_model(s["cfg"], num_datasets=NUM_DS)
+    loss_cfg = sp.LossConfig.for_model(s["cfg"], batch_spec(s["cfg"]))
     shardings, _ = st.abstract_train_state(s["model"], s["tx"], mesh, shd.LOGICAL_RULES, 0, s["example"], s["mask"])
     state = jax.device_put(s["host_state"], shardings)
     fn = sp.make_train_step(s["model"], s["tx"], s["schedule"], loss_cfg, s["mask"], accum, mesh=mesh,
                             return_grads=True)
-    shapes = {k: s["batch"][k].shape for k in sp.BATCH_KEYS}
+    shapes = {k: s["batch"][k].shape for k in batch_spec(s["cfg"]).keys}
     step = sp.jit_train_step(fn, mesh, shardings, shapes)
-    new_state, metrics = step(state, shd.host_batch_to_global({k: s["batch"][k] for k in sp.BATCH_KEYS}, mesh))
+    host = {k: s["batch"][k] for k in batch_spec(s["cfg"]).keys}
+    new_state, metrics = step(state, shd.host_batch_to_global(host, mesh))
     return jax.device_get(new_state), jax.device_get(metrics), new_state
 
 
@@ -130,9 +135,9 @@ def test_two_steps_in_one_call_match_two_calls(setup):
     """steps_per_call=2 (a scan over the step, batches stacked [2, B, ...]) on the 2x4 mesh against two
     separate calls of the plain step on one device, each with its own batch."""
     s = setup
-    loss_cfg = sp.LossConfig.for_model(s["cfg"], num_datasets=NUM_DS)
-    batches = [{k: b[k] for k in sp.BATCH_KEYS}
-               for b in (s["batch"], next(SyntheticBatches(B, s["cfg"].image_size, L, seed=4, num_datasets=NUM_DS)))]
+    loss_cfg = sp.LossConfig.for_model(s["cfg"], batch_spec(s["cfg"]))
+    batches = [{k: b[k] for k in batch_spec(s["cfg"]).keys}
+               for b in (s["batch"], next(SyntheticBatches(B, batch_spec(s["cfg"]), seed=4)))]
     shapes = {k: v.shape for k, v in batches[0].items()}
     fn = sp.make_train_step(s["model"], s["tx"], s["schedule"], loss_cfg, s["mask"])
 
@@ -146,7 +151,7 @@ def test_two_steps_in_one_call_match_two_calls(setup):
                 state, m = step(state, shd.host_batch_to_global(b, mesh))
                 metrics.append(jax.device_get(m))
             return jax.device_get(state), {k: np.stack([m[k] for m in metrics]) for k in metrics[0]}
-        stacked = shd.host_batch_to_global(sp.stack_batches(batches, sp.BATCH_KEYS), mesh, stacked=True)
+        stacked = shd.host_batch_to_global(sp.stack_batches(batches, batch_spec(s["cfg"]).keys), mesh, stacked=True)
         assert stacked["input_ids"].sharding.spec == jax.sharding.PartitionSpec(None, shd.BATCH_AXES, None)
         state, metrics = step(state, stacked)
         return jax.device_get(state), jax.device_get(metrics)
@@ -176,9 +181,9 @@ def test_frozen_parts_have_no_optimizer_state_and_do_not_move(setup):
     n_mu = sum(np.prod(x.shape) for x in jax.tree.leaves(adam.mu))
     summary = st.param_summary(params, mask)
     assert n_mu == summary["trainable"] == summary["projector"] + summary["llm"]
-    loss_cfg = sp.LossConfig.for_model(s["cfg"], num_datasets=NUM_DS)
+    loss_cfg = sp.LossConfig.for_model(s["cfg"], batch_spec(s["cfg"]))
     fn = sp.make_train_step(s["model"], s["tx"], s["schedule"], loss_cfg, mask, return_grads=True)
-    out_state, metrics = jax.eval_shape(fn, abstract, {k: s["batch"][k] for k in sp.BATCH_KEYS})
+    out_state, metrics = jax.eval_shape(fn, abstract, {k: s["batch"][k] for k in batch_spec(s["cfg"]).keys})
     # No gradient is even computed for the towers.
     assert jax.tree.leaves(metrics["grads"]["dino"]) == jax.tree.leaves(metrics["grads"]["siglip"]) == []
     assert jax.tree.leaves(metrics["grads"]["llm"])
@@ -186,19 +191,19 @@ def test_frozen_parts_have_no_optimizer_state_and_do_not_move(setup):
 
 def test_check_batch_names_the_problem(setup):
     cfg, batch = setup["cfg"], dict(setup["batch"])
-    loss_cfg = sp.LossConfig.for_model(cfg, num_datasets=NUM_DS)
-    sp.check_batch(batch, loss_cfg, cfg.image_size)
+    spec = batch_spec(cfg)
+    spec.check(batch)
     bad = dict(batch, pixel_values=batch["pixel_values"][:, :32])
     with pytest.raises(ValueError, match=r"pixel_values.*uint8 \[16, 56, 56, 3\]"):
-        sp.check_batch(bad, loss_cfg, cfg.image_size)
+        spec.check(bad)
     labels = batch["labels"].copy()
     labels[3, 1:11] = 5
     n = int((labels[3] != IGNORE_INDEX).sum())
     assert n > 8
     with pytest.raises(ValueError, match=f"row 3 has {n} supervised labels; the loss expects at most 8"):
-        sp.check_batch(dict(batch, labels=labels), loss_cfg, cfg.image_size)
+        spec.check(dict(batch, labels=labels))
     with pytest.raises(ValueError, match=r"dataset_index.*\[0, 2\)"):
-        sp.check_batch(dict(batch, dataset_index=batch["dataset_index"] + 5), loss_cfg, cfg.image_size)
+        spec.check(dict(batch, dataset_index=batch["dataset_index"] + 5))
 
 
 def test_constrain_activations_comes_from_the_model_config(setup):
@@ -207,10 +212,11 @@ def test_constrain_activations_comes_from_the_model_config(setup):
     constraints, without it none of them; an explicit `constrain_activations=` still wins."""
     s = setup
     mesh = shd.make_mesh((2, 4, 1), jax.devices()[:8])
-    loss_cfg = sp.LossConfig.for_model(s["cfg"], num_datasets=NUM_DS)
-    shapes = {k: s["batch"][k].shape for k in sp.BATCH_KEYS}
+    spec = batch_spec(s["cfg"])
+    loss_cfg = sp.LossConfig.for_model(s["cfg"], spec)
+    shapes = {k: s["batch"][k].shape for k in spec.keys}
     batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=shd.batch_sharding(mesh, v.ndim))
-             for k, v in s["batch"].items() if k in sp.BATCH_KEYS}
+             for k, v in s["batch"].items() if k in spec.keys}
     constraints = {}
     for flag in (True, False):
         model = OpenVLA(dataclasses.replace(s["cfg"], execution=ExecutionConfig(constrain_activations=flag)))

@@ -9,9 +9,16 @@ Layout of `WORKDIR/checkpoints/<step>/`:
   tokenizer/tokenizer.json  tokenizer and action-tokenizer settings (+ the SentencePiece model, base64)
   training_data/training_data.json   what the run trained on: data_dir, mixture, the registered configs of
                             its datasets (content, not a path), the tokenizer path (absent in older checkpoints)
+  batch_spec/batch_spec.json   the run's vla_jax.spec.BatchSpec with its ActionCodec: batch keys and shapes,
+                            cameras, test-time crop, action bins/chunk/decoding (absent in older checkpoints)
 
   vla_jax_checksums.json    size and SHA-256 of every file above, and whether the state was finite
                             (vla_jax.checkpoint_integrity; written once the save has completed)
+
+This module is the format's one home: the item names and files (JSON_ITEMS), which assets every
+checkpoint carries (ASSET_ITEMS) and which may be absent (OPTIONAL_ASSET_ITEMS), the orbax handler
+registry (`registry`), the items of one save (`save_items`) and the assets (`build_assets`); a training
+run (`Checkpointer`) and an HF import (vla_jax.hf.checkpoint_io) both write through them.
 
 Saves are asynchronous (orbax copies the arrays off the devices before `save` returns, then writes in
 the background). A save's checksums are written when it is known complete: at the next save, `wait`,
@@ -39,6 +46,7 @@ from etils import epath
 
 from vla_jax import checkpoint_integrity as integrity
 from vla_jax.checkpoint_integrity import CheckpointError
+from vla_jax.spec import BATCH_SPEC_ASSET, BatchSpec
 
 log = logging.getLogger(__name__)
 
@@ -49,16 +57,19 @@ JSON_ITEMS = {
     "dataset_statistics": "dataset_statistics.json",
     "tokenizer": "tokenizer.json",
     "training_data": "training_data.json",
-    "batch_spec": "batch_spec.json",  # vla_jax.spec.BatchSpec (with its ActionCodec)
+    BATCH_SPEC_ASSET: "batch_spec.json",  # vla_jax.spec.BatchSpec (with its ActionCodec)
 }
 ASSET_ITEMS = ("config", "dataset_statistics", "tokenizer")
 # Saved when given, read when present (checkpoints written before they existed lack them).
-OPTIONAL_ASSET_ITEMS = ("training_data", "batch_spec")
+OPTIONAL_ASSET_ITEMS = ("training_data", BATCH_SPEC_ASSET)
 
 
-def _registry() -> ocp.handlers.DefaultCheckpointHandlerRegistry:
+def registry(save_concurrent_gb: Optional[int] = None) -> ocp.handlers.DefaultCheckpointHandlerRegistry:
+    """Orbax handlers of every item: `state` (arrays) and the JSON items. save_concurrent_gb: orbax's
+    budget for copying arrays off the devices at once (None: orbax's default)."""
     reg = ocp.handlers.DefaultCheckpointHandlerRegistry()
-    state_handler = ocp.StandardCheckpointHandler()
+    kw = {} if save_concurrent_gb is None else {"save_concurrent_gb": int(save_concurrent_gb)}
+    state_handler = ocp.StandardCheckpointHandler(**kw)
     reg.add("state", ocp.args.StandardSave, state_handler)
     reg.add("state", ocp.args.StandardRestore, state_handler)
     for name, filename in JSON_ITEMS.items():
@@ -66,6 +77,32 @@ def _registry() -> ocp.handlers.DefaultCheckpointHandlerRegistry:
         reg.add(name, ocp.args.JsonSave, h)
         reg.add(name, ocp.args.JsonRestore, h)
     return reg
+
+
+def build_assets(config: Dict[str, Any], dataset_statistics: Dict[str, Any], tokenizer: Dict[str, Any],
+                 batch_spec: BatchSpec, training_data: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """The assets written with every checkpoint: the run config, the normalization statistics, the
+    tokenizer (`tokenizer_asset`), the batch layout with its action codec, and what the run trained on
+    (None for synthetic data and imports)."""
+    if not isinstance(batch_spec, BatchSpec):
+        raise ValueError(f"checkpoint asset {BATCH_SPEC_ASSET!r} must be a vla_jax.spec.BatchSpec, "
+                         f"got {type(batch_spec).__name__}")
+    out = {"config": config, "dataset_statistics": dataset_statistics, "tokenizer": tokenizer,
+           BATCH_SPEC_ASSET: batch_spec.to_json()}
+    if training_data is not None:
+        out["training_data"] = training_data
+    return out
+
+
+def save_items(state: Any, data: Dict[str, Any], meta: Dict[str, Any], assets: Dict[str, Any]) -> Dict[str, Any]:
+    """The orbax Composite items of one save; ValueError when a required asset is missing."""
+    missing = [k for k in ASSET_ITEMS if k not in assets]
+    if missing:
+        raise ValueError(f"checkpoint assets {missing} are missing; every checkpoint carries {ASSET_ITEMS}")
+    items = {"state": ocp.args.StandardSave(state), "data": ocp.args.JsonSave(data), "meta": ocp.args.JsonSave(meta)}
+    items.update({k: ocp.args.JsonSave(assets[k]) for k in ASSET_ITEMS})
+    items.update({k: ocp.args.JsonSave(assets[k]) for k in OPTIONAL_ASSET_ITEMS if assets.get(k) is not None})
+    return items
 
 
 def leaf_shapes(tree: Any) -> Dict[str, List[int]]:
@@ -130,7 +167,7 @@ class Checkpointer:
         self.max_to_keep = max_to_keep
         options = ocp.CheckpointManagerOptions(max_to_keep=None, enable_async_checkpointing=async_save,
                                                create=create, cleanup_tmp_directories=True)
-        self.manager = ocp.CheckpointManager(self.directory, options=options, handler_registry=_registry())
+        self.manager = ocp.CheckpointManager(self.directory, options=options, handler_registry=registry())
         self._pending: Dict[int, bool] = {}  # saved, not yet checksummed: step -> state finite
         self._verified: set = set()  # steps known to match their checksums, with a finite state
         self._primary = jax.process_index() == 0
@@ -270,13 +307,7 @@ class Checkpointer:
         its checksums); returns False when the manager skipped it. A state with NaN/inf values is
         saved but recorded as not finite, so it is never resumed from or called good."""
         meta = {"step": int(step), "model": model_geometry, "state_shapes": leaf_shapes(state)}
-        items = {"state": ocp.args.StandardSave(state), "data": ocp.args.JsonSave(data),
-                 "meta": ocp.args.JsonSave(meta)}
-        missing = [k for k in ASSET_ITEMS if k not in assets]
-        if missing:
-            raise ValueError(f"checkpoint assets {missing} are missing; every checkpoint carries {ASSET_ITEMS}")
-        items.update({k: ocp.args.JsonSave(assets[k]) for k in ASSET_ITEMS})
-        items.update({k: ocp.args.JsonSave(assets[k]) for k in OPTIONAL_ASSET_ITEMS if assets.get(k) is not None})
+        items = save_items(state, data, meta, assets)
         self._finish_pending()
         finite = all_finite(state)
         if not finite:
@@ -389,13 +420,13 @@ def load_params(path: str, abstract_params: Any) -> Any:
 
 def tokenizer_asset(vla_tokenizer, action_dim: int) -> Dict[str, Any]:
     """Settings needed to tokenize prompts and decode actions, with the SentencePiece model embedded."""
-    tok, act = vla_tokenizer.tokenizer, vla_tokenizer.action_tokenizer
+    tok, act = vla_tokenizer.tokenizer, vla_tokenizer.codec
     with open(tok.model_file, "rb") as f:
         model_bytes = f.read()
     return {"kind": "llama-sentencepiece", "vocab_size": tok.vocab_size, "bos_id": tok.bos_id, "eos_id": tok.eos_id,
             "pad_id": tok.pad_id, "space_id": tok.space_id, "max_seq_len": vla_tokenizer.max_len,
-            "action_tokenizer": {"vocab_size": act.vocab_size, "n_bins": act.n_bins, "min_action": act.min_action,
-                                 "max_action": act.max_action, "first_id": act.first_id, "last_id": act.last_id},
+            "action_tokenizer": {"vocab_size": act.base_vocab_size, "n_bins": act.n_bins, "min_action": -1.0,
+                                 "max_action": 1.0, "first_id": act.first_id, "last_id": act.last_id},
             "action_dim": int(action_dim), "prompt": "In: What action should the robot take to {instruction}?\nOut:",
             "sentencepiece_model_file": os.path.basename(tok.model_file),
             "sentencepiece_model_b64": base64.b64encode(model_bytes).decode()}

@@ -1,9 +1,9 @@
-"""Text and action tokenization for OpenVLA (OPENVLA_REFERENCE.md §2-§3).
+"""Text tokenization for OpenVLA (OPENVLA_REFERENCE.md §2) around the action ids of `vla_jax.spec`.
 
 - `LlamaTokenizer`: the SentencePiece Llama-2 model (`tokenizer.model` of an HF checkpoint dir),
   plus the `<PAD>` id OpenVLA appends (pad id == base vocabulary size, 32000 for Llama-2).
-- `ActionTokenizer`: 256 uniform bins over [-1, 1]; action ids are the last 256 ids of the base
-  vocabulary (31744..31999 for Llama-2). Bit-exact with OpenVLA's `ActionTokenizer`.
+- Action ids (256 uniform bins over [-1, 1], the last 256 ids of the base vocabulary, 31744..31999
+  for Llama-2) are `vla_jax.spec.ActionCodec`'s: the one encoder and decoder.
 - `VLATokenizer`: builds prompts and fixed-length training sequences directly as ids:
   `[BOS] + ids("In: What action should the robot take to {instr}?\\nOut:") + [SPACE] + a1..a7 + [EOS]`,
   padded right with PAD; labels are -100 everywhere except the 7 action ids and EOS. With
@@ -21,11 +21,12 @@ gives the sequences OpenVLA trained on, without depending on that property at ru
 from __future__ import annotations
 
 import os
-from typing import Dict, Iterable, List, Sequence
+from typing import Dict, List, Sequence
 
 import numpy as np
 
-IGNORE_INDEX = -100
+from vla_jax.spec import IGNORE_INDEX, ActionCodec
+
 SPACE_PIECE = "\u2581"  # SentencePiece's "▁": id 29871 in Llama-2, the space before the actions.
 
 
@@ -66,74 +67,27 @@ class LlamaTokenizer:
         """Text -> ids, without BOS/EOS."""
         return list(self.sp.encode(text))
 
-    def decode(self, ids: Iterable[int]) -> str:
-        """Ids -> text. Ids outside the base vocabulary (PAD, padded embedding rows) are dropped."""
-        return self.sp.decode([int(i) for i in ids if 0 <= int(i) < self.vocab_size])
-
-
-class ActionTokenizer:
-    """Continuous actions in [-1, 1] <-> the last `n_bins` ids of the base vocabulary.
-
-    Exactly OpenVLA's scheme: edges `linspace(min, max, n_bins)`, `id = vocab_size - digitize(a, edges)`
-    (only a == max maps to `vocab_size - n_bins`), decode through the `n_bins - 1` bin centers with
-    the index clipped to `n_bins - 2` (so the two lowest ids decode to the same value).
-    """
-
-    def __init__(self, vocab_size: int = 32000, n_bins: int = 256, min_action: float = -1.0,
-                 max_action: float = 1.0):
-        if vocab_size <= n_bins:
-            raise ValueError(f"vocab_size={vocab_size} must exceed n_bins={n_bins}")
-        self.vocab_size = int(vocab_size)
-        self.n_bins = int(n_bins)
-        self.min_action, self.max_action = float(min_action), float(max_action)
-        self.bins = np.linspace(min_action, max_action, n_bins)  # float64, as in the reference
-        self.bin_centers = (self.bins[:-1] + self.bins[1:]) / 2.0
-
-    @property
-    def first_id(self) -> int:
-        """Smallest action id (the encoding of `max_action`): 31744 for Llama-2."""
-        return self.vocab_size - self.n_bins
-
-    @property
-    def last_id(self) -> int:
-        """Largest action id (the lowest bin): 31999 for Llama-2."""
-        return self.vocab_size - 1
-
-    def encode(self, actions) -> np.ndarray:
-        """actions [..., D] (any float dtype) -> int32 ids [..., D] in [first_id, last_id]."""
-        a = np.clip(np.asarray(actions), self.min_action, self.max_action)
-        if not np.all(np.isfinite(a)):
-            raise ValueError("ActionTokenizer.encode got NaN actions; normalized actions must be finite")
-        return (self.vocab_size - np.digitize(a, self.bins)).astype(np.int32)
-
-    def decode(self, ids) -> np.ndarray:
-        """ids [..., D] -> float32 actions [..., D]. Non-action ids are decoded after clipping, as OpenVLA does."""
-        d = self.vocab_size - np.asarray(ids, dtype=np.int64)
-        idx = np.clip(d - 1, 0, self.bin_centers.shape[0] - 1)
-        return self.bin_centers[idx].astype(np.float32)
-
-    def is_action_id(self, ids) -> np.ndarray:
-        ids = np.asarray(ids)
-        return (ids >= self.first_id) & (ids <= self.last_id)
-
 
 class VLATokenizer:
     """Prompt and training-sequence builder on top of a `LlamaTokenizer`.
 
     `max_len` is the fixed text length (BOS included, image patches not) that every training
-    sequence is padded to. `action_chunk` is K, the actions per training sequence (1: OpenVLA;
-    K > 1: OpenVLA-OFT's chunks, K x action_dim action ids).
+    sequence is padded to. `codec` (vla_jax.spec.ActionCodec over this tokenizer's base vocabulary)
+    turns normalized actions into ids. `action_chunk` is K, the actions per training sequence (1:
+    OpenVLA; K > 1: OpenVLA-OFT's chunks, K x action_dim action ids, parallel decoding).
     """
 
     def __init__(self, tokenizer: LlamaTokenizer, max_len: int = 64, n_bins: int = 256,
                  action_dim: int = 7, action_chunk: int = 1):
         self.tokenizer = tokenizer
-        self.action_tokenizer = ActionTokenizer(vocab_size=tokenizer.vocab_size, n_bins=n_bins)
         self.max_len = int(max_len)
-        self.action_dim = int(action_dim)
         if isinstance(action_chunk, bool) or int(action_chunk) != action_chunk or int(action_chunk) < 1:
             raise ValueError(f"action_chunk must be an integer >= 1, got {action_chunk!r}")
         self.action_chunk = int(action_chunk)
+        # Chunks (K > 1) exist only with OFT's parallel decoding.
+        self.codec = ActionCodec(action_dim=int(action_dim), n_bins=int(n_bins), base_vocab_size=tokenizer.vocab_size,
+                                 chunk_size=self.action_chunk,
+                                 decoding="parallel" if self.action_chunk > 1 else "autoregressive")
         self._prompt_cache: Dict[str, List[int]] = {}
 
     @classmethod
@@ -143,6 +97,15 @@ class VLATokenizer:
     @property
     def pad_id(self) -> int:
         return self.tokenizer.pad_id
+
+    @property
+    def action_dim(self) -> int:
+        return self.codec.action_dim
+
+    @property
+    def action_tokenizer(self) -> ActionCodec:
+        """The codec under its former name, for callers not yet moved to `.codec` (policy, evaluation)."""
+        return self.codec
 
     def prompt_ids(self, instruction: str) -> List[int]:
         """ids of `build_prompt(instruction)` without BOS (cached: instructions repeat across frames)."""
@@ -187,8 +150,8 @@ class VLATokenizer:
         except the K * action_dim action ids and EOS.
         Raises ValueError if a sequence does not fit `max_len` (truncating would cut the actions).
         """
-        action_ids = self.action_tokenizer.encode(self._action_rows(actions, len(instructions)))
-        n_sup = self.action_chunk * self.action_dim + 1  # the K x 7 action ids + EOS carry the loss
+        action_ids = self.codec.encode(self._action_rows(actions, len(instructions)))
+        n_sup = self.codec.num_supervised  # the K x 7 action ids + EOS carry the loss
         b, length = len(instructions), self.max_len
         input_ids = np.full((b, length), self.pad_id, np.int32)
         labels = np.full((b, length), IGNORE_INDEX, np.int32)
@@ -205,7 +168,3 @@ class VLATokenizer:
             labels[i, n - n_sup:n] = ids[n - n_sup:]
             mask[i, :n] = 1
         return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
-
-    def decode_actions(self, ids) -> np.ndarray:
-        """Generated action ids [..., 7] -> normalized float32 actions [..., 7]."""
-        return self.action_tokenizer.decode(ids)

@@ -290,14 +290,6 @@ def normalize_actions(actions, entry: Mapping) -> np.ndarray:
     return np.where(zero, np.float32(0), y).astype(np.float32)
 
 
-def unnormalize_actions(actions, entry: Mapping) -> np.ndarray:
-    """Inverse used at inference: actions [..., A] in [-1, 1] -> float32 raw actions.
-    Unmasked dims (the gripper) pass through unchanged; no epsilon, as in OpenVLA."""
-    x = np.asarray(actions, np.float32)
-    q01, q99, mask, _ = _arrays(entry, x.shape[-1])
-    return np.where(mask, 0.5 * (x + 1) * (q99 - q01) + q01, x).astype(np.float32)
-
-
 def normalize_actions_tf(actions, entry: Mapping):
     """TF version of `normalize_actions` for tf.data maps: actions [T, A] float32."""
     import tensorflow as tf

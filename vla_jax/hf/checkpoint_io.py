@@ -2,7 +2,8 @@
 
 Writing (import): `WORKDIR/checkpoints/0/` with the same items as a training checkpoint —
 `state` = {"params": params} (no optimizer state), `data` (no data position), `meta`, and the
-assets `config`, `dataset_statistics`, `tokenizer` — so that `checkpoints.load_params` (training
+assets of `checkpoints.build_assets` (`config`, `dataset_statistics`, `tokenizer`, `batch_spec`),
+written through `checkpoints.registry` / `checkpoints.save_items` — so that `checkpoints.load_params` (training
 `init_from`), `checkpoints.load_assets` and `checkpoints.resolve_step_dir` read it as they read a
 training run. The only difference from `Checkpointer.save` is the state handler's
 `save_concurrent_gb` (1, or the largest array shard if bigger): orbax then copies at most that
@@ -30,36 +31,19 @@ from vla_jax import checkpoints as ckpt_lib
 SAVE_CONCURRENT_GB = 1
 
 
-def _registry(save_concurrent_gb: int) -> ocp.handlers.DefaultCheckpointHandlerRegistry:
-    reg = ocp.handlers.DefaultCheckpointHandlerRegistry()
-    state = ocp.StandardCheckpointHandler(save_concurrent_gb=save_concurrent_gb)
-    reg.add("state", ocp.args.StandardSave, state)
-    reg.add("state", ocp.args.StandardRestore, state)
-    for name, filename in ckpt_lib.JSON_ITEMS.items():
-        h = ocp.JsonCheckpointHandler(filename=filename)
-        reg.add(name, ocp.args.JsonSave, h)
-        reg.add(name, ocp.args.JsonRestore, h)
-    return reg
-
-
 def write_params_checkpoint(workdir: str, params: Any, assets: Dict[str, Any], geometry: Dict[str, Any],
                             step: int = 0) -> str:
-    """Writes `params` (unboxed tree of jax arrays) and `assets` ({'config', 'dataset_statistics',
-    'tokenizer'}) as step `step` under `workdir/checkpoints`. Returns the step folder."""
-    missing = [k for k in ckpt_lib.ASSET_ITEMS if k not in assets]
-    if missing:
-        raise ValueError(f"checkpoint assets {missing} are missing; every checkpoint carries {ckpt_lib.ASSET_ITEMS}")
+    """Writes `params` (unboxed tree of jax arrays) and `assets` (`checkpoints.build_assets`) as step
+    `step` under `workdir/checkpoints`. Returns the step folder."""
     state = {"params": params}
     meta = {"step": int(step), "model": geometry, "state_shapes": ckpt_lib.leaf_shapes(state)}
-    items = {"state": ocp.args.StandardSave(state), "data": ocp.args.JsonSave(ckpt_lib.encode_data_states([])),
-             "meta": ocp.args.JsonSave(meta)}
-    items.update({k: ocp.args.JsonSave(assets[k]) for k in ckpt_lib.ASSET_ITEMS})
+    items = ckpt_lib.save_items(state, ckpt_lib.encode_data_states([]), meta, assets)
     directory = os.path.join(workdir, "checkpoints")
     options = ocp.CheckpointManagerOptions(max_to_keep=None, enable_async_checkpointing=False, create=True)
     # orbax cannot write an array shard larger than its write budget.
     largest = max((sh.data.nbytes for x in jax.tree.leaves(params) for sh in x.addressable_shards), default=0)
     budget = max(SAVE_CONCURRENT_GB, math.ceil(largest / 1e9))
-    with ocp.CheckpointManager(directory, options=options, handler_registry=_registry(budget)) as manager:
+    with ocp.CheckpointManager(directory, options=options, handler_registry=ckpt_lib.registry(budget)) as manager:
         manager.save(int(step), args=ocp.args.Composite(**items), force=True)
         manager.wait_until_finished()
     return os.path.join(directory, str(step))

@@ -50,10 +50,17 @@ def tokenizer_asset(tokenizer_path: str, cfg: OpenVLAConfig) -> Dict[str, Any]:
 
 def write_workdir(cfg: OpenVLAConfig, params: Any, norm_stats: Mapping[str, Any], tokenizer_path: str,
                   source: Dict[str, Any], workdir: str) -> str:
-    """Writes params + assets as a vla_jax workdir (step 0). Returns the step folder."""
+    """Writes params + assets as a vla_jax workdir (step 0). Returns the step folder. Its batch_spec:
+    the tokenizer asset's text length, one dataset per statistics entry, no test-time crop (an HF
+    folder does not record its training augmentation)."""
+    from vla_jax import checkpoints as ckpt_lib
+    from vla_jax.spec import BatchSpec
+
     cfg_dict = hfc.config_to_dict(cfg)
-    assets = {"config": checkpoint_io.config_asset(source, matching_preset(cfg), cfg_dict),
-              "dataset_statistics": dict(norm_stats), "tokenizer": tokenizer_asset(tokenizer_path, cfg)}
+    tok = tokenizer_asset(tokenizer_path, cfg)
+    spec = BatchSpec.for_model(cfg, tok["max_seq_len"], num_datasets=max(1, len(norm_stats)))
+    assets = ckpt_lib.build_assets(config=checkpoint_io.config_asset(source, matching_preset(cfg), cfg_dict),
+                                   dataset_statistics=dict(norm_stats), tokenizer=tok, batch_spec=spec)
     return checkpoint_io.write_params_checkpoint(workdir, params, assets, cfg_dict)
 
 
@@ -214,7 +221,7 @@ def import_base(dino_file: str, siglip_file: str, llm_dir: str, out_dir: str, *,
 
 
 def describe(cfg: OpenVLAConfig) -> str:
-    from vla_jax.training.state import count_params
+    from vla_jax.models.params import count_params
 
     n = count_params(importer.abstract_params(cfg))
     d = dataclasses.asdict(cfg)

@@ -78,6 +78,7 @@ import numpy as np
 from flax import traverse_util
 
 from vla_jax.models.dense import LORA_A, LORA_B  # adapter leaf names, also read by Linear
+from vla_jax.models.params import count_params  # noqa: F401  (part of this module's API, see above)
 
 LORA_KEY = "lora"  # where add_lora puts the adapters in a combined params tree
 
@@ -368,11 +369,6 @@ def trainable_mask(tree: Any) -> Any:
         return bool(keys and keys[-1] in (LORA_A, LORA_B) and not _is_unused(keys))
 
     return jax.tree_util.tree_map_with_path(leaf, tree, is_leaf=_is_box)
-
-
-def count_params(tree: Any) -> int:
-    """Number of scalars in a tree (boxed or not, arrays or ShapeDtypeStructs)."""
-    return int(sum(math.prod(x.shape) for x in jax.tree.leaves(nn.meta.unbox(tree))))
 
 
 # ----------------------------------------------------------------------------------------------

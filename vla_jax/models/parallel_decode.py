@@ -58,7 +58,7 @@ def parallel_decode(model: OpenVLA, params, pixel_values, prompt_ids, lengths):
     (`VLATokenizer.inference_ids`; upstream appends 29871 when it is missing, here the caller's
     tokenizer does); lengths int32 [B]. Returns, per config.action_head:
       'tokens': int32 action-token ids [B, K, D] (argmax over the whole vocabulary, as upstream; decode
-                with `ActionTokenizer.decode`, the 256-bin decode);
+                with `ActionCodec.decode`, the 256-bin decode);
       'l1':     float32 normalized actions [B, K, D].
     """
     cfg = model.config

@@ -27,9 +27,8 @@ from vla_jax.models.config import get_preset, with_dtypes
 from vla_jax.models.decode import greedy_decode
 from vla_jax.models.openvla import OpenVLA
 from vla_jax.plan import hlo_cost
+from vla_jax.spec import BatchSpec
 from vla_jax.plan.train_program import memory_report, shard_bytes
-
-ACTION_TOKENS = 7
 
 
 def _drop_layer_axis(spec: PartitionSpec) -> PartitionSpec:
@@ -40,9 +39,8 @@ def abstract_decode_params(model: OpenVLA, mesh, rules=shd.LOGICAL_RULES):
     """ShapeDtypeStructs (with NamedShardings) of the params in the decoding layout
     {'shared': ..., 'layers': (L per-layer trees)} (`decode.split_layers`), nothing allocated."""
     cfg = model.config
-    px = np.zeros((1, cfg.image_size, cfg.image_size, 3), np.uint8)
-    ids = np.ones((1, 8), np.int32)
-    boxed = jax.eval_shape(model.init, jax.random.PRNGKey(0), px, ids)["params"]
+    example = BatchSpec.for_model(cfg, text_len=16).zeros(1)  # init shapes only
+    boxed = jax.eval_shape(model.init, jax.random.PRNGKey(0), example["pixel_values"], example["input_ids"])["params"]
     specs = nn.logical_to_mesh(nn.get_partition_spec(boxed), rules)
     params = nn.meta.unbox(boxed)
 
@@ -64,7 +62,8 @@ def abstract_decode_params(model: OpenVLA, mesh, rules=shd.LOGICAL_RULES):
 
 def compile_predict_action(devices: Sequence[Any], mesh_shape=(1, 1, -1), batch: int = 1, text_len: int = 32,
                            preset: str = "openvla-7b", dtype: str = "bfloat16") -> Dict[str, Any]:
-    """Compiles greedy decoding of ACTION_TOKENS tokens for `devices`; returns the per-chip report."""
+    """Compiles greedy decoding of the codec's action tokens (7 for OpenVLA) for `devices`; returns the
+    per-chip report. Input shapes come from the model's BatchSpec (image) and `text_len`."""
     model_cfg = with_dtypes(get_preset(preset), dtype, dtype)
     model_cfg = dataclasses.replace(model_cfg, execution=dataclasses.replace(model_cfg.execution,
                                                                              attention_query_block=0))
@@ -74,11 +73,13 @@ def compile_predict_action(devices: Sequence[Any], mesh_shape=(1, 1, -1), batch:
     dp = int(np.prod([mesh.shape[a] for a in shd.BATCH_AXES]))
     if batch % dp:
         raise ValueError(f"batch {batch} must divide by the data-parallel size {dp} (mesh data x fsdp)")
-    s = model_cfg.image_size
-    inputs = {"pixel_values": jax.ShapeDtypeStruct((batch, s, s, 3), np.uint8, sharding=shd.batch_sharding(mesh, 4)),
-              "input_ids": jax.ShapeDtypeStruct((batch, text_len), np.int32, sharding=shd.batch_sharding(mesh, 2)),
-              "lengths": jax.ShapeDtypeStruct((batch,), np.int32, sharding=shd.batch_sharding(mesh, 1))}
-    fn = jax.jit(functools.partial(greedy_decode, model, num_tokens=ACTION_TOKENS))
+    spec = BatchSpec.for_model(model_cfg, text_len)
+    new_tokens = spec.codec.num_action_tokens
+    shapes = dict(spec.shapes(batch), lengths=(batch,))
+    dtypes = dict({k: d for k, (_, d) in spec.layout().items()}, lengths=np.dtype(np.int32))
+    inputs = {k: jax.ShapeDtypeStruct(shapes[k], dtypes[k], sharding=shd.batch_sharding(mesh, len(shapes[k])))
+              for k in ("pixel_values", "input_ids", "lengths")}
+    fn = jax.jit(functools.partial(greedy_decode, model, num_tokens=new_tokens))
     t0 = time.perf_counter()
     with shd.mesh_rules(mesh):
         lowered = fn.lower(params, inputs["pixel_values"], inputs["input_ids"], inputs["lengths"])
@@ -89,7 +90,7 @@ def compile_predict_action(devices: Sequence[Any], mesh_shape=(1, 1, -1), batch:
     counted = hlo_cost.analyze(hlo)
     return {"_hlo": hlo,
         "program": "predict_action", "preset": preset, "dtype": dtype, "batch": batch, "text_len": text_len,
-        "sequence_len": text_len + model_cfg.num_patches, "new_tokens": ACTION_TOKENS,
+        "sequence_len": text_len + model_cfg.num_patches, "new_tokens": new_tokens,
         "devices": mesh.devices.size, "device_kind": mesh.devices.flat[0].device_kind, "mesh": dict(mesh.shape),
         "per_device_bytes": dict(params=shard_bytes(params), inputs=shard_bytes(inputs), **memory_report(compiled)),
         "compiled_flops_per_device": counted["flops"], "compiled_bytes_per_device": counted["bytes"],

@@ -83,17 +83,16 @@ def build(cfg, devices: Sequence[Any], llama_layers: int = 0, remat_policy: str 
     run.check_batch_layout(cfg, mesh)
     tx, schedule = st.make_optimizer(st.OptimConfig.from_config(cfg.optim), cfg.num_steps)
     hooks = run.param_hooks(cfg)
-    example = run.example_inputs(model_cfg, cfg.data.max_seq_len)
+    spec = run.batch_spec(cfg, model_cfg)
+    example = run.example_inputs(spec)
     mask = run.trainable(cfg, st.abstract_params(model, example, hooks), hooks)
     shardings, abstract = st.abstract_train_state(model, tx, mesh, shd.LOGICAL_RULES, cfg.seed, example, mask, hooks)
-    b, t, s = cfg.global_batch_size, cfg.data.max_seq_len, model_cfg.image_size
-    shapes = {"pixel_values": ((b, s, s, 3), np.uint8), "input_ids": ((b, t), np.int32),
-              "labels": ((b, t), np.int32), "dataset_index": ((b,), np.int32)}
-    batch_abs = {k: jax.ShapeDtypeStruct(shape, dt, sharding=shd.batch_sharding(mesh, len(shape)))
-                 for k, (shape, dt) in shapes.items()}
-    loss_cfg = sp.LossConfig.for_model(model_cfg)
+    shapes = spec.shapes(cfg.global_batch_size)
+    batch_abs = {k: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=shd.batch_sharding(mesh, len(s.shape)))
+                 for k, s in spec.abstract(cfg.global_batch_size).items()}
+    loss_cfg = sp.LossConfig.for_model(model_cfg, spec)
     step_fn = sp.make_train_step(model, tx, schedule, loss_cfg, mask, cfg.grad_accum_steps, hooks, mesh)
-    jitted = sp.jit_train_step(step_fn, mesh, shardings, {k: v[0] for k, v in shapes.items()})
+    jitted = sp.jit_train_step(step_fn, mesh, shardings, shapes)
     return TrainProgram(cfg, model_cfg, mesh, mask, jitted, abstract, batch_abs, loss_cfg, remat_policy)
 
 

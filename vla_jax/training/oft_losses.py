@@ -17,7 +17,7 @@ from typing import Optional, Tuple
 import jax
 import jax.numpy as jnp
 
-from vla_jax.tokenizer import IGNORE_INDEX
+from vla_jax.spec import IGNORE_INDEX
 
 
 def chunk_token_targets(labels, num_targets: int) -> Tuple[jax.Array, jax.Array]:

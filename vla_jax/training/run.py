@@ -14,6 +14,7 @@ import numpy as np
 
 from vla_jax import sharding as shd
 from vla_jax.models.config import OpenVLAConfig, get_preset, with_dtypes
+from vla_jax.spec import BatchSpec
 
 log = logging.getLogger(__name__)
 
@@ -134,9 +135,26 @@ def remove_if_empty(path: str) -> None:
         pass
 
 
-def example_inputs(cfg: OpenVLAConfig, text_len: int) -> Tuple[np.ndarray, np.ndarray]:
-    """model.init arguments: uint8 [1, S, S, 3] and int32 [1, text_len] (numpy: concrete for the model's checks)."""
-    return (np.zeros((1, cfg.image_size, cfg.image_size, 3), np.uint8), np.ones((1, text_len), np.int32))
+def test_center_crop(data_cfg) -> bool:
+    """Whether the policy applies OpenVLA's test-time 0.9-area centre crop: exactly when training used
+    the random-resized-crop augmentation (the crop undoes it; the colour ops need nothing at test time).
+    data_cfg: config.data (a ConfigDict or the `data` dict of a recorded run config)."""
+    ops = data_cfg.get("image_aug_ops", ("random_resized_crop",))
+    return bool(data_cfg.get("image_aug", False)) and "random_resized_crop" in tuple(ops)
+
+
+def batch_spec(cfg, model_cfg: OpenVLAConfig, num_datasets: int = 1) -> BatchSpec:
+    """The run's batch layout (stored with every checkpoint): the model's image size and action codec,
+    config.data.max_seq_len text tokens, the mixture's `num_datasets`, the test-time crop rule."""
+    return BatchSpec.for_model(model_cfg, int(cfg.data.max_seq_len), num_datasets=int(num_datasets),
+                               test_center_crop=test_center_crop(cfg.data))
+
+
+def example_inputs(spec: BatchSpec) -> Tuple[np.ndarray, np.ndarray]:
+    """model.init arguments from the layout: pixel_values uint8 [1, S, S, 3] and input_ids int32
+    [1, text_len] (numpy: concrete for the model's checks)."""
+    z = spec.zeros(1)
+    return z["pixel_values"], np.ones_like(z["input_ids"])
 
 
 def param_hooks(cfg):
@@ -188,12 +206,14 @@ def load_pretrained(path: str, abstract_params, model_cfg: OpenVLAConfig):
 
 @dataclasses.dataclass
 class Data:
-    """The input of a run: `iterator` yields this process's numpy batches and has get/set_state."""
+    """The input of a run: `iterator` yields this process's numpy batches (laid out by `batch_spec`)
+    and has get/set_state."""
 
     iterator: Any
     dataset_names: list
     statistics: Dict[str, Any]
     tokenizer_asset: Dict[str, Any]
+    batch_spec: BatchSpec
     training_data: Any = None  # checkpoint asset: what the run trains on (vla_jax.data.oxe.record); None if synthetic
 
 
@@ -205,13 +225,13 @@ def make_data(cfg, model_cfg: OpenVLAConfig, per_process_batch: int, mesh) -> Da
         from vla_jax.training.synthetic import SyntheticBatches
 
         start, stop = shd.process_batch_rows(mesh, cfg.global_batch_size)
-        it = SyntheticBatches(cfg.global_batch_size, model_cfg.image_size, cfg.data.max_seq_len, seed=cfg.seed,
-                              row_start=start, row_stop=stop, num_datasets=cfg.synthetic.num_datasets,
-                              action_dim=model_cfg.action_dim, image_palette=cfg.synthetic.palette or None)
+        spec = batch_spec(cfg, model_cfg, cfg.synthetic.num_datasets)
+        it = SyntheticBatches(cfg.global_batch_size, spec, seed=cfg.seed, row_start=start, row_stop=stop,
+                              image_palette=cfg.synthetic.palette or None)
         names = [f"synthetic_{i}" for i in range(cfg.synthetic.num_datasets)]
         stats = {n: {"synthetic": True} for n in names}
         return Data(it, names, stats, {"kind": "synthetic", "max_seq_len": cfg.data.max_seq_len,
-                                       "action_dim": model_cfg.action_dim})
+                                       "action_dim": model_cfg.action_dim}, spec)
 
     from vla_jax.data import pipeline
     from vla_jax.tokenizer import VLATokenizer
@@ -234,7 +254,8 @@ def make_data(cfg, model_cfg: OpenVLAConfig, per_process_batch: int, mesh) -> Da
 
     record = training_data_record(cfg.data.data_dir, cfg.data.mixture, cfg.data.split, cfg.data.dataset_configs,
                                   cfg.tokenizer)
-    return Data(it, list(it.dataset_names), it.dataset_statistics, tokenizer_asset(tok, model_cfg.action_dim), record)
+    return Data(it, list(it.dataset_names), it.dataset_statistics, tokenizer_asset(tok, model_cfg.action_dim),
+                batch_spec(cfg, model_cfg, len(it.dataset_names)), record)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ import numpy as np
 import optax
 
 from vla_jax import sharding as shd
+from vla_jax.models.params import count_params
 
 Params = Any
 
@@ -154,10 +155,6 @@ def merge(mask: Any, trainable: Params, frozen: Params) -> Params:
     """Inverse of (select(tree, mask, True), select(tree, mask, False))."""
     return jax.tree.map(lambda m, t, f: t if bool(m) else f, mask, trainable, frozen,
                         is_leaf=lambda x: isinstance(x, optax.MaskedNode))
-
-
-def count_params(tree: Params) -> int:
-    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(nn.meta.unbox(tree))))
 
 
 # --------------------------------------------------------------------------------------------

@@ -21,30 +21,39 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from vla_jax import sharding as shd
 from vla_jax.models.execution import ExecutionConfig
-from vla_jax.tokenizer import IGNORE_INDEX, ActionTokenizer
+from vla_jax.spec import IGNORE_INDEX, ActionCodec, BatchSpec
 from vla_jax.training.state import ParamHooks, TrainState, merge, select
 
-BATCH_KEYS = ("pixel_values", "input_ids", "labels", "dataset_index")
 SUM_KEYS = ("ce_sum", "tokens", "correct", "l1_sum", "actions", "ds_correct", "ds_l1_sum", "ds_actions")
 
 
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
-    """num_patches: image patches P inserted after BOS; num_supervised: K labelled tokens per example
-    (action_dim + 1: the actions and EOS); base_vocab_size / n_bins: the action-id range (the last
-    n_bins ids of the base vocabulary) and its decoding; num_datasets: mixture size for per-dataset metrics."""
+    """What the loss reads, all from the run's BatchSpec: num_patches P (image patches inserted after
+    BOS, a model fact), the batch layout (which keys the step takes) and through it the ActionCodec
+    (supervised positions per example, the action-id range and its decoding) and the mixture size
+    (per-dataset metrics)."""
 
     num_patches: int
-    num_supervised: int
-    base_vocab_size: int = 32000
-    n_bins: int = 256
-    num_datasets: int = 1
+    spec: BatchSpec
+
+    @property
+    def codec(self) -> ActionCodec:
+        return self.spec.codec
+
+    @property
+    def num_supervised(self) -> int:
+        return self.spec.codec.num_supervised
+
+    @property
+    def num_datasets(self) -> int:
+        return self.spec.num_datasets
 
     @classmethod
-    def for_model(cls, model_config, num_datasets: int = 1) -> "LossConfig":
-        return cls(num_patches=model_config.num_patches, num_supervised=model_config.action_dim + 1,
-                   base_vocab_size=model_config.base_vocab_size, n_bins=model_config.n_action_bins,
-                   num_datasets=num_datasets)
+    def for_model(cls, model_config, spec: BatchSpec) -> "LossConfig":
+        if spec.image_size != model_config.image_size:
+            raise ValueError(f"BatchSpec.image_size={spec.image_size} but the model takes {model_config.image_size}")
+        return cls(num_patches=model_config.num_patches, spec=spec)
 
 
 def supervised_positions(labels, num_patches: int, k: int):
@@ -67,15 +76,10 @@ def _metric_sums(logits, targets, valid, dataset_index, cfg: LossConfig) -> Dict
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     ce = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
     validf = valid.astype(jnp.float32)
-    first = cfg.base_vocab_size - cfg.n_bins
-    is_action = valid & (targets >= first) & (targets < cfg.base_vocab_size)
+    is_action = valid & cfg.codec.is_action_id(targets)
     actf = is_action.astype(jnp.float32)
     pred = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    centers = jnp.asarray(ActionTokenizer(cfg.base_vocab_size, cfg.n_bins).bin_centers, jnp.float32)
-
-    def decode(ids):  # OpenVLA's ActionTokenizer.decode: non-action ids decode after clipping
-        return centers[jnp.clip(cfg.base_vocab_size - ids - 1, 0, centers.shape[0] - 1)]
-
+    decode = lambda ids: cfg.codec.decode(ids, xp=jnp)  # float32; non-action ids decode after clipping
     correct = (pred == targets).astype(jnp.float32) * actf
     l1 = jnp.abs(decode(pred) - decode(targets)) * actf
     onehot = jax.nn.one_hot(dataset_index, cfg.num_datasets, dtype=jnp.float32)  # [B, D]
@@ -136,10 +140,10 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule
                     hooks: ParamHooks = ParamHooks(), mesh=None, return_grads: bool = False) -> Callable:
     """-> train_step(state, batch) -> (new state, metrics) (not jitted; see `jit_train_step`).
 
-    batch: pixel_values uint8 [B, S, S, 3], input_ids/labels int32 [B, L], dataset_index int32 [B]
-    (other keys are ignored). Gradients flow only into the trainable subtree of `mask`. mesh: keeps
-    each micro-batch spread over the data-parallel devices (grad_accum_steps > 1). return_grads: add
-    the trainable gradients to the metrics as metrics['grads'] (tests, debugging).
+    batch: the keys of loss_cfg.spec (pixel_values uint8 [B, S, S, 3], input_ids/labels int32 [B, L],
+    dataset_index int32 [B] for OpenVLA; other keys are ignored). Gradients flow only into the
+    trainable subtree of `mask`. mesh: keeps each micro-batch spread over the data-parallel devices
+    (grad_accum_steps > 1). return_grads: add the trainable gradients to the metrics as metrics['grads'] (tests, debugging).
     """
     loss_fn = make_loss_fn(model, loss_cfg, hooks)
     n_micro = int(grad_accum_steps)
@@ -147,7 +151,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule
         raise ValueError(f"grad_accum_steps must be >= 1, got {grad_accum_steps}")
 
     def train_step(state: TrainState, batch: Dict[str, jax.Array]):
-        batch = {k: batch[k] for k in BATCH_KEYS}
+        batch = loss_cfg.spec.select(batch)
         trainable, frozen = select(state.params, mask, True), select(state.params, mask, False)
         total = jnp.maximum(jnp.sum((batch["labels"] != IGNORE_INDEX).astype(jnp.float32)), 1.0)
         # A fresh key per step (and micro-batch) derived from the state's key: a resumed run draws
@@ -229,26 +233,3 @@ def jit_train_step(train_step: Callable, mesh, state_shardings, batch_shapes: Di
 def stack_batches(batches: Sequence[Dict[str, np.ndarray]], keys: Sequence[str]) -> Dict[str, np.ndarray]:
     """n host batches -> one batch of `keys` stacked as [n, ...] (for a steps_per_call=n step)."""
     return {k: np.stack([b[k] for b in batches]) for k in keys}
-
-
-def check_batch(batch: Dict[str, np.ndarray], loss_cfg: LossConfig, image_size: int) -> None:
-    """Host-side checks of one process's numpy batch; ValueError names the key, shape or value."""
-    missing = [k for k in BATCH_KEYS if k not in batch]
-    if missing:
-        raise ValueError(f"batch is missing keys {missing}; got {sorted(batch)}")
-    b = batch["input_ids"].shape[0]
-    px = batch["pixel_values"]
-    if px.shape != (b, image_size, image_size, 3) or px.dtype != np.uint8:
-        raise ValueError(f"batch['pixel_values'] must be uint8 [{b}, {image_size}, {image_size}, 3], "
-                         f"got {px.dtype} {px.shape}")
-    if batch["labels"].shape != batch["input_ids"].shape:
-        raise ValueError(f"batch['labels'] shape {batch['labels'].shape} != input_ids shape {batch['input_ids'].shape}")
-    n_sup = (np.asarray(batch["labels"]) != IGNORE_INDEX).sum(axis=1)
-    if n_sup.max(initial=0) > loss_cfg.num_supervised:
-        row = int(np.argmax(n_sup))
-        raise ValueError(f"batch row {row} has {int(n_sup[row])} supervised labels; the loss expects at most "
-                         f"{loss_cfg.num_supervised} (action_dim + EOS)")
-    di = np.asarray(batch["dataset_index"])
-    if di.shape != (b,) or di.min(initial=0) < 0 or di.max(initial=0) >= loss_cfg.num_datasets:
-        raise ValueError(f"batch['dataset_index'] must be int [{b}] in [0, {loss_cfg.num_datasets}), "
-                         f"got shape {di.shape}, range [{di.min(initial=0)}, {di.max(initial=0)}]")

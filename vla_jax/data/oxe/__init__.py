@@ -8,6 +8,7 @@ Typical use by the pipeline:
     for name, weight in get_mixture("oxe_magic_soup_plus_minus"): ...
 """
 
+from vla_jax.data.oxe.config_files import load_dataset_configs
 from vla_jax.data.oxe.configs import ACTION_DIMS, BUILTIN_DATASETS, GRIPPER_MODES, DatasetConfig
 from vla_jax.data.oxe.gripper import binarize_gripper_actions, invert_gripper_actions, rel2abs_gripper_actions
 from vla_jax.data.oxe.mixtures import MIXTURES, get_mixture, register_mixture
@@ -15,7 +16,6 @@ from vla_jax.data.oxe.registry import (
     get_dataset_config,
     get_frame_filter,
     get_standardize,
-    load_dataset_configs,
     register_dataset,
     register_frame_filter,
     register_standardize,

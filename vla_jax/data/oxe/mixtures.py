@@ -6,7 +6,7 @@ transitions and normalizes (OpenVLA's `balance_weights=True`).
 
 from __future__ import annotations
 
-from vla_jax.data.oxe.registry import HOW_TO_REGISTER, _names, get_dataset_config, registered_datasets
+from vla_jax.data.oxe.registry import HOW_TO_REGISTER, get_dataset_config, name_list, registered_datasets
 
 # fmt: off
 _RTX = [
@@ -132,5 +132,5 @@ def get_mixture(name: str) -> list[tuple[str, float]]:
     if name in registered_datasets():
         return [(name, 1.0)]
     raise ValueError(f"{name!r} is neither a mixture nor a registered dataset. Mixtures: "
-                     f"{_names(MIXTURES, 100)}. Datasets ({len(registered_datasets())}): "
-                     f"{_names(registered_datasets(), 100)}. {HOW_TO_REGISTER}")
+                     f"{name_list(MIXTURES, 100)}. Datasets ({len(registered_datasets())}): "
+                     f"{name_list(registered_datasets(), 100)}. {HOW_TO_REGISTER}")
