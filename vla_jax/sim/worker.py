@@ -13,6 +13,8 @@ jobs)` to spread independent jobs over the workers (results in job order). Worke
   step(actions={slot: float32 [7]}, render={slot: bool})   -> {slot: observation}
   expert_actions(slots=[slot])                            -> {slot: float32 [7]}
   check_rendering()                                       -> MUJOCO_GL (done at start by default)
+With `wrist_camera` set, observations also carry 'wrist_image' and expert episodes 'wrist_images'
+(vla_jax.sim.observation.policy_observation makes the policy's dict from an observation).
 Errors raised in a worker are raised again in the caller (ValueError subclasses keep their type).
 """
 
