@@ -18,7 +18,7 @@ from vla_jax.sim.demos import DemoSpec, dataset_config, generate
 from vla_jax.sim.observation import policy_observation, proprio_from_obs
 from vla_jax.sim.worker import SimWorkers
 
-pytestmark = pytest.mark.slow  # Meta-World rendering and expert episodes in worker processes
+slow = pytest.mark.slow  # Meta-World rendering and expert episodes in worker processes
 
 SIZE = 64
 WRIST = "gripperPOV"
@@ -36,6 +36,7 @@ def test_default_spec_unchanged():
         DemoSpec(wrist_camera="corner")
 
 
+@slow
 def test_second_camera_renders_another_view():
     with SimWorkers(1, image_size=SIZE, max_steps=50, wrist_camera=WRIST) as sim:
         obs = sim.request(0, "reset", assignments=[(0, "push", "heldout", 0, True)])[0]
@@ -79,6 +80,7 @@ print(json.dumps(rows))
 """
 
 
+@slow
 def test_proprio_is_hand_position_and_finger_opening():
     env = dict(os.environ, PYTHONPATH=ROOT, MUJOCO_GL=os.environ.get("MUJOCO_GL", "egl"))
     out = subprocess.run([sys.executable, "-c", _STATE_PROBE], capture_output=True, text=True, env=env,
@@ -96,6 +98,7 @@ def test_proprio_is_hand_position_and_finger_opening():
         proprio_from_obs(np.zeros(38))
 
 
+@slow
 def test_two_camera_proprio_dataset_reads_back_with_tfds(tmp_path):
     spec = DemoSpec(tasks=("reach",), episodes_per_task=2, val_episodes_per_task=0, image_size=SIZE,
                     max_steps=150, wrist_camera=WRIST, proprio=True)
