@@ -11,7 +11,11 @@
 
 Per step: observation/image (uint8 [S, S, 3], JPEG), observation/state (float32 [39], Meta-World's
 observation), action (float32 [7] `[dx, dy, dz, 0, 0, 0, gripper]`, gripper 1 = open / 0 = closed),
-language_instruction. Only successful expert episodes are kept; an episode ends at its first success.
+language_instruction. With a second camera (`DemoSpec(wrist_camera="gripperPOV")`) also
+observation/wrist_image (uint8 [S, S, 3]); with `proprio=True` observation/state is the 4-D proprio
+`[hand x, hand y, hand z, gripper opening]` (vla_jax.sim.observation) and the 39-D observation moves
+to observation/env_state. dataset_config.json then names them (`image_keys`, `proprio_key`).
+Only successful expert episodes are kept; an episode ends at its first success.
 Splits: 'train' from the training configurations (MT1 seed 0, then 2, 3, ...: configurations whose
 expert episode fails are replaced by the next ones), 'val' from held-out configurations (MT1 seed 1)
 taken from the last index down, so closed-loop evaluation (held-out indices from 0 up) stays
@@ -36,6 +40,7 @@ import numpy as np
 from vla_jax.sim.instructions import resolve_task
 from vla_jax.sim.metaworld_env import CONFIGS_PER_SEED as HELDOUT_CONFIGS
 from vla_jax.sim.metaworld_env import STATE_DIM, config_ref
+from vla_jax.sim.observation import PROPRIO_DIM, PROPRIO_KEY, WRIST_KEY, camera_keys, proprio_from_obs
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +53,10 @@ class DemoSpec:
     """What to generate. tasks: Meta-World task names; episodes_per_task: successful training
     episodes per task; val_episodes_per_task: successful held-out episodes per task (0: no val split);
     image_size: stored image side (the pipeline resizes to the model's size); max_steps: episode limit;
-    name/version: the TFDS builder (and registry) name and version."""
+    name/version: the TFDS builder (and registry) name and version.
+    wrist_camera: a second Meta-World camera stored as 'wrist_image' ('' = one camera, the default);
+    proprio: store the 4-D proprio state as 'state' (the 39-D observation then is 'env_state').
+    The two options enter the fingerprint only when set: the default spec keeps its cache key."""
 
     tasks: Tuple[str, ...] = DEMO_TASKS
     episodes_per_task: int = 50
@@ -61,6 +69,8 @@ class DemoSpec:
     goal_marker_scale: float = 2.5
     image_encoding: str = "jpeg"
     jpeg_quality: int = 95
+    wrist_camera: str = ""
+    proprio: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "tasks", tuple(resolve_task(t) for t in self.tasks))
@@ -76,15 +86,31 @@ class DemoSpec:
         if self.image_encoding not in ("jpeg", "png"):
             raise ValueError(f"DemoSpec.image_encoding must be 'jpeg' or 'png', got {self.image_encoding!r}")
 
+        if self.wrist_camera == self.camera:
+            raise ValueError(f"DemoSpec.wrist_camera must differ from the primary camera {self.camera!r}")
+
     def fingerprint(self) -> str:
-        return hashlib.sha256(json.dumps(dataclasses.asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+        d = dataclasses.asdict(self)
+        for k in _OPTIONAL_FIELDS:  # added later: absent at their defaults, so old caches stay valid
+            if d[k] == _OPTIONAL_FIELDS[k]:
+                del d[k]
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+_OPTIONAL_FIELDS = {"wrist_camera": "", "proprio": False}
 
 
 def dataset_config(spec: DemoSpec) -> dict:
     """The registry entry (DatasetConfig fields) of the generated dataset: the generic standardize,
-    gripper already absolute with 1 = open."""
-    return {"name": spec.name, "image_key": "image", "standardize": "generic_eef_pos", "version": spec.version,
-            "action_encoding": "EEF_POS", "gripper": "absolute"}
+    gripper already absolute with 1 = open. With a second camera / proprio also `image_keys`
+    (primary first) / `proprio_key`."""
+    cfg = {"name": spec.name, "image_key": "image", "standardize": "generic_eef_pos", "version": spec.version,
+           "action_encoding": "EEF_POS", "gripper": "absolute"}
+    if spec.wrist_camera:
+        cfg["image_keys"] = list(camera_keys(spec.wrist_camera))
+    if spec.proprio:
+        cfg["proprio_key"] = PROPRIO_KEY
+    return cfg
 
 
 def is_complete(out_dir: str, spec: Optional[DemoSpec] = None) -> bool:
@@ -102,23 +128,37 @@ def _features(spec: DemoSpec):
 
     from vla_jax.sim.rlds_writer import image_feature, rlds_features
 
+    obs = {"image": image_feature(spec.image_size, spec.image_encoding),
+           "state": tfds.features.Tensor(shape=(STATE_DIM,), dtype=np.float32)}
+    if spec.wrist_camera:
+        obs[WRIST_KEY] = image_feature(spec.image_size, spec.image_encoding)
+    if spec.proprio:
+        obs["env_state"] = obs["state"]
+        obs[PROPRIO_KEY] = tfds.features.Tensor(shape=(PROPRIO_DIM,), dtype=np.float32)
     return rlds_features(
-        {"image": image_feature(spec.image_size, spec.image_encoding),
-         "state": tfds.features.Tensor(shape=(STATE_DIM,), dtype=np.float32)},
+        obs,
         action_dim=7,
         episode_metadata={"task": tfds.features.Text(), "file_path": tfds.features.Text(),
                           "config_seed": tfds.features.Scalar(dtype=np.int32),
                           "config_index": tfds.features.Scalar(dtype=np.int32)})
 
 
-def _to_rlds(ep: dict) -> dict:
+def _to_rlds(ep: dict, spec: DemoSpec) -> dict:
     from vla_jax.sim.rlds_writer import make_episode
 
     seed, index = config_ref(ep["split"], ep["index"])
     meta = {"task": ep["task"], "file_path": f"metaworld/{ep['task']}/mt1_seed{seed}/config{index:02d}",
             "config_seed": seed, "config_index": index}
-    return make_episode({"image": ep["images"], "state": ep["states"]}, ep["actions"], ep["instruction"],
-                        terminal=True, metadata=meta)
+    obs = {"image": ep["images"], "state": ep["states"]}
+    if spec.wrist_camera:
+        if "wrist_images" not in ep:
+            raise ValueError(f"episode {meta['file_path']} has no second-camera images "
+                             f"(the workers were started without wrist_camera={spec.wrist_camera!r})")
+        obs[WRIST_KEY] = ep["wrist_images"]
+    if spec.proprio:
+        obs["env_state"] = ep["states"]
+        obs[PROPRIO_KEY] = proprio_from_obs(ep["states"])
+    return make_episode(obs, ep["actions"], ep["instruction"], terminal=True, metadata=meta)
 
 
 def _jobs(tasks: Sequence[str], split: str, indices_by_task: Dict[str, List[int]], chunk: int) -> List[dict]:
@@ -172,7 +212,7 @@ def _collect(workers, spec: DemoSpec, split: str, config_split: str, want: int,
                     successes[ep["task"]] += 1
                     done[ep["task"]] += 1
                     lengths[ep["task"]].append(ep["length"])
-                    writer.add(split, _to_rlds(ep))
+                    writer.add(split, _to_rlds(ep, spec))
         say(f"{split}: {sum(len(v) for v in todo.values())} expert episodes in {time.time() - t0:.1f} s; "
             f"successful so far {dict(done)}")
     stats[split] = {t: {"episodes": done[t], "expert_rollouts": rollouts[t],
@@ -212,7 +252,8 @@ def generate(out_dir: str, spec: DemoSpec = DemoSpec(), *, workers: int = 2, epi
                             episodes_per_shard=episodes_per_shard,
                             description=f"Meta-World scripted-expert demonstrations ({', '.join(spec.tasks)})")
         with SimWorkers(workers, image_size=spec.image_size, camera=spec.camera,
-                        goal_marker_scale=spec.goal_marker_scale, max_steps=spec.max_steps) as sim, writer:
+                        goal_marker_scale=spec.goal_marker_scale, max_steps=spec.max_steps,
+                        wrist_camera=spec.wrist_camera) as sim, writer:
             _collect(sim, spec, "train", "train", spec.episodes_per_task, lambda n: list(range(n)),
                      episodes_per_job, writer, stats, say)
             if spec.val_episodes_per_task:

@@ -35,6 +35,10 @@ def parse_args(argv):
     p.add_argument("--image_size", type=int, default=128, help="stored image side in pixels")
     p.add_argument("--max_steps", type=int, default=200, help="episode step limit")
     p.add_argument("--name", default="metaworld_demo", help="dataset (builder and registry) name")
+    p.add_argument("--wrist_camera", default="", help="second Meta-World camera stored as 'wrist_image' "
+                   "(e.g. gripperPOV; default: none)")
+    p.add_argument("--proprio", action="store_true", help="store the 4-D proprio state (hand xyz, gripper "
+                   "opening) as 'state'")
     p.add_argument("--workers", type=int, default=2, help="simulator worker processes")
     return p.parse_args(argv)
 
@@ -44,8 +48,10 @@ def main(argv=None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     spec = DemoSpec(tasks=tuple(t.strip() for t in args.tasks.split(",") if t.strip()),
                     episodes_per_task=args.episodes_per_task, val_episodes_per_task=args.val_episodes_per_task,
-                    image_size=args.image_size, max_steps=args.max_steps, name=args.name)
-    out = args.out or os.path.join(default_out_dir(), f"{spec.name}_{spec.image_size}")
+                    image_size=args.image_size, max_steps=args.max_steps, name=args.name,
+                    wrist_camera=args.wrist_camera, proprio=args.proprio)
+    extra = (f"_{spec.wrist_camera}" if spec.wrist_camera else "") + ("_proprio" if spec.proprio else "")
+    out = args.out or os.path.join(default_out_dir(), f"{spec.name}_{spec.image_size}{extra}")
     summary = generate(out, spec, workers=args.workers, say=lambda m: print(m, flush=True))
     print(json.dumps({k: summary[k] for k in ("data_dir", "mixture", "dataset_configs", "episodes", "seconds")}))
     return summary

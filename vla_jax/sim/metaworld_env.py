@@ -105,13 +105,18 @@ class MetaWorldEnv:
     max_steps: episode limit (<= 500). goal_marker_scale: enlarges the goal site (visual only).
     render: False skips rendering (observations then carry no image).
     renderer: a SceneRenderer to share between environments of the same task (else one is made).
+    wrist_camera: a second camera (e.g. 'gripperPOV'), rendered at the same size; '' (default): none.
+    wrist_renderer: a shared SceneRenderer for it (else one is made when wrist_camera is set).
 
     Observations are dicts: 'image' uint8 [S, S, 3] (None when not rendered), 'state' float64 [39]
-    (Meta-World's observation), 'success' bool, 'done' bool, 't' int (steps taken).
+    (Meta-World's observation), 'success' bool, 'done' bool, 't' int (steps taken); with a second
+    camera also 'wrist_image' uint8 [S, S, 3] (None when not rendered). The policy's view of it
+    (image keys and the 4-D proprio state): vla_jax.sim.observation.policy_observation.
     """
 
     def __init__(self, task: str, *, image_size: int = 128, camera: str = "corner", max_steps: int = 200,
-                 goal_marker_scale: float = 2.5, render: bool = True, renderer: Optional[SceneRenderer] = None):
+                 goal_marker_scale: float = 2.5, render: bool = True, renderer: Optional[SceneRenderer] = None,
+                 wrist_camera: str = "", wrist_renderer: Optional[SceneRenderer] = None):
         self.task = resolve_task(task)
         self.instruction = instruction_for(self.task)
         if not 0 < int(max_steps) <= MAX_PATH_LENGTH:
@@ -123,15 +128,27 @@ class MetaWorldEnv:
         if render and renderer is None:
             renderer = SceneRenderer(self._env.model, image_size, camera, site_scale={"goal": goal_marker_scale})
         self.renderer = renderer if render else None
+        self.wrist_camera = str(wrist_camera or "")
+        self._owns_wrist = render and bool(self.wrist_camera) and wrist_renderer is None
+        if self._owns_wrist:
+            wrist_renderer = SceneRenderer(self._env.model, image_size, self.wrist_camera,
+                                           site_scale={"goal": goal_marker_scale})
+        self.wrist_renderer = wrist_renderer if render and self.wrist_camera else None
         self._expert = None
         self._obs: Optional[np.ndarray] = None
         self.t, self.success = 0, False
 
-    def attach_renderer(self, renderer: SceneRenderer) -> None:
-        """Render with `renderer` (made for this task's model, shared; its owner closes it)."""
+    def attach_renderer(self, renderer: SceneRenderer, wrist_renderer: Optional[SceneRenderer] = None) -> None:
+        """Render with `renderer` (and the second camera with `wrist_renderer`, if given), made for this
+        task's model and shared; their owner closes them."""
         if self._owns_renderer and self.renderer is not None:
             self.renderer.close()
         self.renderer, self._owns_renderer = renderer, False
+        if wrist_renderer is not None:
+            if self._owns_wrist and self.wrist_renderer is not None:
+                self.wrist_renderer.close()
+            self.wrist_renderer, self._owns_wrist = wrist_renderer, False
+            self.wrist_camera = wrist_renderer.camera
 
     # The underlying gymnasium env (model, data, ...), for advanced use.
     @property
@@ -175,14 +192,25 @@ class MetaWorldEnv:
             raise ValueError("this environment was made with render=False")
         return self.renderer.render(self._env.data)
 
+    def render_wrist(self) -> np.ndarray:
+        """uint8 [S, S, 3] image of the current state from the second camera."""
+        if self.wrist_renderer is None:
+            raise ValueError("this environment has no second camera (wrist_camera='') or was made with render=False")
+        return self.wrist_renderer.render(self._env.data)
+
     def _observation(self, render: bool) -> Dict[str, Any]:
         image = self.render() if render and self.renderer is not None else None
-        return {"image": image, "state": self._obs.copy(), "success": self.success, "done": self.done, "t": self.t}
+        obs = {"image": image, "state": self._obs.copy(), "success": self.success, "done": self.done, "t": self.t}
+        if self.wrist_camera:
+            obs["wrist_image"] = self.render_wrist() if render and self.wrist_renderer is not None else None
+        return obs
 
     def close(self) -> None:
         if self._owns_renderer and self.renderer is not None:
             self.renderer.close()
-        self.renderer = None
+        if self._owns_wrist and self.wrist_renderer is not None:
+            self.wrist_renderer.close()
+        self.renderer = self.wrist_renderer = None
         self._env.close()
 
 
@@ -190,15 +218,16 @@ def expert_episode(env: MetaWorldEnv, split: str, index: int, render: bool = Tru
     """Roll out the scripted expert in one configuration until success or `env.max_steps`.
 
     Returns 'images' uint8 [T, S, S, 3] and 'final_image' [S, S, 3] (the state after the last
-    action; both absent without rendering), 'states' float32 [T, 39] and 'actions' float32 [T, 7]
+    action; both absent without rendering), 'wrist_images' uint8 [T, S, S, 3] (with a second camera), 'states' float32 [T, 39] and 'actions' float32 [T, 7]
     (observation and action of each step, the action taken from that observation), 'success' bool,
     'length' T, 'task', 'instruction', 'split', 'index'.
     """
     obs = env.reset(split, index, render=render)
-    images, states, actions = [], [], []
+    images, wrist_images, states, actions = [], [], [], []
     while not obs["done"]:
         action = env.expert_action()
         images.append(obs["image"])
+        wrist_images.append(obs.get("wrist_image"))
         states.append(obs["state"].astype(np.float32))
         actions.append(action)
         obs = env.step(action, render=render)
@@ -207,4 +236,6 @@ def expert_episode(env: MetaWorldEnv, split: str, index: int, render: bool = Tru
            "index": int(index)}
     if render:
         out["images"], out["final_image"] = np.stack(images), obs["image"]
+        if env.wrist_renderer is not None:
+            out["wrist_images"] = np.stack(wrist_images)
     return out

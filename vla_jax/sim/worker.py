@@ -13,6 +13,8 @@ jobs)` to spread independent jobs over the workers (results in job order). Worke
   step(actions={slot: float32 [7]}, render={slot: bool})   -> {slot: observation}
   expert_actions(slots=[slot])                            -> {slot: float32 [7]}
   check_rendering()                                       -> MUJOCO_GL (done at start by default)
+With `wrist_camera` set, observations also carry 'wrist_image' and expert episodes 'wrist_images'
+(vla_jax.sim.observation.policy_observation makes the policy's dict from an observation).
 Errors raised in a worker are raised again in the caller (ValueError subclasses keep their type).
 """
 
@@ -58,13 +60,16 @@ def encode_image(image: np.ndarray, fmt: str = "jpeg", quality: int = 95) -> byt
 class _Server:
     """The environments of one worker: per task one shared renderer, and env instances per slot."""
 
-    def __init__(self, image_size: int, camera: str, goal_marker_scale: float, max_steps: int):
+    def __init__(self, image_size: int, camera: str, goal_marker_scale: float, max_steps: int,
+                 wrist_camera: str = ""):
         from vla_jax.sim import metaworld_env, rendering
 
         self._mw, self._rendering = metaworld_env, rendering
         self.image_size, self.camera = int(image_size), camera
         self.goal_marker_scale, self.max_steps = float(goal_marker_scale), int(max_steps)
+        self.wrist_camera = str(wrist_camera or "")
         self.renderers: Dict[str, Any] = {}
+        self.wrist_renderers: Dict[str, Any] = {}
         self.free: Dict[str, List[Any]] = {}   # task -> idle env instances
         self.slots: Dict[int, Any] = {}        # slot -> env instance in use
 
@@ -72,7 +77,7 @@ class _Server:
         task = self._mw.resolve_task(task)
         if self.free.get(task):
             return self.free[task].pop()
-        return self._mw.MetaWorldEnv(task, max_steps=self.max_steps, render=False)
+        return self._mw.MetaWorldEnv(task, max_steps=self.max_steps, render=False, wrist_camera=self.wrist_camera)
 
     def _with_renderer(self, env, render: bool):
         """Attach the task's shared renderer (made on first use: ~1 s on llvmpipe) when rendering."""
@@ -80,7 +85,11 @@ class _Server:
             if env.task not in self.renderers:
                 self.renderers[env.task] = self._rendering.SceneRenderer(
                     env.unwrapped.model, self.image_size, self.camera, site_scale={"goal": self.goal_marker_scale})
-            env.attach_renderer(self.renderers[env.task])
+            if self.wrist_camera and env.task not in self.wrist_renderers:
+                self.wrist_renderers[env.task] = self._rendering.SceneRenderer(
+                    env.unwrapped.model, self.image_size, self.wrist_camera,
+                    site_scale={"goal": self.goal_marker_scale})
+            env.attach_renderer(self.renderers[env.task], self.wrist_renderers.get(env.task))
         return env
 
     def _release(self, env) -> None:
@@ -111,6 +120,8 @@ class _Server:
                 ep = self._mw.expert_episode(env, split, int(i), render=render)
                 if render and encode:
                     ep["images"] = [encode_image(im, encode, quality) for im in ep["images"]]
+                    if "wrist_images" in ep:
+                        ep["wrist_images"] = [encode_image(im, encode, quality) for im in ep["wrist_images"]]
                     del ep["final_image"]  # only videos use it
                 out.append(ep)
             return out
@@ -141,9 +152,9 @@ class _Server:
         envs = list(self.slots.values()) + [e for lst in self.free.values() for e in lst]
         for env in envs:
             env.close()
-        for r in self.renderers.values():
+        for r in list(self.renderers.values()) + list(self.wrist_renderers.values()):
             r.close()
-        self.slots, self.free, self.renderers = {}, {}, {}
+        self.slots, self.free, self.renderers, self.wrist_renderers = {}, {}, {}, {}
 
 
 def _serve() -> None:
@@ -180,7 +191,8 @@ def _serve() -> None:
 class SimWorkers:
     """`num_workers` simulator processes sharing one set of settings.
 
-    image_size: side of rendered images; camera: Meta-World camera; goal_marker_scale: goal site
+    image_size: side of rendered images; camera: Meta-World camera; wrist_camera: a second camera
+    rendered too (observations then carry 'wrist_image'; '' = none); goal_marker_scale: goal site
     enlargement; max_steps: episode limit; lp_num_threads: llvmpipe threads per worker (LP_NUM_THREADS,
     unless set in the environment; 1 keeps two workers from oversubscribing two cores).
     check_rendering: render a tiny scene in each worker now, so that an unusable MUJOCO_GL fails here
@@ -189,11 +201,13 @@ class SimWorkers:
 
     def __init__(self, num_workers: int = 1, *, image_size: int = 128, camera: str = "corner",
                  goal_marker_scale: float = 2.5, max_steps: int = 200, lp_num_threads: int = 1,
-                 check_rendering: bool = True):
+                 check_rendering: bool = True, wrist_camera: str = ""):
         if int(num_workers) < 1:
             raise ValueError(f"num_workers must be >= 1, got {num_workers}")
         settings = dict(image_size=int(image_size), camera=str(camera), goal_marker_scale=float(goal_marker_scale),
                         max_steps=int(max_steps))
+        if wrist_camera:
+            settings["wrist_camera"] = str(wrist_camera)
         env = dict(os.environ)
         env.setdefault("MUJOCO_GL", "egl")
         env.setdefault("LP_NUM_THREADS", str(int(lp_num_threads)))
