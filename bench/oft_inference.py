@@ -30,20 +30,6 @@ sys.path.insert(0, REPO)
 PROMPT = [1, 512, 29901, 1724, 3158, 881, 278, 19964, 2125, 304, 5839, 701, 278, 805, 6150, 29973, 13, 3744, 29901, 29871]
 
 
-def random_params(model, image_size: int, seed: int = 0):
-    import flax.linen as nn
-    import jax
-    from flax import traverse_util
-
-    shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), np.zeros((1, image_size, image_size, 3), np.uint8),
-                                               np.ones((1, 4), np.int32)))["params"]
-    rng = np.random.default_rng(seed)
-    flat = traverse_util.flatten_dict(nn.meta.unbox(shapes))
-    out = {p: (np.ones(x.shape, np.float32) if p[-1] == "scale" else
-               (0.02 * rng.standard_normal(x.shape)).astype(np.float32)) for p, x in flat.items()}
-    return jax.device_put(traverse_util.unflatten_dict(out))
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="mid")
@@ -53,6 +39,7 @@ def main():
     args = ap.parse_args()
 
     import jax
+    from inference import random_params  # bench/inference.py (this folder is on sys.path)
 
     from vla_jax.models.config import get_preset, with_dtypes
     from vla_jax.models.decode import greedy_decode, split_layers
@@ -63,7 +50,7 @@ def main():
     oft_cfg = dataclasses.replace(ar_cfg, parallel_decoding=True, chunk_size=args.chunk, action_head="l1")
     s = ar_cfg.image_size
     oft_model = OpenVLA(oft_cfg)
-    oft_params = random_params(oft_model, s)
+    oft_params = random_params(oft_cfg)  # bench/inference.py's: N(0, 0.02), norms 1
     ar_params = split_layers({k: v for k, v in oft_params.items() if k != "action_head"})
     ar_decode = jax.jit(functools.partial(greedy_decode, OpenVLA(ar_cfg), num_tokens=ar_cfg.action_dim))
     oft_decode = make_parallel_decoder(oft_model)

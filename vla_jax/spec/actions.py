@@ -31,6 +31,16 @@ DECODINGS = ("autoregressive", "parallel")
 HEADS = ("tokens", "l1")
 
 
+def known_fields(cls, d: Mapping[str, Any], where: str) -> Dict[str, Any]:
+    """A JSON asset's dict -> constructor kwargs of dataclass `cls`; an unknown field (a newer or corrupt
+    asset) is a ValueError naming it, never silently dropped."""
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - fields)
+    if unknown:
+        raise ValueError(f"{where}: unknown {cls.__name__} fields {unknown}; known: {sorted(fields)}")
+    return dict(d)
+
+
 @dataclasses.dataclass(frozen=True)
 class ActionCodec:
     action_dim: int = 7
@@ -165,11 +175,7 @@ class ActionCodec:
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any], where: str = "action_codec") -> "ActionCodec":
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - fields)
-        if unknown:
-            raise ValueError(f"{where}: unknown ActionCodec fields {unknown}; known: {sorted(fields)}")
-        return cls(**dict(d))
+        return cls(**known_fields(cls, d, where))
 
     @classmethod
     def for_model(cls, model_config, action_dim: Optional[int] = None) -> "ActionCodec":

@@ -21,7 +21,7 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 
 import numpy as np
 
-from vla_jax.spec.actions import ActionCodec
+from vla_jax.spec.actions import ActionCodec, known_fields
 
 IGNORE_INDEX = -100
 
@@ -128,11 +128,7 @@ class BatchSpec:
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any], where: str = "batch_spec") -> "BatchSpec":
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - fields)
-        if unknown:
-            raise ValueError(f"{where}: unknown BatchSpec fields {unknown}; known: {sorted(fields)}")
-        d = dict(d)
+        d = known_fields(cls, d, where)
         d["codec"] = ActionCodec.from_json(d.get("codec", {}), f"{where}.codec")
         d["cameras"] = tuple(d.get("cameras", ("primary",)))
         return cls(**d)
