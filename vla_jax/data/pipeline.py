@@ -4,7 +4,8 @@ Exported for the training and eval scripts:
   DataConfig                 pipeline options (dataclass; `DataConfig.from_config` takes a ConfigDict/dict).
   make_train_iterator(data_cfg, tokenizer, process_index=None, process_count=None) -> DataIterator
       `next(it)` gives a dict of numpy arrays for this host:
-        pixel_values   uint8   [B, S, S, 3]   (S = resize_size, 224 for OpenVLA)
+        pixel_values   uint8   [B, S, S, 3]   (S = resize_size, 224 for OpenVLA); with cameras N > 1:
+                       uint8   [B, N, S, S, 3] (the datasets' image_keys order, primary first)
         input_ids      int32   [B, L]         (L = max_seq_len; `[BOS] prompt ▁ a1..a7 EOS PAD...`)
         attention_mask int32   [B, L]
         labels         int32   [B, L]         (-100 except the 7 action ids and EOS)
@@ -13,6 +14,9 @@ Exported for the training and eval scripts:
         [B, K, 7] (frame t's actions t..t+K-1) and input_ids/labels hold the K*7 action ids
         timestep-major, `[BOS] prompt ▁ a_0 .. a_{7K-1} EOS PAD...`, labels -100 except those and EOS.
         dataset_index  int32   [B]            (position of the frame's dataset in the mixture)
+        proprio        float32 [B, P]         only with use_proprio: the robot state, BOUNDS_Q99 with
+                                              the dataset's proprio statistics (every dim), clipped,
+                                              constant dims 0 (OpenVLA-OFT's training rule)
       `it.dataset_statistics`: {dataset_name: entry}, OpenVLA's dataset_statistics.json content.
       Resume: `it.get_state()` -> small uint8 array, `it.set_state(arr)` rebuilds the stream from
       the seed and skips the frames already consumed, before image decoding (needs
@@ -90,6 +94,13 @@ class DataConfig:
       t <= T - K, trajectories shorter than K are dropped; see `transforms.chunk_actions`). The
       mixture weights still use the statistics' num_transitions, as upstream. max_seq_len must
       hold the prompt plus K * action_dim + 3 tokens.
+    cameras: N, the cameras per frame: the first N of each dataset's `image_keys` (primary first).
+      1: the primary camera only, pixel_values [B, S, S, 3]; N > 1: [B, N, S, S, 3], each camera
+      decoded and resized alike and augmented with its own seed. A dataset naming fewer cameras,
+      lacking one, or with an episode whose image is empty in some step is an error naming the
+      dataset, the key (and the episode).
+    use_proprio: add 'proprio' float32 [B, P] from each dataset's `proprio_key` (every dataset of
+      the mixture needs one, all of the same P), normalized with its proprio statistics.
     """
 
     data_dir: str = ""
@@ -110,6 +121,8 @@ class DataConfig:
     deterministic: bool = True
     balance_weights: bool = True
     action_chunk: int = 1
+    cameras: int = 1
+    use_proprio: bool = False
 
     @classmethod
     def from_config(cls, section: Any) -> "DataConfig":
@@ -130,6 +143,13 @@ class DataConfig:
             raise ValueError(f"DataConfig.action_chunk must be an integer >= 1 (1: one action per frame, "
                              f"OpenVLA; 8: OpenVLA-OFT's LIBERO chunks), got {k!r}")
         object.__setattr__(self, "action_chunk", int(k))
+        n = self.cameras
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+            raise ValueError(f"DataConfig.cameras must be an integer >= 1 (the first N of each dataset's "
+                             f"image_keys; 2 for OpenVLA-OFT's LIBERO image + wrist_image), got {n!r}")
+        object.__setattr__(self, "cameras", int(n))
+        if not isinstance(self.use_proprio, (bool, np.bool_)):
+            raise ValueError(f"DataConfig.use_proprio must be True or False, got {self.use_proprio!r}")
         if self.shuffle_buffer < 0:
             raise ValueError(f"DataConfig.shuffle_buffer must be >= 0, got {self.shuffle_buffer}")
         # A list from a config file becomes a tuple: the config stays hashable.
@@ -172,6 +192,17 @@ def _open_sources(data_cfg: DataConfig) -> List[_Source]:
         if cfg.image_key not in obs_keys:
             raise ValueError(f"dataset {name!r}: image_key {cfg.image_key!r} not in steps/observation of "
                              f"{builder.data_dir}, which holds {obs_keys}")
+        for key in transforms.camera_keys(cfg, data_cfg.cameras):
+            if key not in obs_keys:
+                raise ValueError(f"dataset {name!r}: camera {key!r} (image_keys) not in steps/observation of "
+                                 f"{builder.data_dir} (so in none of its episodes), which holds {obs_keys}")
+        if data_cfg.use_proprio:
+            if cfg.proprio_key is None:
+                raise ValueError(f"dataset {name!r}: use_proprio is set but its config has no proprio_key (the "
+                                 f"state under steps/observation, one of {obs_keys})")
+            if cfg.proprio_key not in obs_keys:
+                raise ValueError(f"dataset {name!r}: proprio_key {cfg.proprio_key!r} not in steps/observation of "
+                                 f"{builder.data_dir} (so in none of its episodes), which holds {obs_keys}")
         sources.append(_Source(i, cfg, float(weight), builder, oxe.get_standardize(cfg.standardize)))
     dims = {s.cfg.action_dim for s in sources}
     if len(dims) != 1:
@@ -181,13 +212,16 @@ def _open_sources(data_cfg: DataConfig) -> List[_Source]:
 
 
 def _standardized(src: _Source, split: str, *, shuffle: bool, seed: Optional[int], threads: int,
-                  deterministic: bool, process_index: int = 0, process_count: int = 1) -> tf.data.Dataset:
+                  deterministic: bool, process_index: int = 0, process_count: int = 1, cameras: int = 1,
+                  proprio: bool = False, with_id: bool = False) -> tf.data.Dataset:
     part = rlds.process_split(src.builder, split, process_index, process_count)
     ds = rlds.read_trajectories(src.builder, part, shuffle_files=shuffle, seed=seed, num_parallel_reads=threads,
-                                num_parallel_calls=threads, deterministic=deterministic)
+                                num_parallel_calls=threads, deterministic=deterministic, with_id=with_id)
 
-    def fn(traj):
-        return transforms.restructure(src.standardize(traj, src.cfg), src.cfg, src.index, src.cfg.action_dim)
+    def fn(traj, episode_id=None):
+        out = transforms.restructure(src.standardize(traj, src.cfg), src.cfg, src.index, src.cfg.action_dim,
+                                     cameras=cameras, proprio=proprio)
+        return out if episode_id is None else {**out, "episode_id": episode_id}
 
     return rlds.traj_map(ds, fn, num_parallel_calls=threads, deterministic=deterministic)
 
@@ -199,22 +233,67 @@ def _iterate_or_name_corrupt(ds: tf.data.Dataset, src: _Source, split: str):
         raise rlds.corrupt_data_error(src.builder, split, e) from None
 
 
+def _proprio_source(cfg) -> str:
+    return f"observation/{cfg.proprio_key}" + (f" dims {list(cfg.proprio_indices)}" if cfg.proprio_indices else "")
+
+
 def _entry(src: _Source, data_cfg: DataConfig) -> dict:
+    proprio = data_cfg.use_proprio
+    cams = tuple(src.cfg.image_keys) if data_cfg.cameras > 1 else ()
+
     def compute():
-        log.info("computing action statistics of %s (all splits)", src.cfg.name)
-        ds = _standardized(src, "all", shuffle=False, seed=None, threads=2, deterministic=True)
-        ds = ds.map(lambda t: {"action": t["action"], "language_instruction": t["language_instruction"]})
-        return normalization.compute_statistics(_iterate_or_name_corrupt(ds, src, "all"),
-                                                src.cfg.normalization_mask)
+        log.info("computing action%s statistics of %s (all splits)", " and proprio" if proprio else "", src.cfg.name)
+        ds = _standardized(src, "all", shuffle=False, seed=None, threads=2, deterministic=True,
+                           cameras=len(cams) if cams else 1, proprio=proprio, with_id=bool(cams))
+
+        def keep(t):
+            out = {"action": t["action"], "language_instruction": t["language_instruction"]}
+            if proprio:
+                out["proprio"] = t["proprio"]
+            if cams:  # [T, N] encoded images -> [N]: some step of camera i has no image
+                out["camera_empty"] = tf.reduce_any(tf.strings.length(t["image"]) == 0, axis=0)
+                out["episode_id"] = t["episode_id"]
+            return out
+
+        return normalization.compute_statistics(_iterate_or_name_corrupt(ds.map(keep), src, "all"),
+                                                src.cfg.normalization_mask,
+                                                proprio_source=_proprio_source(src.cfg) if proprio else None,
+                                                camera_keys=cams)
 
     key = normalization.statistics_key(src.builder, src.standardize, src.cfg)
-    # The trajectory-length histogram is needed only to check action chunks; an older cache file
-    # without it is recomputed then (same statistics), not on every upgrade.
-    valid = (lambda e: normalization.LENGTHS_KEY in e) if data_cfg.action_chunk > 1 else None
-    entry = normalization.cached_statistics(src.builder, key, data_cfg.stats_cache_dir, compute, valid=valid)
+
+    # The trajectory-length histogram is needed only to check action chunks, the proprio statistics
+    # only with use_proprio, the missing-camera record only with several cameras; an older cache
+    # file without what this run needs is recomputed then (same action statistics), not on every upgrade.
+    def valid(e):
+        return ((data_cfg.action_chunk == 1 or normalization.LENGTHS_KEY in e)
+                and (not proprio or e.get(normalization.PROPRIO_KEY) == _proprio_source(src.cfg))
+                and (not cams or set(cams) <= set(e.get(normalization.MISSING_CAMERAS_KEY, {}))))
+
+    needs = data_cfg.action_chunk > 1 or proprio or cams
+    entry = normalization.cached_statistics(src.builder, key, data_cfg.stats_cache_dir, compute,
+                                            valid=valid if needs else None)
     # The mask is a property of the config, not of the data (OpenVLA adds it after the cache too).
     entry["action"]["mask"] = [bool(m) for m in src.cfg.normalization_mask]
+    if not proprio:  # OpenVLA (no proprio loaded): zeros, whatever an earlier run cached
+        entry["proprio"] = normalization.zero_proprio(len(entry["action"]["q01"]))
     return entry
+
+
+def check_cameras(src_name: str, builder, entry: Mapping, camera_keys: Sequence[str]) -> None:
+    """ValueError naming the dataset, the camera key and the episode(s) where a camera the run
+    reads has an empty image in some step (the camera is missing there). An episode is named
+    'FILE__RECORD': the data file under the dataset folder and the record's index in it."""
+    missing = entry.get(normalization.MISSING_CAMERAS_KEY, {})
+    for key in camera_keys:
+        episodes = missing.get(key, [])
+        if not episodes:
+            continue
+        more = f" and {len(episodes) - 5} more" if len(episodes) > 5 else ""
+        raise ValueError(f"dataset {src_name!r}: camera 'observation/{key}' is missing (empty image) in "
+                         f"{len(episodes)} episode(s): {', '.join(map(str, episodes[:5]))}{more} (data file "
+                         f"__ record index, in {builder.data_dir}); every episode needs every camera the run "
+                         f"reads (DataConfig.cameras)")
 
 
 def _warn_counts(src: _Source, entry: Mapping) -> None:
@@ -259,6 +338,8 @@ def _statistics(sources: Sequence[_Source], data_cfg: DataConfig) -> Dict[str, d
     for src in sources:
         entry = _entry(src, data_cfg)
         _warn_counts(src, entry)
+        if data_cfg.cameras > 1:
+            check_cameras(src.cfg.name, src.builder, entry, transforms.camera_keys(src.cfg, data_cfg.cameras))
         if data_cfg.action_chunk > 1:
             check_chunk_lengths(src.cfg.name, entry, data_cfg.action_chunk)
         out[src.cfg.name] = entry
@@ -312,11 +393,15 @@ def _encoded_frames(data_cfg: DataConfig, sources: Sequence[_Source], stats: Map
     per_dataset = []
     for src, threads in zip(sources, alloc):
         ds = _standardized(src, data_cfg.split, shuffle=train, seed=file_seed + src.index, threads=threads,
-                           deterministic=det, process_index=process_index, process_count=process_count)
+                           deterministic=det, process_index=process_index, process_count=process_count,
+                           cameras=data_cfg.cameras, proprio=data_cfg.use_proprio)
         entry = stats[src.cfg.name]
         ds = ds.filter(transforms.is_usable)
         ds = rlds.traj_map(ds, lambda t, e=entry: {**t, "action": normalization.normalize_actions_tf(t["action"], e)},
                            num_parallel_calls=threads, deterministic=det)
+        if data_cfg.use_proprio:
+            ds = rlds.traj_map(ds, lambda t, e=entry: {**t, "proprio": normalization.normalize_proprio_tf(t["proprio"], e)},
+                               num_parallel_calls=threads, deterministic=det)
         ds = ds.filter(transforms.is_labeled)
         k = data_cfg.action_chunk
         if k > 1:  # K = 1 is OpenVLA's window 1: nothing to do, and the graph stays as it was
@@ -429,13 +514,17 @@ class DataIterator:
         out = self.tokenizer.encode_batch(instructions, actions)
         out.update(pixel_values=b["image"].numpy(), actions=actions.astype(np.float32),
                    dataset_index=b["dataset_index"].numpy().astype(np.int32))
+        if self.data_cfg.use_proprio:
+            out["proprio"] = b["proprio"].numpy().astype(np.float32)
         return out
 
     # --- resume -----------------------------------------------------------------------------
     def _fingerprint(self) -> str:
         d = {k: v for k, v in dataclasses.asdict(self.data_cfg).items() if k not in _STREAM_NEUTRAL}
-        if d["action_chunk"] == 1:
-            del d["action_chunk"]  # states saved before the field existed (K = 1) still resume
+        # States saved before these fields existed (their defaults) still resume.
+        for field, default in (("action_chunk", 1), ("cameras", 1), ("use_proprio", False)):
+            if d[field] == default:
+                del d[field]
         d.update(process_index=self.process_index, process_count=self.process_count)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
