@@ -233,6 +233,15 @@ def test_missing_keys_and_bad_camera_settings_are_named(multicam, tmp_path, brid
     with pytest.raises(ValueError, match=r"dataset 'multicam_debug': 3 cameras asked \(DataConfig.cameras\) but its "
                                          r"config names 2 in image_keys \['image', 'wrist_image'\]"):
         pipeline.dataset_statistics(data_cfg(multicam, cameras=3))
+    mixed = tmp_path / "mixed.json"
+    mixed.write_text(json.dumps({"datasets": [{"name": "multicam_short_state", "builder_name": "multicam_debug",
+                                               "image_keys": ["image", "wrist_image"], "proprio_key": "state",
+                                               "proprio_indices": [0, 1]}],
+                                 "mixtures": {"multicam_mixed_state": [["multicam_debug", 1.0],
+                                                                       ["multicam_short_state", 1.0]]}}))
+    with pytest.raises(ValueError, match=r"mixture 'multicam_mixed_state' mixes proprio dims "
+                                         r"\{'multicam_debug': 8, 'multicam_short_state': 2\}"):
+        pipeline.dataset_statistics(data_cfg(multicam, mixture="multicam_mixed_state", dataset_configs=str(mixed)))
     with pytest.raises(ValueError, match="DataConfig.cameras must be an integer >= 1"):
         data_cfg(multicam, cameras=0)
     with pytest.raises(ValueError, match="use_proprio is set but its config has no proprio_key"):

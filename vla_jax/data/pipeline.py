@@ -38,7 +38,7 @@ is a ValueError at `next(it)`, not a bare StopIteration.
 
 Order of operations (OpenVLA's, OPENVLA_REFERENCE.md §5): read this host's share of each dataset's
 episodes (images stay encoded) -> standardize -> drop trajectories with non-finite actions or no
-steps -> normalize (BOUNDS_Q99) -> drop trajectories without instruction -> (K > 1: drop trajectories shorter than K, chunk the
+steps -> normalize (BOUNDS_Q99; proprio too, with use_proprio) -> drop trajectories without instruction -> (K > 1: drop trajectories shorter than K, chunk the
 actions) -> repeat -> frames ->
 per-dataset frame filter -> weighted interleave (weights x num_transitions) -> shuffle buffer ->
 decode + lanczos3 resize (+ augmentation) -> batch -> tokenize on the host.
@@ -51,109 +51,20 @@ import hashlib
 import json
 import logging
 import os
-import warnings
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 import tensorflow as tf
 
 from vla_jax.data import normalization, rlds, transforms
+from vla_jax.data.config import DataConfig
+from vla_jax.data.stream_checks import DataWarning, check_cameras, check_chunk_lengths, warn_counts
+
+__all__ = ["DataConfig", "DataWarning", "DataIterator", "check_cameras", "check_chunk_lengths", "dataset_statistics",
+           "make_dataset", "make_train_iterator", "mixture_weights", "standardized_trajectories"]
 from vla_jax.tokenizer import LlamaTokenizer, VLATokenizer
 
 log = logging.getLogger(__name__)
-
-
-class DataWarning(UserWarning):
-    """Data problems that the pipeline works around (dropped trajectories, ...)."""
-
-
-@dataclasses.dataclass(frozen=True)
-class DataConfig:
-    """Options of the input pipeline.
-
-    data_dir: folder holding `{builder_name}/{version}/` TFDS builder folders.
-    mixture: a named mixture or a single registered dataset name.
-    split: 'train' / 'val' (without a val split: the last 5% of train) / 'all'.
-    batch_size: frames per batch *on this host*.
-    resize_size: side of the square uint8 images (224 for OpenVLA; smaller for demo models).
-    image_aug: OpenVLA's augmentation (random crop, brightness, contrast, saturation, hue).
-    image_aug_ops: which of those ops image_aug applies (default all, in OpenVLA's order).
-    shuffle_buffer: frames (still encoded) in the shuffle buffer (OpenVLA: 256,000).
-    seed: makes the stream reproducible (file order, mixture draws, shuffle, augmentation).
-    max_seq_len: fixed text length of input_ids/labels (BOS included, image patches not).
-    threads: tf.data private thread pool size (None: TF's default pool).
-    ram_budget_gb: tf.data autotune RAM budget (OpenVLA: 1).
-    dataset_configs: optional .json/.py file registering extra datasets/mixtures.
-    stats_cache_dir: where statistics go when the data folder is read-only
-      (None: $VLA_JAX_CACHE_DIR or ~/.cache/vla_jax).
-    repeat: infinite stream (training); False gives one pass (evaluation).
-    deterministic: keep element order a function of the seed (needed for skip-based resume).
-    balance_weights: multiply mixture weights by each dataset's num_transitions (OpenVLA: True).
-    action_chunk: K, the actions each frame carries (1: OpenVLA, one action per frame; K > 1:
-      OpenVLA-OFT's chunks, frame t carries actions t..t+K-1 of its episode, chunks start only at
-      t <= T - K, trajectories shorter than K are dropped; see `transforms.chunk_actions`). The
-      mixture weights still use the statistics' num_transitions, as upstream. max_seq_len must
-      hold the prompt plus K * action_dim + 3 tokens.
-    cameras: N, the cameras per frame: the first N of each dataset's `image_keys` (primary first).
-      1: the primary camera only, pixel_values [B, S, S, 3]; N > 1: [B, N, S, S, 3], each camera
-      decoded and resized alike and augmented with its own seed. A dataset naming fewer cameras,
-      lacking one, or with an episode whose image is empty in some step is an error naming the
-      dataset, the key (and the episode).
-    use_proprio: add 'proprio' float32 [B, P] from each dataset's `proprio_key` (every dataset of
-      the mixture needs one, all of the same P), normalized with its proprio statistics.
-    """
-
-    data_dir: str = ""
-    mixture: str = "bridge_orig"
-    split: str = "train"
-    batch_size: int = 8
-    resize_size: int = 224
-    image_aug: bool = False
-    image_aug_ops: Tuple[str, ...] = transforms.AUGMENT_ORDER
-    shuffle_buffer: int = 256_000
-    seed: int = 0
-    max_seq_len: int = 64
-    threads: Optional[int] = None
-    ram_budget_gb: Optional[float] = 1.0
-    dataset_configs: Optional[str] = None
-    stats_cache_dir: Optional[str] = None
-    repeat: bool = True
-    deterministic: bool = True
-    balance_weights: bool = True
-    action_chunk: int = 1
-    cameras: int = 1
-    use_proprio: bool = False
-
-    @classmethod
-    def from_config(cls, section: Any) -> "DataConfig":
-        """From a dict or an ml_collections ConfigDict; unknown keys are an error naming them."""
-        d = dict(section.to_dict() if hasattr(section, "to_dict") else section)
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"unknown data config key(s) {unknown}; known keys: {sorted(names)}")
-        return cls(**d)
-
-    def __post_init__(self):
-        for f in ("batch_size", "resize_size", "max_seq_len"):
-            if int(getattr(self, f)) <= 0:
-                raise ValueError(f"DataConfig.{f} must be > 0, got {getattr(self, f)!r}")
-        k = self.action_chunk
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-            raise ValueError(f"DataConfig.action_chunk must be an integer >= 1 (1: one action per frame, "
-                             f"OpenVLA; 8: OpenVLA-OFT's LIBERO chunks), got {k!r}")
-        object.__setattr__(self, "action_chunk", int(k))
-        n = self.cameras
-        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
-            raise ValueError(f"DataConfig.cameras must be an integer >= 1 (the first N of each dataset's "
-                             f"image_keys; 2 for OpenVLA-OFT's LIBERO image + wrist_image), got {n!r}")
-        object.__setattr__(self, "cameras", int(n))
-        if not isinstance(self.use_proprio, (bool, np.bool_)):
-            raise ValueError(f"DataConfig.use_proprio must be True or False, got {self.use_proprio!r}")
-        if self.shuffle_buffer < 0:
-            raise ValueError(f"DataConfig.shuffle_buffer must be >= 0, got {self.shuffle_buffer}")
-        # A list from a config file becomes a tuple: the config stays hashable.
-        object.__setattr__(self, "image_aug_ops", transforms.check_augment_ops(self.image_aug_ops))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -204,11 +115,24 @@ def _open_sources(data_cfg: DataConfig) -> List[_Source]:
                 raise ValueError(f"dataset {name!r}: proprio_key {cfg.proprio_key!r} not in steps/observation of "
                                  f"{builder.data_dir} (so in none of its episodes), which holds {obs_keys}")
         sources.append(_Source(i, cfg, float(weight), builder, oxe.get_standardize(cfg.standardize)))
+    if data_cfg.use_proprio:
+        pdims = {}
+        for s in sources:
+            shape = s.builder.info.features["steps"]["observation"][s.cfg.proprio_key].shape
+            pdims[s.cfg.name] = len(s.cfg.proprio_indices) if s.cfg.proprio_indices else int(np_prod(shape))
+        if len(set(pdims.values())) != 1:
+            raise ValueError(f"mixture {data_cfg.mixture!r} mixes proprio dims {pdims} (proprio_key, cut by "
+                             "proprio_indices); one proprio projector takes one size")
     dims = {s.cfg.action_dim for s in sources}
     if len(dims) != 1:
         raise ValueError(f"mixture {data_cfg.mixture!r} mixes action dims "
                          f"{ {s.cfg.name: s.cfg.action_dim for s in sources} }; one model predicts one size")
     return sources
+
+
+def np_prod(shape) -> int:
+    """Number of values of a feature shape; a scalar state is one dim."""
+    return int(np.prod(shape)) if len(shape) else 1
 
 
 def _standardized(src: _Source, split: str, *, shuffle: bool, seed: Optional[int], threads: int,
@@ -280,64 +204,11 @@ def _entry(src: _Source, data_cfg: DataConfig) -> dict:
     return entry
 
 
-def check_cameras(src_name: str, builder, entry: Mapping, camera_keys: Sequence[str]) -> None:
-    """ValueError naming the dataset, the camera key and the episode(s) where a camera the run
-    reads has an empty image in some step (the camera is missing there). An episode is named
-    'FILE__RECORD': the data file under the dataset folder and the record's index in it."""
-    missing = entry.get(normalization.MISSING_CAMERAS_KEY, {})
-    for key in camera_keys:
-        episodes = missing.get(key, [])
-        if not episodes:
-            continue
-        more = f" and {len(episodes) - 5} more" if len(episodes) > 5 else ""
-        raise ValueError(f"dataset {src_name!r}: camera 'observation/{key}' is missing (empty image) in "
-                         f"{len(episodes)} episode(s): {', '.join(map(str, episodes[:5]))}{more} (data file "
-                         f"__ record index, in {builder.data_dir}); every episode needs every camera the run "
-                         f"reads (DataConfig.cameras)")
-
-
-def _warn_counts(src: _Source, entry: Mapping) -> None:
-    counts = entry.get(normalization.COUNTS_KEY, {})
-    what = {"nonfinite": "have NaN/inf actions and are dropped",
-            "empty": "have no steps after standardization and are dropped",
-            "unlabeled": "have no language instruction and are skipped"}
-    for k, msg in what.items():
-        if counts.get(k):
-            text = f"dataset {src.cfg.name!r}: {counts[k]} trajectories (over all splits) {msg}"
-            log.warning(text)
-            warnings.warn(text, DataWarning, stacklevel=3)
-
-
-def check_chunk_lengths(name: str, entry: Mapping, k: int) -> dict:
-    """Trajectories too short for chunks of `k` actions, from a statistics entry's length histogram.
-
-    Returns {"dropped_episodes", "dropped_frames", "episodes", "longest"} (over all splits; only
-    finite, labeled trajectories, the ones the pipeline streams). Warns (DataWarning and log) when
-    some are dropped; ValueError naming the dataset, `k` and the longest trajectory when none is
-    long enough (the stream would be empty).
-    """
-    hist = {int(t): int(n) for t, n in entry[normalization.LENGTHS_KEY].items()}
-    short = {t: n for t, n in hist.items() if t < k}
-    out = {"dropped_episodes": sum(short.values()), "dropped_frames": sum(t * n for t, n in short.items()),
-           "episodes": sum(hist.values()), "longest": max(hist, default=0)}
-    if out["dropped_episodes"] == out["episodes"]:
-        raise ValueError(f"dataset {name!r}: no trajectory has the {k} steps an action chunk of "
-                         f"action_chunk={k} needs (longest: {out['longest']} steps, over "
-                         f"{out['episodes']} usable trajectories of all splits); lower action_chunk "
-                         f"to <= {out['longest']}")
-    if out["dropped_episodes"]:
-        text = (f"dataset {name!r}: {out['dropped_episodes']} of {out['episodes']} trajectories (over all "
-                f"splits; {out['dropped_frames']} frames) are shorter than action_chunk={k} and are dropped")
-        log.warning(text)
-        warnings.warn(text, DataWarning, stacklevel=3)
-    return out
-
-
 def _statistics(sources: Sequence[_Source], data_cfg: DataConfig) -> Dict[str, dict]:
     out = {}
     for src in sources:
         entry = _entry(src, data_cfg)
-        _warn_counts(src, entry)
+        warn_counts(src.cfg.name, entry)
         if data_cfg.cameras > 1:
             check_cameras(src.cfg.name, src.builder, entry, transforms.camera_keys(src.cfg, data_cfg.cameras))
         if data_cfg.action_chunk > 1:
