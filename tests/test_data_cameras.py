@@ -297,3 +297,26 @@ def test_proprio_indices_pick_libero_dims():
     bad = dataclasses.replace(cfg, proprio_indices=(0, 9))
     with pytest.raises(ValueError, match=r"proprio_indices \[0, 9\] hold \[9\], outside the 9 dims"):
         transforms.proprio_of({"observation": {"state": tf.constant(state)}}, bad)
+
+
+def test_fixture_episodes_decode_with_pil_to_the_raw_arrays(multicam):
+    """The stored episodes (TFRecord parsed with tf.train.Example, PNG decoded with PIL) are the
+    arrays `raw_episodes` regenerates: the truth the stream tests compare against."""
+    import io
+
+    from PIL import Image
+
+    data_dir, _ = multicam
+    path = os.path.join(data_dir, "multicam_debug", "1.0.0", "multicam_debug-train.tfrecord-00000-of-00001")
+    raw = {ep["instruction"]: ep for ep in fx.raw_episodes("train")}
+    seen = []
+    for record in tf.data.TFRecordDataset(path):
+        feat = tf.train.Example.FromString(record.numpy()).features.feature
+        ep = raw[feat["steps/language_instruction"].bytes_list.value[0].decode()]
+        for key in ("image", "wrist_image"):
+            pics = [np.asarray(Image.open(io.BytesIO(b))) for b in feat[f"steps/observation/{key}"].bytes_list.value]
+            np.testing.assert_array_equal(np.stack(pics), ep[key])
+        state = np.asarray(feat["steps/observation/state"].float_list.value, np.float32).reshape(-1, fx.STATE_DIM)
+        np.testing.assert_array_equal(state, ep["state"])
+        seen.append(ep["instruction"])
+    assert sorted(seen) == sorted(raw)
