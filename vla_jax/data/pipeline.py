@@ -163,7 +163,7 @@ def _proprio_source(cfg) -> str:
 
 def _entry(src: _Source, data_cfg: DataConfig) -> dict:
     proprio = data_cfg.use_proprio
-    cams = tuple(src.cfg.image_keys) if data_cfg.cameras > 1 else ()
+    cams = transforms.camera_keys(src.cfg, data_cfg.cameras) if data_cfg.cameras > 1 else ()
 
     def compute():
         log.info("computing action%s statistics of %s (all splits)", " and proprio" if proprio else "", src.cfg.name)
