@@ -44,6 +44,13 @@ def base_config() -> ml_collections.ConfigDict:
         # chunks start only where a full chunk exists, shorter episodes are dropped (and counted).
         # max_seq_len must then hold the prompt plus K x 7 action tokens (K=8: 128 is enough).
         action_chunk=1,
+        # Cameras per frame: the first N of each dataset's image_keys (primary first). 1: pixel_values
+        # [B, S, S, 3] (OpenVLA); N > 1: [B, N, S, S, 3], each camera augmented with its own seed
+        # (OpenVLA-OFT LIBERO: 2, image + wrist_image).
+        cameras=1,
+        # Add batch key 'proprio' float32 [B, P]: each dataset's proprio_key state, BOUNDS_Q99-normalized
+        # with its proprio statistics (computed and cached with the action statistics).
+        use_proprio=False,
     ))
     c.synthetic = ml_collections.ConfigDict(dict(num_datasets=1, palette=0))  # data_source='synthetic' only
 

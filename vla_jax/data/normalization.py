@@ -2,7 +2,8 @@
 
 Statistics format (one entry per dataset in OpenVLA's `dataset_statistics.json`):
   {"action": {"mean","std","max","min","q01","q99": [A] floats, "mask": [A] bools},
-   "proprio": {same six fields, all zeros: OpenVLA loads no proprio},
+   "proprio": {same six fields over the [P] proprio dims, no mask; all zeros [A] when proprio is not
+               used: OpenVLA loads no proprio},
    "num_transitions": int, "num_trajectories": int}
 They are computed over every split of the *standardized* trajectories (float32 numpy, `np.quantile`
 linear), once, and cached as `dataset_statistics_{key}.json` next to the data, or in a cache
@@ -25,6 +26,15 @@ they are needed (`cached_statistics(..., valid=...)`).
 Normalization: `where(mask, clip(2 (a - q01) / (q99 - q01 + 1e-8) - 1, -1, 1), a)`, then every
 dimension whose min == max becomes 0 (even an unmasked one). Inverse for inference:
 `where(mask, 0.5 (a + 1) (q99 - q01) + q01, a)`.
+
+Proprio (OpenVLA-OFT, OFT_REFERENCE.md §7): the same BOUNDS_Q99 on every dim (no mask), clipped,
+and at training time every dim whose min == max becomes 0 (`normalize_proprio`). OFT's inference
+(`normalize_proprio` in its robot utils) skips that last rule: a constant dim then maps to
+2 (x - q01) / 1e-8 - 1 clipped, i.e. -1 at x == q01; `normalize_proprio(..., zero_constant_dims=False)`
+gives that. Proprio statistics are computed (with the actions, same pass) only when a run asks for
+proprio; the cache then holds PROPRIO_KEY naming the state key and dims they came from, and an older
+cache without it is recomputed. A run with several cameras also records, per camera key, the
+episodes with an empty (missing) image under MISSING_CAMERAS_KEY.
 """
 
 from __future__ import annotations
@@ -48,6 +58,9 @@ STATS_FIELDS = ("mean", "std", "max", "min", "q01", "q99")
 STATS_VERSION = "vla_jax-stats-v1"
 COUNTS_KEY = "vla_jax_counts"
 LENGTHS_KEY = "vla_jax_episode_lengths"
+PROPRIO_KEY = "vla_jax_proprio_source"
+MISSING_CAMERAS_KEY = "vla_jax_missing_cameras"
+_PRIVATE_KEYS = (COUNTS_KEY, LENGTHS_KEY, PROPRIO_KEY, MISSING_CAMERAS_KEY)
 
 
 def default_cache_dir() -> str:
@@ -56,16 +69,31 @@ def default_cache_dir() -> str:
     return os.path.join(root, "dataset_statistics")
 
 
-def compute_statistics(trajectories: Iterable[Mapping[str, np.ndarray]], mask: Sequence[bool]) -> dict:
-    """trajectories: numpy dicts with 'action' [T, A] (standardized, unnormalized).
+def compute_statistics(trajectories: Iterable[Mapping[str, np.ndarray]], mask: Sequence[bool],
+                       proprio_source: Optional[str] = None, camera_keys: Sequence[str] = ()) -> dict:
+    """trajectories: numpy dicts with 'action' [T, A] (standardized, unnormalized), and
+    'proprio' [T, P] when `proprio_source` (a description of where it comes from, stored under
+    PROPRIO_KEY) is given, and 'camera_empty' bool [N] (camera i has an empty image in some step)
+    (and optionally 'episode_id') when `camera_keys` (the N camera keys) are given.
 
     Returns one statistics entry (format above) plus COUNTS_KEY: {"nonfinite": n, "empty": n,
-    "unlabeled": n} (unlabeled: every instruction empty; counted here, filtered by the pipeline)
-    and LENGTHS_KEY: {str(T): number of finite, labeled trajectories with T steps}.
+    "unlabeled": n} (unlabeled: every instruction empty; counted here, filtered by the pipeline),
+    LENGTHS_KEY: {str(T): number of finite, labeled trajectories with T steps} and, with cameras,
+    MISSING_CAMERAS_KEY: {camera key: [episodes with an empty image: their 'episode_id' (str), else
+    their position in the iteration]}.
     """
     actions, n_traj, counts = [], 0, {"nonfinite": 0, "empty": 0, "unlabeled": 0}
+    proprios = []
+    missing: Dict[str, list] = {k: [] for k in camera_keys}
     lengths: Dict[int, int] = {}
-    for traj in trajectories:
+    for position, traj in enumerate(trajectories):
+        if camera_keys:
+            empty = np.asarray(traj["camera_empty"], bool).reshape(-1)
+            episode = traj.get("episode_id", position)
+            episode = episode.decode() if isinstance(episode, bytes) else episode
+            for key, e in zip(camera_keys, empty):
+                if e:
+                    missing[key].append(episode)
         a = np.asarray(traj["action"], dtype=np.float32)
         if a.ndim != 2 or a.shape[0] == 0:
             counts["empty"] += 1
@@ -79,6 +107,9 @@ def compute_statistics(trajectories: Iterable[Mapping[str, np.ndarray]], mask: S
         else:
             lengths[a.shape[0]] = lengths.get(a.shape[0], 0) + 1
         actions.append(a)
+        if proprio_source is not None:
+            p = np.asarray(traj["proprio"], dtype=np.float32)
+            proprios.append(p.reshape(p.shape[0], -1))
         n_traj += 1
     if not actions:
         raise ValueError(f"no usable trajectories to compute statistics from (skipped: {counts})")
@@ -89,20 +120,40 @@ def compute_statistics(trajectories: Iterable[Mapping[str, np.ndarray]], mask: S
         "mean": a.mean(0), "std": a.std(0), "max": a.max(0), "min": a.min(0),
         "q01": np.quantile(a, 0.01, axis=0), "q99": np.quantile(a, 0.99, axis=0),
     }
-    zeros = [0.0] * a.shape[1]
-    return {
+    out = {
         "action": {**{k: np.asarray(v, np.float32).tolist() for k, v in stats.items()}, "mask": [bool(m) for m in mask]},
-        "proprio": {k: list(zeros) for k in STATS_FIELDS},
+        "proprio": zero_proprio(a.shape[1]),
         "num_transitions": int(a.shape[0]),
         "num_trajectories": int(n_traj),
         COUNTS_KEY: counts,
         LENGTHS_KEY: {str(t): n for t, n in sorted(lengths.items())},
     }
+    if proprio_source is not None:
+        p = np.concatenate(proprios, axis=0)
+        if not np.all(np.isfinite(p)):
+            raise ValueError(f"proprio {proprio_source} holds NaN/inf values in trajectories with finite actions")
+        out["proprio"] = _six(p)
+        out[PROPRIO_KEY] = proprio_source
+    if camera_keys:
+        out[MISSING_CAMERAS_KEY] = missing
+    return out
+
+
+def _six(x: np.ndarray) -> dict:
+    stats = {"mean": x.mean(0), "std": x.std(0), "max": x.max(0), "min": x.min(0),
+             "q01": np.quantile(x, 0.01, axis=0), "q99": np.quantile(x, 0.99, axis=0)}
+    return {k: np.asarray(v, np.float32).tolist() for k, v in stats.items()}
+
+
+def zero_proprio(dim: int) -> dict:
+    """OpenVLA's proprio entry when no proprio is loaded: the six fields, `dim` zeros each."""
+    return {k: [0.0] * int(dim) for k in STATS_FIELDS}
 
 
 def export_entry(entry: Mapping) -> dict:
-    """The OpenVLA-format entry (drops vla_jax's extra counts and length histogram)."""
-    return {k: v for k, v in entry.items() if k not in (COUNTS_KEY, LENGTHS_KEY)}
+    """The OpenVLA-format entry (drops vla_jax's extra counts, length histogram, proprio source and
+    missing-camera record)."""
+    return {k: v for k, v in entry.items() if k not in _PRIVATE_KEYS}
 
 
 # --------------------------------------------------------------------------------------------
@@ -297,4 +348,34 @@ def normalize_actions_tf(actions, entry: Mapping):
     q01, q99, mask, zero = _arrays(entry, int(actions.shape[-1]))
     x = tf.cast(actions, tf.float32)
     y = tf.where(mask, tf.clip_by_value(2 * (x - q01) / (q99 - q01 + np.float32(1e-8)) - 1, -1.0, 1.0), x)
+    return tf.where(zero, tf.zeros_like(y), y)
+
+
+def _proprio_arrays(entry: Mapping, dim: int):
+    p = entry["proprio"]
+    q01, q99 = np.asarray(p["q01"], np.float32), np.asarray(p["q99"], np.float32)
+    zero = np.asarray(p["min"], np.float32) == np.asarray(p["max"], np.float32)
+    if q01.shape != (dim,):
+        raise ValueError(f"statistics have {q01.shape[0]} proprio dims but the proprio vector has {dim}")
+    return q01, q99, zero
+
+
+def normalize_proprio(proprio, entry: Mapping, zero_constant_dims: bool = True) -> np.ndarray:
+    """BOUNDS_Q99 on every dim (no mask): proprio [..., P] float -> float32 [..., P] in [-1, 1].
+
+    zero_constant_dims: True is the training rule (dims with min == max become 0); False is
+    OpenVLA-OFT's inference-time `normalize_proprio`, which does not apply it."""
+    x = np.asarray(proprio, np.float32)
+    q01, q99, zero = _proprio_arrays(entry, x.shape[-1])
+    y = np.clip(2 * (x - q01) / (q99 - q01 + np.float32(1e-8)) - 1, -1, 1).astype(np.float32)
+    return np.where(zero, np.float32(0), y).astype(np.float32) if zero_constant_dims else y
+
+
+def normalize_proprio_tf(proprio, entry: Mapping):
+    """TF version of `normalize_proprio` (training rule) for tf.data maps: proprio [T, P] float32."""
+    import tensorflow as tf
+
+    q01, q99, zero = _proprio_arrays(entry, int(proprio.shape[-1]))
+    x = tf.cast(proprio, tf.float32)
+    y = tf.clip_by_value(2 * (x - q01) / (q99 - q01 + np.float32(1e-8)) - 1, -1.0, 1.0)
     return tf.where(zero, tf.zeros_like(y), y)

@@ -4,7 +4,8 @@ Exported for the training and eval scripts:
   DataConfig                 pipeline options (dataclass; `DataConfig.from_config` takes a ConfigDict/dict).
   make_train_iterator(data_cfg, tokenizer, process_index=None, process_count=None) -> DataIterator
       `next(it)` gives a dict of numpy arrays for this host:
-        pixel_values   uint8   [B, S, S, 3]   (S = resize_size, 224 for OpenVLA)
+        pixel_values   uint8   [B, S, S, 3]   (S = resize_size, 224 for OpenVLA); with cameras N > 1:
+                       uint8   [B, N, S, S, 3] (the datasets' image_keys order, primary first)
         input_ids      int32   [B, L]         (L = max_seq_len; `[BOS] prompt ▁ a1..a7 EOS PAD...`)
         attention_mask int32   [B, L]
         labels         int32   [B, L]         (-100 except the 7 action ids and EOS)
@@ -13,6 +14,9 @@ Exported for the training and eval scripts:
         [B, K, 7] (frame t's actions t..t+K-1) and input_ids/labels hold the K*7 action ids
         timestep-major, `[BOS] prompt ▁ a_0 .. a_{7K-1} EOS PAD...`, labels -100 except those and EOS.
         dataset_index  int32   [B]            (position of the frame's dataset in the mixture)
+        proprio        float32 [B, P]         only with use_proprio: the robot state, BOUNDS_Q99 with
+                                              the dataset's proprio statistics (every dim), clipped,
+                                              constant dims 0 (OpenVLA-OFT's training rule)
       `it.dataset_statistics`: {dataset_name: entry}, OpenVLA's dataset_statistics.json content.
       Resume: `it.get_state()` -> small uint8 array, `it.set_state(arr)` rebuilds the stream from
       the seed and skips the frames already consumed, before image decoding (needs
@@ -34,7 +38,7 @@ is a ValueError at `next(it)`, not a bare StopIteration.
 
 Order of operations (OpenVLA's, OPENVLA_REFERENCE.md §5): read this host's share of each dataset's
 episodes (images stay encoded) -> standardize -> drop trajectories with non-finite actions or no
-steps -> normalize (BOUNDS_Q99) -> drop trajectories without instruction -> (K > 1: drop trajectories shorter than K, chunk the
+steps -> normalize (BOUNDS_Q99; proprio too, with use_proprio) -> drop trajectories without instruction -> (K > 1: drop trajectories shorter than K, chunk the
 actions) -> repeat -> frames ->
 per-dataset frame filter -> weighted interleave (weights x num_transitions) -> shuffle buffer ->
 decode + lanczos3 resize (+ augmentation) -> batch -> tokenize on the host.
@@ -47,93 +51,20 @@ import hashlib
 import json
 import logging
 import os
-import warnings
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 import tensorflow as tf
 
 from vla_jax.data import normalization, rlds, transforms
+from vla_jax.data.config import DataConfig
+from vla_jax.data.stream_checks import DataWarning, check_cameras, check_chunk_lengths, warn_counts
+
+__all__ = ["DataConfig", "DataWarning", "DataIterator", "check_cameras", "check_chunk_lengths", "dataset_statistics",
+           "make_dataset", "make_train_iterator", "mixture_weights", "standardized_trajectories"]
 from vla_jax.tokenizer import LlamaTokenizer, VLATokenizer
 
 log = logging.getLogger(__name__)
-
-
-class DataWarning(UserWarning):
-    """Data problems that the pipeline works around (dropped trajectories, ...)."""
-
-
-@dataclasses.dataclass(frozen=True)
-class DataConfig:
-    """Options of the input pipeline.
-
-    data_dir: folder holding `{builder_name}/{version}/` TFDS builder folders.
-    mixture: a named mixture or a single registered dataset name.
-    split: 'train' / 'val' (without a val split: the last 5% of train) / 'all'.
-    batch_size: frames per batch *on this host*.
-    resize_size: side of the square uint8 images (224 for OpenVLA; smaller for demo models).
-    image_aug: OpenVLA's augmentation (random crop, brightness, contrast, saturation, hue).
-    image_aug_ops: which of those ops image_aug applies (default all, in OpenVLA's order).
-    shuffle_buffer: frames (still encoded) in the shuffle buffer (OpenVLA: 256,000).
-    seed: makes the stream reproducible (file order, mixture draws, shuffle, augmentation).
-    max_seq_len: fixed text length of input_ids/labels (BOS included, image patches not).
-    threads: tf.data private thread pool size (None: TF's default pool).
-    ram_budget_gb: tf.data autotune RAM budget (OpenVLA: 1).
-    dataset_configs: optional .json/.py file registering extra datasets/mixtures.
-    stats_cache_dir: where statistics go when the data folder is read-only
-      (None: $VLA_JAX_CACHE_DIR or ~/.cache/vla_jax).
-    repeat: infinite stream (training); False gives one pass (evaluation).
-    deterministic: keep element order a function of the seed (needed for skip-based resume).
-    balance_weights: multiply mixture weights by each dataset's num_transitions (OpenVLA: True).
-    action_chunk: K, the actions each frame carries (1: OpenVLA, one action per frame; K > 1:
-      OpenVLA-OFT's chunks, frame t carries actions t..t+K-1 of its episode, chunks start only at
-      t <= T - K, trajectories shorter than K are dropped; see `transforms.chunk_actions`). The
-      mixture weights still use the statistics' num_transitions, as upstream. max_seq_len must
-      hold the prompt plus K * action_dim + 3 tokens.
-    """
-
-    data_dir: str = ""
-    mixture: str = "bridge_orig"
-    split: str = "train"
-    batch_size: int = 8
-    resize_size: int = 224
-    image_aug: bool = False
-    image_aug_ops: Tuple[str, ...] = transforms.AUGMENT_ORDER
-    shuffle_buffer: int = 256_000
-    seed: int = 0
-    max_seq_len: int = 64
-    threads: Optional[int] = None
-    ram_budget_gb: Optional[float] = 1.0
-    dataset_configs: Optional[str] = None
-    stats_cache_dir: Optional[str] = None
-    repeat: bool = True
-    deterministic: bool = True
-    balance_weights: bool = True
-    action_chunk: int = 1
-
-    @classmethod
-    def from_config(cls, section: Any) -> "DataConfig":
-        """From a dict or an ml_collections ConfigDict; unknown keys are an error naming them."""
-        d = dict(section.to_dict() if hasattr(section, "to_dict") else section)
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"unknown data config key(s) {unknown}; known keys: {sorted(names)}")
-        return cls(**d)
-
-    def __post_init__(self):
-        for f in ("batch_size", "resize_size", "max_seq_len"):
-            if int(getattr(self, f)) <= 0:
-                raise ValueError(f"DataConfig.{f} must be > 0, got {getattr(self, f)!r}")
-        k = self.action_chunk
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-            raise ValueError(f"DataConfig.action_chunk must be an integer >= 1 (1: one action per frame, "
-                             f"OpenVLA; 8: OpenVLA-OFT's LIBERO chunks), got {k!r}")
-        object.__setattr__(self, "action_chunk", int(k))
-        if self.shuffle_buffer < 0:
-            raise ValueError(f"DataConfig.shuffle_buffer must be >= 0, got {self.shuffle_buffer}")
-        # A list from a config file becomes a tuple: the config stays hashable.
-        object.__setattr__(self, "image_aug_ops", transforms.check_augment_ops(self.image_aug_ops))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -172,7 +103,26 @@ def _open_sources(data_cfg: DataConfig) -> List[_Source]:
         if cfg.image_key not in obs_keys:
             raise ValueError(f"dataset {name!r}: image_key {cfg.image_key!r} not in steps/observation of "
                              f"{builder.data_dir}, which holds {obs_keys}")
+        for key in transforms.camera_keys(cfg, data_cfg.cameras):
+            if key not in obs_keys:
+                raise ValueError(f"dataset {name!r}: camera {key!r} (image_keys) not in steps/observation of "
+                                 f"{builder.data_dir} (so in none of its episodes), which holds {obs_keys}")
+        if data_cfg.use_proprio:
+            if cfg.proprio_key is None:
+                raise ValueError(f"dataset {name!r}: use_proprio is set but its config has no proprio_key (the "
+                                 f"state under steps/observation, one of {obs_keys})")
+            if cfg.proprio_key not in obs_keys:
+                raise ValueError(f"dataset {name!r}: proprio_key {cfg.proprio_key!r} not in steps/observation of "
+                                 f"{builder.data_dir} (so in none of its episodes), which holds {obs_keys}")
         sources.append(_Source(i, cfg, float(weight), builder, oxe.get_standardize(cfg.standardize)))
+    if data_cfg.use_proprio:
+        pdims = {}
+        for s in sources:
+            shape = s.builder.info.features["steps"]["observation"][s.cfg.proprio_key].shape
+            pdims[s.cfg.name] = len(s.cfg.proprio_indices) if s.cfg.proprio_indices else int(np_prod(shape))
+        if len(set(pdims.values())) != 1:
+            raise ValueError(f"mixture {data_cfg.mixture!r} mixes proprio dims {pdims} (proprio_key, cut by "
+                             "proprio_indices); one proprio projector takes one size")
     dims = {s.cfg.action_dim for s in sources}
     if len(dims) != 1:
         raise ValueError(f"mixture {data_cfg.mixture!r} mixes action dims "
@@ -180,14 +130,22 @@ def _open_sources(data_cfg: DataConfig) -> List[_Source]:
     return sources
 
 
+def np_prod(shape) -> int:
+    """Number of values of a feature shape; a scalar state is one dim."""
+    return int(np.prod(shape)) if len(shape) else 1
+
+
 def _standardized(src: _Source, split: str, *, shuffle: bool, seed: Optional[int], threads: int,
-                  deterministic: bool, process_index: int = 0, process_count: int = 1) -> tf.data.Dataset:
+                  deterministic: bool, process_index: int = 0, process_count: int = 1, cameras: int = 1,
+                  proprio: bool = False, with_id: bool = False) -> tf.data.Dataset:
     part = rlds.process_split(src.builder, split, process_index, process_count)
     ds = rlds.read_trajectories(src.builder, part, shuffle_files=shuffle, seed=seed, num_parallel_reads=threads,
-                                num_parallel_calls=threads, deterministic=deterministic)
+                                num_parallel_calls=threads, deterministic=deterministic, with_id=with_id)
 
-    def fn(traj):
-        return transforms.restructure(src.standardize(traj, src.cfg), src.cfg, src.index, src.cfg.action_dim)
+    def fn(traj, episode_id=None):
+        out = transforms.restructure(src.standardize(traj, src.cfg), src.cfg, src.index, src.cfg.action_dim,
+                                     cameras=cameras, proprio=proprio)
+        return out if episode_id is None else {**out, "episode_id": episode_id}
 
     return rlds.traj_map(ds, fn, num_parallel_calls=threads, deterministic=deterministic)
 
@@ -199,66 +157,60 @@ def _iterate_or_name_corrupt(ds: tf.data.Dataset, src: _Source, split: str):
         raise rlds.corrupt_data_error(src.builder, split, e) from None
 
 
+def _proprio_source(cfg) -> str:
+    return f"observation/{cfg.proprio_key}" + (f" dims {list(cfg.proprio_indices)}" if cfg.proprio_indices else "")
+
+
 def _entry(src: _Source, data_cfg: DataConfig) -> dict:
+    proprio = data_cfg.use_proprio
+    cams = transforms.camera_keys(src.cfg, data_cfg.cameras) if data_cfg.cameras > 1 else ()
+
     def compute():
-        log.info("computing action statistics of %s (all splits)", src.cfg.name)
-        ds = _standardized(src, "all", shuffle=False, seed=None, threads=2, deterministic=True)
-        ds = ds.map(lambda t: {"action": t["action"], "language_instruction": t["language_instruction"]})
-        return normalization.compute_statistics(_iterate_or_name_corrupt(ds, src, "all"),
-                                                src.cfg.normalization_mask)
+        log.info("computing action%s statistics of %s (all splits)", " and proprio" if proprio else "", src.cfg.name)
+        ds = _standardized(src, "all", shuffle=False, seed=None, threads=2, deterministic=True,
+                           cameras=len(cams) if cams else 1, proprio=proprio, with_id=bool(cams))
+
+        def keep(t):
+            out = {"action": t["action"], "language_instruction": t["language_instruction"]}
+            if proprio:
+                out["proprio"] = t["proprio"]
+            if cams:  # [T, N] encoded images -> [N]: some step of camera i has no image
+                out["camera_empty"] = tf.reduce_any(tf.strings.length(t["image"]) == 0, axis=0)
+                out["episode_id"] = t["episode_id"]
+            return out
+
+        return normalization.compute_statistics(_iterate_or_name_corrupt(ds.map(keep), src, "all"),
+                                                src.cfg.normalization_mask,
+                                                proprio_source=_proprio_source(src.cfg) if proprio else None,
+                                                camera_keys=cams)
 
     key = normalization.statistics_key(src.builder, src.standardize, src.cfg)
-    # The trajectory-length histogram is needed only to check action chunks; an older cache file
-    # without it is recomputed then (same statistics), not on every upgrade.
-    valid = (lambda e: normalization.LENGTHS_KEY in e) if data_cfg.action_chunk > 1 else None
-    entry = normalization.cached_statistics(src.builder, key, data_cfg.stats_cache_dir, compute, valid=valid)
+
+    # The trajectory-length histogram is needed only to check action chunks, the proprio statistics
+    # only with use_proprio, the missing-camera record only with several cameras; an older cache
+    # file without what this run needs is recomputed then (same action statistics), not on every upgrade.
+    def valid(e):
+        return ((data_cfg.action_chunk == 1 or normalization.LENGTHS_KEY in e)
+                and (not proprio or e.get(normalization.PROPRIO_KEY) == _proprio_source(src.cfg))
+                and (not cams or set(cams) <= set(e.get(normalization.MISSING_CAMERAS_KEY, {}))))
+
+    needs = data_cfg.action_chunk > 1 or proprio or cams
+    entry = normalization.cached_statistics(src.builder, key, data_cfg.stats_cache_dir, compute,
+                                            valid=valid if needs else None)
     # The mask is a property of the config, not of the data (OpenVLA adds it after the cache too).
     entry["action"]["mask"] = [bool(m) for m in src.cfg.normalization_mask]
+    if not proprio:  # OpenVLA (no proprio loaded): zeros, whatever an earlier run cached
+        entry["proprio"] = normalization.zero_proprio(len(entry["action"]["q01"]))
     return entry
-
-
-def _warn_counts(src: _Source, entry: Mapping) -> None:
-    counts = entry.get(normalization.COUNTS_KEY, {})
-    what = {"nonfinite": "have NaN/inf actions and are dropped",
-            "empty": "have no steps after standardization and are dropped",
-            "unlabeled": "have no language instruction and are skipped"}
-    for k, msg in what.items():
-        if counts.get(k):
-            text = f"dataset {src.cfg.name!r}: {counts[k]} trajectories (over all splits) {msg}"
-            log.warning(text)
-            warnings.warn(text, DataWarning, stacklevel=3)
-
-
-def check_chunk_lengths(name: str, entry: Mapping, k: int) -> dict:
-    """Trajectories too short for chunks of `k` actions, from a statistics entry's length histogram.
-
-    Returns {"dropped_episodes", "dropped_frames", "episodes", "longest"} (over all splits; only
-    finite, labeled trajectories, the ones the pipeline streams). Warns (DataWarning and log) when
-    some are dropped; ValueError naming the dataset, `k` and the longest trajectory when none is
-    long enough (the stream would be empty).
-    """
-    hist = {int(t): int(n) for t, n in entry[normalization.LENGTHS_KEY].items()}
-    short = {t: n for t, n in hist.items() if t < k}
-    out = {"dropped_episodes": sum(short.values()), "dropped_frames": sum(t * n for t, n in short.items()),
-           "episodes": sum(hist.values()), "longest": max(hist, default=0)}
-    if out["dropped_episodes"] == out["episodes"]:
-        raise ValueError(f"dataset {name!r}: no trajectory has the {k} steps an action chunk of "
-                         f"action_chunk={k} needs (longest: {out['longest']} steps, over "
-                         f"{out['episodes']} usable trajectories of all splits); lower action_chunk "
-                         f"to <= {out['longest']}")
-    if out["dropped_episodes"]:
-        text = (f"dataset {name!r}: {out['dropped_episodes']} of {out['episodes']} trajectories (over all "
-                f"splits; {out['dropped_frames']} frames) are shorter than action_chunk={k} and are dropped")
-        log.warning(text)
-        warnings.warn(text, DataWarning, stacklevel=3)
-    return out
 
 
 def _statistics(sources: Sequence[_Source], data_cfg: DataConfig) -> Dict[str, dict]:
     out = {}
     for src in sources:
         entry = _entry(src, data_cfg)
-        _warn_counts(src, entry)
+        warn_counts(src.cfg.name, entry)
+        if data_cfg.cameras > 1:
+            check_cameras(src.cfg.name, src.builder, entry, transforms.camera_keys(src.cfg, data_cfg.cameras))
         if data_cfg.action_chunk > 1:
             check_chunk_lengths(src.cfg.name, entry, data_cfg.action_chunk)
         out[src.cfg.name] = entry
@@ -312,11 +264,15 @@ def _encoded_frames(data_cfg: DataConfig, sources: Sequence[_Source], stats: Map
     per_dataset = []
     for src, threads in zip(sources, alloc):
         ds = _standardized(src, data_cfg.split, shuffle=train, seed=file_seed + src.index, threads=threads,
-                           deterministic=det, process_index=process_index, process_count=process_count)
+                           deterministic=det, process_index=process_index, process_count=process_count,
+                           cameras=data_cfg.cameras, proprio=data_cfg.use_proprio)
         entry = stats[src.cfg.name]
         ds = ds.filter(transforms.is_usable)
         ds = rlds.traj_map(ds, lambda t, e=entry: {**t, "action": normalization.normalize_actions_tf(t["action"], e)},
                            num_parallel_calls=threads, deterministic=det)
+        if data_cfg.use_proprio:
+            ds = rlds.traj_map(ds, lambda t, e=entry: {**t, "proprio": normalization.normalize_proprio_tf(t["proprio"], e)},
+                               num_parallel_calls=threads, deterministic=det)
         ds = ds.filter(transforms.is_labeled)
         k = data_cfg.action_chunk
         if k > 1:  # K = 1 is OpenVLA's window 1: nothing to do, and the graph stays as it was
@@ -429,13 +385,17 @@ class DataIterator:
         out = self.tokenizer.encode_batch(instructions, actions)
         out.update(pixel_values=b["image"].numpy(), actions=actions.astype(np.float32),
                    dataset_index=b["dataset_index"].numpy().astype(np.int32))
+        if self.data_cfg.use_proprio:
+            out["proprio"] = b["proprio"].numpy().astype(np.float32)
         return out
 
     # --- resume -----------------------------------------------------------------------------
     def _fingerprint(self) -> str:
         d = {k: v for k, v in dataclasses.asdict(self.data_cfg).items() if k not in _STREAM_NEUTRAL}
-        if d["action_chunk"] == 1:
-            del d["action_chunk"]  # states saved before the field existed (K = 1) still resume
+        # States saved before these fields existed (their defaults) still resume.
+        for field, default in (("action_chunk", 1), ("cameras", 1), ("use_proprio", False)):
+            if d[field] == default:
+                del d[field]
         d.update(process_index=self.process_index, process_count=self.process_count)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 

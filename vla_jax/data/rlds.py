@@ -123,11 +123,13 @@ def image_keys(builder) -> List[str]:
 
 def read_trajectories(builder, split: str, *, shuffle_files: bool = True, seed: Optional[int] = None,
                       num_parallel_reads: int = 1, num_parallel_calls: int = 1,
-                      deterministic: bool = True) -> tf.data.Dataset:
+                      deterministic: bool = True, with_id: bool = False) -> tf.data.Dataset:
     """One element per episode: the `steps` features batched over time, images still encoded.
 
     `split` is a TFDS split expression (use `process_split` for multi-host shares). Episode-level
-    metadata is dropped: standardization works on steps only.
+    metadata is dropped: standardization works on steps only. with_id: elements are
+    (steps, episode id) with the id TFDS's 'FILE__RECORD' (data file name and record index in it),
+    which names an episode in error messages whatever the read order.
     """
     # SkipDecoding on the whole `steps` feature returns every step feature already batched over
     # time, with images as their encoded bytes and plain tensors parsed (what dlimp does). The
@@ -136,13 +138,13 @@ def read_trajectories(builder, split: str, *, shuffle_files: bool = True, seed: 
     # makes the iterator impossible to checkpoint (and costs a nested pipeline per episode).
     decoders = {"steps": tfds.decode.SkipDecoding()}
     read_config = tfds.ReadConfig(
-        try_autocache=False, shuffle_seed=seed, skip_prefetch=True,
+        try_autocache=False, shuffle_seed=seed, skip_prefetch=True, add_tfds_id=with_id,
         interleave_cycle_length=num_parallel_reads, num_parallel_calls_for_interleave_files=num_parallel_reads,
         options=_options(deterministic=deterministic))
     ds = builder.as_dataset(split=split, shuffle_files=shuffle_files, decoders=decoders, read_config=read_config)
 
     def to_traj(episode):
-        return episode["steps"]
+        return (episode["steps"], episode["tfds_id"]) if with_id else episode["steps"]
 
     return ds.map(to_traj, num_parallel_calls=num_parallel_calls, deterministic=deterministic)
 

@@ -39,9 +39,14 @@ TEST_TIME_CROP_AREA = 0.9
 # ----------------------------------------------------------------------------------------------
 # Trajectory level.
 
-def restructure(traj: Mapping, dataset_cfg, dataset_index: int, action_dim: int) -> dict:
+def restructure(traj: Mapping, dataset_cfg, dataset_index: int, action_dim: int, cameras: int = 1,
+                proprio: bool = False) -> dict:
     """Standardized trajectory -> the flat structure the pipeline carries.
 
+    cameras: N, how many of `dataset_cfg.image_keys` to carry. N = 1: 'image' is the primary
+      camera's encoded bytes [T] (the one-camera layout); N > 1: 'image' is tf.string [T, N], the
+      first N cameras in image_keys order (primary first).
+    proprio: also carry 'proprio' float32 [T, P]: observation[proprio_key], cut to proprio_indices.
     Raises ValueError at trace time if a key the config names is missing, listing what is there.
     """
     obs = traj.get("observation")
@@ -62,12 +67,66 @@ def restructure(traj: Mapping, dataset_cfg, dataset_index: int, action_dim: int)
         raise ValueError(f"dataset {dataset_cfg.name!r}: image 'observation/{dataset_cfg.image_key}' must stay "
                          f"encoded (tf.string) until after the shuffle, got {image.dtype}")
     t = tf.shape(action)[0]
-    return {
+    if cameras > 1:
+        image = tf.stack([_camera(traj, dataset_cfg, key) for key in camera_keys(dataset_cfg, cameras)], axis=1)
+    out = {
         "image": image,
         "action": action,
         "language_instruction": tf.reshape(tf.cast(traj[dataset_cfg.language_key], tf.string), [-1]),
         "dataset_index": tf.fill([t], tf.constant(dataset_index, tf.int32)),
     }
+    if proprio:
+        out["proprio"] = proprio_of(traj, dataset_cfg)
+    return out
+
+
+def camera_keys(dataset_cfg, cameras: int) -> Tuple[str, ...]:
+    """The first `cameras` of the dataset's image_keys; ValueError naming the dataset when it has fewer."""
+    keys = tuple(dataset_cfg.image_keys)
+    if cameras > len(keys):
+        raise ValueError(f"dataset {dataset_cfg.name!r}: {cameras} cameras asked (DataConfig.cameras) but its "
+                         f"config names {len(keys)} in image_keys {list(keys)}; add the other cameras' keys to "
+                         "image_keys (primary first) or lower cameras")
+    return keys[:cameras]
+
+
+def _camera(traj: Mapping, dataset_cfg, key: str) -> tf.Tensor:
+    obs = traj["observation"]
+    if key not in obs:
+        raise ValueError(f"dataset {dataset_cfg.name!r}: camera 'observation/{key}' (image_keys) missing after "
+                         f"standardization; observation keys are {sorted(obs)}")
+    image = obs[key]
+    if image.dtype != tf.string or image.shape.rank != 1:
+        raise ValueError(f"dataset {dataset_cfg.name!r}: camera 'observation/{key}' must be encoded images "
+                         f"(tf.string [T]) until after the shuffle, got {image.dtype} {image.shape}")
+    return image
+
+
+def proprio_of(traj: Mapping, dataset_cfg) -> tf.Tensor:
+    """observation[proprio_key] float32 [T, D] -> [T, P] (the proprio_indices dims, in order)."""
+    key = dataset_cfg.proprio_key
+    if key is None:
+        raise ValueError(f"dataset {dataset_cfg.name!r} has no proprio_key in its config; set it (e.g. 'state', "
+                         "a key under steps/observation) or turn use_proprio off")
+    obs = traj.get("observation", {})
+    if key not in obs:
+        raise ValueError(f"dataset {dataset_cfg.name!r}: proprio 'observation/{key}' missing after "
+                         f"standardization; observation keys are {sorted(obs)}")
+    state = tf.cast(obs[key], tf.float32)
+    if state.shape.rank == 1:
+        state = state[:, None]
+    if state.shape.rank != 2 or state.shape[-1] is None:
+        raise ValueError(f"dataset {dataset_cfg.name!r}: proprio 'observation/{key}' must be float [T, D] with a "
+                         f"known D, got {obs[key].dtype} {obs[key].shape}")
+    idx = dataset_cfg.proprio_indices
+    if idx is None:
+        return state
+    d = int(state.shape[-1])
+    bad = [i for i in idx if not -d <= i < d]
+    if bad:
+        raise ValueError(f"dataset {dataset_cfg.name!r}: proprio_indices {list(idx)} hold {bad}, outside the "
+                         f"{d} dims of 'observation/{key}'")
+    return tf.gather(state, [i % d for i in idx], axis=1)
 
 
 def is_usable(traj: Mapping) -> tf.Tensor:
@@ -232,13 +291,24 @@ def check_augment_ops(ops: Sequence[str]) -> Tuple[str, ...]:
 
 def decode_resize_augment(frame: Mapping, size: int, augment: bool, base_seed: int, process_index: int,
                           frame_index: tf.Tensor, ops: Sequence[str] = AUGMENT_ORDER) -> dict:
-    """Frame with encoded 'image' -> frame with uint8 'image' [size, size, 3].
+    """Frame with encoded 'image' -> frame with uint8 'image' [size, size, 3]; with several
+    cameras (encoded [N]) -> uint8 [N, size, size, 3], each camera decoded and resized alike.
 
     ops: the subset of OpenVLA's augmentation to apply (always in OpenVLA's order, each op with the
-    seed it has in the full recipe)."""
-    img = resize_image(decode_image(frame["image"], size), size)
-    if augment:
-        params = {op: OPENVLA_AUGMENT[op] for op in check_augment_ops(ops)}
-        img = augment_image(img, frame_seed(base_seed, process_index, frame_index), params)
-    img.set_shape([size, size, 3])
-    return {**frame, "image": img}
+    seed it has in the full recipe). Camera i is augmented with the frame's seed + i (as upstream:
+    the cameras get different crops and colour jitter; camera 0 gets exactly the one-camera draw)."""
+    params = {op: OPENVLA_AUGMENT[op] for op in check_augment_ops(ops)} if augment else None
+    seed = frame_seed(base_seed, process_index, frame_index) if augment else None
+
+    def one(encoded, i):
+        img = resize_image(decode_image(encoded, size), size)
+        if augment:
+            img = augment_image(img, seed + i, params)
+        img.set_shape([size, size, 3])
+        return img
+
+    encoded = frame["image"]
+    if encoded.shape.rank == 0:
+        return {**frame, "image": one(encoded, 0)}
+    n = int(encoded.shape[0])
+    return {**frame, "image": tf.stack([one(encoded[i], i) for i in range(n)])}

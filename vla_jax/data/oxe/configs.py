@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Optional, Tuple
 
 # Action encodings OpenVLA trains on; the others in OXE (joint positions, bimanual) are rejected.
 ACTION_DIMS = {"EEF_POS": 7, "EEF_R6": 10}
@@ -28,10 +29,17 @@ class DatasetConfig:
       commands) or 'binarize' (continuous, 1 = open, snapped to {0, 1}).
     frame_filter: optional name of a registered frame filter the pipeline applies after
       normalization (DROID drops frames whose motion is all zero).
+    image_keys: every camera under steps/observation, primary first (e.g. ('image', 'wrist_image')).
+      Give `image_key` or `image_keys` or both (then image_key must equal image_keys[0]); each is
+      derived from the other. The pipeline reads the first `DataConfig.cameras` of them.
+    proprio_key: the robot state under steps/observation (e.g. 'state'), float [T, D] per episode,
+      read when `DataConfig.use_proprio` is set; None: the dataset has none.
+    proprio_indices: optional dims of that state to keep, in order, negative counting from the end
+      (LIBERO's 8-D proprio `state[:6] + state[-2:]` is (0, 1, 2, 3, 4, 5, -2, -1)); None keeps all.
     """
 
     name: str
-    image_key: str
+    image_key: str = ""
     standardize: str = "generic_eef_pos"
     builder_name: str | None = None
     version: str | None = None
@@ -41,8 +49,24 @@ class DatasetConfig:
     instruction_key: str = "language_instruction"
     gripper: str = "absolute"
     frame_filter: str | None = None
+    image_keys: Tuple[str, ...] = ()
+    proprio_key: Optional[str] = None
+    proprio_indices: Optional[Tuple[int, ...]] = None
 
     def __post_init__(self):
+        self._resolve_cameras()
+        if self.proprio_key is not None and (not isinstance(self.proprio_key, str) or not self.proprio_key):
+            raise ValueError(f"dataset {self.name!r}: proprio_key must be None or a non-empty string, "
+                             f"got {self.proprio_key!r}")
+        if self.proprio_indices is not None:
+            idx = self.proprio_indices
+            if (isinstance(idx, (str, bytes)) or not hasattr(idx, "__iter__")
+                    or not all(isinstance(i, int) and not isinstance(i, bool) for i in idx) or len(idx) == 0):
+                raise ValueError(f"dataset {self.name!r}: proprio_indices must be a non-empty list of integers "
+                                 f"(dims of the state, negative from the end), got {idx!r}")
+            if self.proprio_key is None:
+                raise ValueError(f"dataset {self.name!r}: proprio_indices {list(idx)} given without a proprio_key")
+            object.__setattr__(self, "proprio_indices", tuple(int(i) for i in idx))
         for field in ("name", "image_key", "standardize", "language_key", "action_key", "instruction_key"):
             value = getattr(self, field)
             if not isinstance(value, str) or not value:
@@ -56,6 +80,41 @@ class DatasetConfig:
                 "joint-position datasets are left out)")
         if self.gripper not in GRIPPER_MODES:
             raise ValueError(f"dataset {self.name!r}: gripper {self.gripper!r} is not one of {GRIPPER_MODES}")
+
+    def _resolve_cameras(self) -> None:
+        keys = self.image_keys
+        if isinstance(keys, str) or not hasattr(keys, "__iter__"):
+            raise ValueError(f"dataset {self.name!r}: image_keys must be a list of camera keys (primary "
+                             f"first), got {keys!r}")
+        keys = tuple(keys)
+        if any(not isinstance(k, str) or not k for k in keys) or len(set(keys)) != len(keys):
+            raise ValueError(f"dataset {self.name!r}: image_keys {list(keys)} must be distinct non-empty strings")
+        if not keys and self.image_key:
+            keys = (self.image_key,)
+        if keys and not self.image_key:
+            object.__setattr__(self, "image_key", keys[0])
+        if keys and self.image_key != keys[0]:
+            raise ValueError(f"dataset {self.name!r}: image_key {self.image_key!r} must be the primary camera, "
+                             f"image_keys[0] = {keys[0]!r} (image_keys lists every camera, primary first); "
+                             "give one of the two or make them agree")
+        object.__setattr__(self, "image_keys", keys)
+
+    def __repr__(self) -> str:
+        # The statistics cache key hashes this repr: the camera and proprio fields appear only when
+        # they differ from the one-camera defaults, so caches written before they existed still match.
+        parts = []
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if f.name == "image_keys" and v == (self.image_key,):
+                continue
+            if f.name in ("proprio_key", "proprio_indices") and v is None:
+                continue
+            parts.append(f"{f.name}={v!r}")
+        return f"DatasetConfig({', '.join(parts)})"
+
+    @property
+    def num_cameras(self) -> int:
+        return len(self.image_keys)
 
     @property
     def action_dim(self) -> int:
@@ -87,10 +146,18 @@ class DatasetConfig:
         if unknown:
             raise ValueError(f"dataset config {d.get('name', '?')!r}: unknown field(s) {unknown}; "
                              f"allowed fields are {sorted(allowed)}")
-        missing = [k for k in ("name", "image_key") if k not in d]
-        if missing:
-            raise ValueError(f"dataset config {d!r} lacks required field(s) {missing}")
+        if "name" not in d or ("image_key" not in d and not d.get("image_keys")):
+            raise ValueError(f"dataset config {d!r} lacks required field(s): 'name' and 'image_key' "
+                             "(or 'image_keys', every camera, primary first)")
+        d = dict(d)
+        d.setdefault("image_key", "")
+        for key in ("image_keys", "proprio_indices"):
+            if isinstance(d.get(key), list):
+                d[key] = tuple(d[key])
         return cls(**d)
+
+
+LIBERO_PROPRIO_INDICES = (0, 1, 2, 3, 4, 5, -2, -1)
 
 
 def _cfg(name: str, image_key: str, standardize: str, **kw) -> DatasetConfig:
@@ -141,8 +208,9 @@ BUILTIN_DATASETS: tuple[DatasetConfig, ...] = (
     _cfg("cmu_play_fusion", "image", "cmu_play_fusion"),
     # Fine-tuning sets.
     _cfg("droid_wipe", "exterior_image_2_left", "droid_finetune"),
-    _cfg("libero_spatial_no_noops", "image", "libero"),
-    _cfg("libero_object_no_noops", "image", "libero"),
-    _cfg("libero_goal_no_noops", "image", "libero"),
-    _cfg("libero_10_no_noops", "image", "libero"),
+    # LIBERO with OpenVLA-OFT's inputs: third-person 'image' + 'wrist_image', and the 8-D proprio
+    # state[:6] + state[-2:] (eef position, axis-angle, 2 gripper joints; OFT_REFERENCE.md §7).
+    *(_cfg(f"libero_{suite}_no_noops", "image", "libero", image_keys=("image", "wrist_image"),
+           proprio_key="state", proprio_indices=LIBERO_PROPRIO_INDICES)
+      for suite in ("spatial", "object", "goal", "10")),
 )
