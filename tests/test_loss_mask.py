@@ -10,7 +10,6 @@ mask gives the same value; here it does not.
 import dataclasses
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 

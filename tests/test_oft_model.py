@@ -16,7 +16,7 @@ from tests.oft_torch_reference import TorchMLPResNet, head_params
 from vla_jax import sharding
 from vla_jax.models import lora
 from vla_jax.models.action_head import L1ActionHead
-from vla_jax.models.config import OpenVLAConfig, config_from_dict, get_preset, with_dtypes
+from vla_jax.models.config import config_from_dict, get_preset, with_dtypes
 from vla_jax.models.llama import RMSNorm
 from vla_jax.models.openvla import OpenVLA
 from vla_jax.models.parallel import check_parallel_inputs
