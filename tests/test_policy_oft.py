@@ -123,3 +123,70 @@ def test_codec_model_mismatch_is_a_clear_error(llama_tokenizer_path):
                          str(llama_tokenizer_path), batch_spec=BatchSpec.for_model(cfg, text_len=40))
     with pytest.raises(ValueError, match=r"parameter action_head/.* absent in the checkpoint"):
         Policy.load(d, compilation_cache=False)
+
+
+def test_server_returns_the_chunk_and_refuses_autoregressive_options(llama_tokenizer_path):
+    import json
+
+    from tests.test_serve import decode, encode, request
+    from vla_jax.policy.server import PolicyService, Server
+
+    policy = oft_policy(str(llama_tokenizer_path), "l1")
+    server = Server(PolicyService(policy, max_batch=4, window_ms=5.0), "127.0.0.1", 0).start()
+    try:
+        images = random_images(2, seed=21)
+        for img, instr in zip(images, INSTRUCTIONS):
+            status, body = request(server, "POST", "/act", {"image": encode(img), "instruction": instr})
+            assert status == 200, body
+            got = decode(json.loads(body))
+            assert got.dtype == np.float64 and got.shape == (K, 7)
+            np.testing.assert_array_equal(got, policy.predict_action(img, instr))
+        for field, value in (("stop_at_eos", True), ("num_tokens", 7)):
+            status, body = request(server, "POST", "/act",
+                                   {"image": encode(images[0]), "instruction": "open the drawer", field: value})
+            err = json.loads(body)["error"]
+            assert status == 400 and field in err and "decoding='parallel'" in err and "chunk_size=3" in err, err
+        status, body = request(server, "GET", "/health")
+        model = json.loads(body)["model"]
+        assert (model["decoding"], model["head"], model["chunk_size"]) == ("parallel", "l1", K)
+    finally:
+        server.shutdown()
+
+
+@pytest.mark.parametrize("head", ["tokens", "l1"])
+def test_offline_eval_compares_chunks(llama_tokenizer_path, head):
+    """evaluation.offline on a chunked policy: frame t against the recorded actions[t:t+K]; frames
+    without a full chunk are counted, not acted on; L1 per chunk position == numpy on the predictions."""
+    from vla_jax.evaluation.episodes import Episode
+    from vla_jax.evaluation.offline import evaluate, summarize
+
+    policy = oft_policy(str(llama_tokenizer_path), head)
+    rng = np.random.default_rng(5)
+    t = 6
+    images = np.stack(random_images(t, seed=31))
+    actions = rng.uniform(-0.1, 0.1, (t, 7)).astype(np.float32)
+    actions[:, 6] = rng.integers(0, 2, t)
+    instr = ["open the drawer"] * t
+    res = evaluate(policy, [Episode("bridge_dataset", 0, images, actions, instr)], batch_size=4, progress=False)
+    summary = summarize(res)
+    m = summary["per_dataset"]["bridge_dataset"]
+    n = t - K + 1
+    assert (m["frames"], m["actions"], m["chunk_size"]) == (n, n * K, K)
+    assert summary["skipped_frames_without_full_chunk"] == K - 1
+    pred = policy.predict(images[:n], instr[:n])
+    true = np.stack([actions[i:i + K] for i in range(n)]).astype(np.float64)
+    a = stats_entry(0.02)["action"]
+    q01, q99, mask = (np.array(a[k], np.float64) for k in ("q01", "q99", "mask"))
+    true32 = true.astype(np.float32)
+    true_norm = np.where(mask, np.clip(2 * (true32 - q01.astype(np.float32)) /
+                                       (q99 - q01 + 1e-8).astype(np.float32) - 1, -1, 1), true32)
+    want_step = np.abs(pred.normalized - true_norm).mean(-1).mean(0)
+    np.testing.assert_allclose(m["l1_normalized_per_step"], want_step, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(m["l1_raw_per_step"], np.abs(pred.actions - true).mean(-1).mean(0), rtol=1e-9)
+    np.testing.assert_allclose(m["l1_normalized"], want_step.mean(), rtol=1e-6)
+    if head == "tokens":
+        bins = np.linspace(-1, 1, 256)
+        true_tok = 32000 - np.digitize(np.clip(true_norm, -1, 1), bins)
+        assert m["action_token_accuracy"] == pytest.approx(float((pred.tokens == true_tok).mean()))
+    else:
+        assert m["action_token_accuracy"] is None and m["token_accuracy_per_dim"] is None
