@@ -105,6 +105,14 @@ def test_autoregressive_options_refused(llama_tokenizer_path):
         policy.predict_tokens([image], ["open the drawer"], num_tokens=7)
 
 
+def test_action_tokens_only_refused(llama_tokenizer_path):
+    from vla_jax.policy import Policy
+
+    with pytest.raises(ValueError, match=r"action_tokens_only=True restricts an autoregressive argmax.*'parallel'"):
+        Policy.load(oft_checkpoint(str(llama_tokenizer_path), "tokens"), action_tokens_only=True,
+                    compilation_cache=False)
+
+
 def test_codec_model_mismatch_is_a_clear_error(llama_tokenizer_path):
     from vla_jax.policy import Policy
     from vla_jax.spec import BatchSpec
@@ -130,9 +138,13 @@ def test_server_returns_the_chunk_and_refuses_autoregressive_options(llama_token
 
     from tests.test_serve import decode, encode, request
     from vla_jax.policy.server import PolicyService, Server
+    from vla_jax.policy.warmup import warm_up
 
     policy = oft_policy(str(llama_tokenizer_path), "l1")
-    server = Server(PolicyService(policy, max_batch=4, window_ms=5.0), "127.0.0.1", 0).start()
+    service = PolicyService(policy, max_batch=4, window_ms=5.0)
+    warm = warm_up(service, prompt_len=16)  # the serve start-up path: compiles the OFT pass, not 7-token decoders
+    assert warm["action_tokens"] == [K * 7 + 1] and warm["batch_buckets"] == [1, 4]
+    server = Server(service, "127.0.0.1", 0).start()
     try:
         images = random_images(2, seed=21)
         for img, instr in zip(images, INSTRUCTIONS):

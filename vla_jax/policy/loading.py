@@ -285,6 +285,8 @@ def load_policy(cls, path: str, *, center_crop: Optional[bool] = None, action_to
     """The body of `Policy.load` (see there): `cls` is the Policy class, built from what the checkpoint holds."""
     enable_compilation_cache(compilation_cache)
     path = os.fspath(path)
+    if not is_hf_dir(path):  # orbax reads metadata only through absolute paths
+        path = os.path.abspath(path)
     precompiled = {}
     placement_fn = None
     if mesh is not None:

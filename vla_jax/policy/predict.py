@@ -143,6 +143,9 @@ class Policy:
                 raise ValueError(f"{source or 'Policy'}: sharded inference (mesh={mesh!r}) runs the autoregressive "
                                  f"decoder only; this checkpoint's codec has decoding='parallel' (OpenVLA-OFT): "
                                  f"load it without mesh=")
+            if action_tokens_only:
+                raise ValueError(f"{source or 'Policy'}: action_tokens_only=True restricts an autoregressive argmax; "
+                                 f"this checkpoint's codec has decoding='parallel', head={self.spec.codec.head!r}")
             self.decode_params = stack_layers(params) if is_split(params) else params
         else:
             # The decoding layout (one array per layer: decode.split_layers); params in the stacked
@@ -276,12 +279,12 @@ class Policy:
     def max_prompt_len(self, num_tokens: Optional[int] = None) -> int:
         """Most text tokens (BOS..29871) a prompt may have: max_seq_len - image patches - generated tokens
         (parallel decoding: - the K * D action slots - </s>)."""
-        n = num_tokens if num_tokens is not None else self._default_tokens()
+        n = num_tokens if num_tokens is not None else self.default_num_tokens()
         return self.config.llama.max_seq_len - self.config.num_patches - n
 
     # -- decoding -------------------------------------------------------------------------------
 
-    def _default_tokens(self) -> int:
+    def default_num_tokens(self) -> int:
         """Positions after the prompt: D generated tokens (autoregressive), or K * D slots + </s> (parallel)."""
         return self.codec.num_action_tokens + (1 if self.parallel else 0)
 
@@ -316,7 +319,7 @@ class Policy:
 
     def buckets_for(self, batch: int, prompt_len: int, num_tokens: Optional[int] = None) -> Tuple[int, int]:
         """(padded batch, padded prompt length) a call with these sizes runs with."""
-        n = num_tokens if num_tokens is not None else self._default_tokens()
+        n = num_tokens if num_tokens is not None else self.default_num_tokens()
         limit = self.max_prompt_len(n)
         length = min(-(-prompt_len // self.prompt_bucket) * self.prompt_bucket, limit)
         return bucket(batch, self.batch_buckets), max(length, prompt_len)
@@ -327,10 +330,10 @@ class Policy:
         for head 'tokens', float32 normalized actions [B, K, D] for head 'l1').
 
         Batches larger than the biggest bucket run in chunks of that size."""
-        if self.parallel and num_tokens != self._default_tokens():
+        if self.parallel and num_tokens != self.default_num_tokens():
             raise ValueError(f"num_tokens={num_tokens}: a parallel-decoding checkpoint (codec chunk_size="
                              f"{self.codec.chunk_size}, head={self.codec.head!r}) always fills "
-                             f"{self.codec.num_action_tokens} action slots + </s> = {self._default_tokens()}")
+                             f"{self.codec.num_action_tokens} action slots + </s> = {self.default_num_tokens()}")
         b = len(prompts)
         if pixels.shape[0] != b:
             raise ValueError(f"{pixels.shape[0]} images but {b} prompts")
@@ -430,7 +433,7 @@ class Policy:
                 self._check_autoregressive("predict_tokens (head 'l1' predicts no tokens)")
             images, instructions = self._rows(images, instructions)
             return self.decode_tokens(self.preprocess(images), [self.prompt_ids(s) for s in instructions],
-                                      self._default_tokens())
+                                      self.default_num_tokens())
         images, instructions = self._rows(images, instructions)
         prompts = [self.prompt_ids(s) for s in instructions]
         n = int(num_tokens or self.codec.num_action_tokens)
@@ -484,7 +487,7 @@ class Policy:
             raise ValueError(f"the statistics of {[k for k, _ in bad]} have action dims {[n for _, n in bad]}, but "
                              f"this parallel-decoding checkpoint predicts chunks of action_dim={d} (codec)")
         out = self.decode_tokens(self.preprocess(images), [self.prompt_ids(s) for s in instructions],
-                                 self._default_tokens())
+                                 self.default_num_tokens())
         if self.codec.head == "tokens":
             tokens = np.asarray(out, np.int32)
             normalized = self.codec.decode(tokens)
@@ -524,7 +527,7 @@ class Policy:
                num_tokens: Optional[int] = None) -> Dict[Tuple[int, int, int], float]:
         """Compiles the buckets serving these batch sizes and prompt lengths (default: the length of a
         typical instruction). Returns {(tokens, batch, length): compile seconds} of the new ones."""
-        n = int(num_tokens or self._default_tokens())
+        n = int(num_tokens or self.default_num_tokens())
         if prompt_lengths is None:
             prompt_lengths = [len(self.tokenizer.inference_ids(_WARMUP_INSTRUCTION))]
         before = set(self.compile_seconds)
