@@ -202,3 +202,27 @@ def test_offline_eval_compares_chunks(llama_tokenizer_path, head):
         assert m["action_token_accuracy"] == pytest.approx(float((pred.tokens == true_tok).mean()))
     else:
         assert m["action_token_accuracy"] is None and m["token_accuracy_per_dim"] is None
+
+
+def test_dataset_gripper_convention_applies_to_every_chunk_row(llama_tokenizer_path):
+    import copy
+
+    policy = oft_policy(str(llama_tokenizer_path), "l1")
+    inverted = copy.copy(policy)  # shares the compiled pass
+    inverted.dataset_configs = {"bridge_dataset": {"name": "bridge_dataset", "standardize": "generic_eef_pos",
+                                                   "gripper": "absolute_inverted"}}
+    images = random_images(2, seed=41)
+    base = policy.predict(images, INSTRUCTIONS[:2])
+    got = inverted.predict(images, INSTRUCTIONS[:2], gripper=["dataset", "openvla"])
+    want0 = base.actions[0].copy()
+    want0[:, 6] = 1.0 - want0[:, 6]  # absolute_inverted: 1 = closed, for all K rows
+    np.testing.assert_array_equal(got.rows[0], want0)
+    np.testing.assert_array_equal(got.rows[1], base.actions[1])
+
+
+def test_sharded_inference_refused_for_parallel_codecs(llama_tokenizer_path):
+    from vla_jax.policy import Policy
+
+    with pytest.raises(ValueError, match=r"sharded inference \(mesh=\) runs the autoregressive decoder only.*"
+                                         r"decoding='parallel'"):
+        Policy.load(oft_checkpoint(str(llama_tokenizer_path), "l1"), mesh=(8, 1, 1), compilation_cache=False)
