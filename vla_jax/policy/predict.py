@@ -32,6 +32,12 @@ By default the argmax runs over the whole vocabulary, as OpenVLA's `generate` do
 
 One difference from OpenVLA's `predict_action`, on purpose: see `upstream_eos_ids` (`stop_at_eos`).
 
+OpenVLA-OFT checkpoints (codec decoding 'parallel'): step 3 is one jitted bidirectional pass per
+(batch, prompt length) bucket (`vla_jax.models.parallel_decode`) predicting the whole chunk; the tokens
+head is decoded as in step 4, the L1 head's normalized chunk goes straight to the un-normalization;
+`predict_action` returns the chunk [K, action_dim] and `Prediction` arrays gain the K axis.
+Autoregressive-only options (stop_at_eos, num_tokens, action_tokens_only) and mesh= are refused.
+
 Sharded inference: `Policy.load(path, mesh=(data, fsdp, tensor))` places the weights over a device mesh
 and runs the same decoder there (`vla_jax.policy.mesh`: training's logical-axis rules, KV cache split
 over heads, mesh and memory checked before anything is loaded).
@@ -46,7 +52,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-import dataclasses
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import jax
@@ -60,54 +65,12 @@ from vla_jax.policy import inputs
 from vla_jax.policy import mesh as policy_mesh
 from vla_jax.policy.decoding import DEFAULT_BATCH_BUCKETS, DEFAULT_PROMPT_BUCKET, bucket, upstream_eos_ids
 from vla_jax.policy.loading import check_runnable, derive_batch_spec, load_policy
+from vla_jax.policy.prediction import Prediction, _per_row  # noqa: F401 (Prediction: re-exported)
 from vla_jax.spec import ActionCodec, BatchSpec
 from vla_jax.tokenizer import VLATokenizer
 
 _WARMUP_INSTRUCTION = "pick up the object and put it in the bowl"
 log = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass(frozen=True)
-class Prediction:
-    """What `Policy.predict` returns for B rows (n: the largest action dim among the rows' statistics,
-    the number of tokens decoded; d_i: row i's own, n for every row with one dataset).
-
-    tokens      int32 [B, n]     greedy token ids
-    normalized  float64 [B, n]   their bin centres in [-1, 1] (the gripper in OpenVLA's convention)
-    rows        B float64 [d_i]  raw actions: the first d_i values un-normalized with row i's
-                                 statistics, the gripper in the convention asked for that row
-    unnorm_keys B dataset keys   the statistics each row was un-normalized with
-
-    Parallel-decoding (OpenVLA-OFT) checkpoints predict a chunk of K actions per row, so every array
-    gains a K axis: tokens int32 [B, K, D] (head 'tokens'; None for head 'l1', which has no tokens),
-    normalized float64 [B, K, D] (bin centres, or the L1 head's output), rows B float64 [K, D],
-    `actions` [B, K, D]. A parallel model with K = 1 returns chunks of one action ([B, 1, D]): the
-    shape follows the decoding, not K, so callers of chunked models need no special case.
-    """
-
-    tokens: Optional[np.ndarray]
-    normalized: np.ndarray
-    rows: Tuple[np.ndarray, ...]
-    unnorm_keys: Tuple[str, ...]
-
-    @property
-    def actions(self) -> np.ndarray:
-        """float64 [B, D] ([B, K, D] for parallel-decoding models): the rows stacked; ValueError when the rows' datasets have different action dims."""
-        dims = sorted({r.shape[-1] for r in self.rows})
-        if len(dims) > 1:
-            raise ValueError(f"the rows have action dims {dims} (keys {sorted(set(self.unnorm_keys))}); read "
-                             f"Prediction.rows instead of .actions")
-        return np.stack(self.rows)
-
-
-def _per_row(value, b: int, name: str) -> List[Any]:
-    """One value for every row, or a sequence of b values -> list of b values."""
-    if value is None or isinstance(value, str):
-        return [value] * b
-    values = list(value)
-    if len(values) != b:
-        raise ValueError(f"{b} images but {len(values)} values of {name}")
-    return values
 
 
 class Policy:

@@ -77,12 +77,12 @@ class RandomPolicy:
 def _policy_actions(policy, images: np.ndarray, instructions: List[str], name: str) -> np.ndarray:
     """-> float32 [B, K, 7] (K = 1 for a policy returning [B, 7])."""
     actions = np.asarray(policy(images, instructions), np.float32)
-    b = len(instructions)
+    b, shape = len(instructions), actions.shape
     if actions.ndim == 2:
         actions = actions[:, None]
     if actions.ndim != 3 or actions.shape[0] != b or actions.shape[2] != 7 or actions.shape[1] < 1:
-        raise ValueError(f"policy {name!r} returned actions of shape {actions.shape}, expected [{b}, 7] "
-                         "or chunks [{b}, K, 7] (OpenVLA layout [dx, dy, dz, droll, dpitch, dyaw, gripper])")
+        raise ValueError(f"policy {name!r} returned actions of shape {shape}, expected [{b}, 7] "
+                         f"or chunks [{b}, K, 7] (OpenVLA layout [dx, dy, dz, droll, dpitch, dyaw, gripper])")
     if not np.all(np.isfinite(actions)):
         raise ValueError(f"policy {name!r} returned non-finite actions: {actions[~np.isfinite(actions).all(-1)]}")
     return actions
