@@ -41,6 +41,9 @@ flags.DEFINE_integer("sim_episodes", 10, "Episodes per task.")
 flags.DEFINE_integer("sim_image_size", 64, "Rendered image side: the demo dataset's stored size.")
 flags.DEFINE_integer("sim_max_steps", 200, "Episode step limit.")
 flags.DEFINE_integer("sim_workers", 2, "Simulator worker processes.")
+flags.DEFINE_integer("sim_execute", 0, "Chunked (OpenVLA-OFT) checkpoints: actions of each predicted chunk run "
+                     "open-loop before re-planning (0: all K, as OFT does; upstream's LIBERO script would run the "
+                     "last n of a chunk when n < K, we run the first n).")
 flags.DEFINE_integer("sim_videos", 2, "GIF rollouts per task and policy.")
 flags.DEFINE_string("sim_reference_cache", "", "Folder that keeps the expert/random reference lines between "
                     "evaluations with the same settings (they do not depend on the checkpoint); '' = always run them.")
@@ -60,7 +63,8 @@ def run_sim(policy):
     rep = run_evaluation(lambda images, instructions: policy.predict(images, instructions, FLAGS.unnorm_key).actions,
                          FLAGS.sim_tasks, FLAGS.sim_episodes, FLAGS.out, name="model",
                          image_size=FLAGS.sim_image_size, max_steps=FLAGS.sim_max_steps, workers=FLAGS.sim_workers,
-                         videos_per_task=FLAGS.sim_videos, reference_cache=FLAGS.sim_reference_cache or None)
+                         videos_per_task=FLAGS.sim_videos, reference_cache=FLAGS.sim_reference_cache or None,
+                         execute=FLAGS.sim_execute or None)
     print(json.dumps({n: round(r["mean_success_rate"], 4) for n, r in rep["results"].items()}
                      | {"report": f"{FLAGS.out}/report.json"}))
 
@@ -101,10 +105,13 @@ def main(argv):
                       unnorm_key=FLAGS.unnorm_key, batch_size=FLAGS.batch_size, num_plots=FLAGS.plots,
                       dataset_configs=FLAGS.dataset_configs, progress=FLAGS.progress, gripper=FLAGS.gripper)
     m = rep["overall"] or next(iter(rep["per_dataset"].values()))
-    print(json.dumps({"frames": m["frames"], "action_token_accuracy": round(m["action_token_accuracy"], 4),
+    tok = m["action_token_accuracy"]
+    print(json.dumps({"frames": m["frames"], "action_token_accuracy": None if tok is None else round(tok, 4),
                       "l1_normalized": round(m["l1_normalized"], 4),
                       "baseline_l1_normalized": round(m["baseline_mean_action"]["l1_normalized"], 4),
-                      "gripper_accuracy": m["gripper_accuracy"], "report": f"{where.out}/report.md"}))
+                      "gripper_accuracy": m["gripper_accuracy"], "report": f"{where.out}/report.md"}
+                     | ({"l1_normalized_per_step": [round(x, 4) for x in m["l1_normalized_per_step"]]}
+                        if m.get("chunk_size") else {})))
 
 
 if __name__ == "__main__":

@@ -12,6 +12,11 @@ For predictions P and recorded actions Y (both [N, D]):
                           (open) of prediction vs recording.
   baseline_mean_action    the L1 a constant prediction of the dataset's mean action would get:
                           the floor any useful policy must beat.
+
+Action chunks (OpenVLA-OFT, chunk_size K > 1 or parallel decoding): every input is [N, K, D] (N frames,
+each with its predicted and recorded chunk); the metrics above pool all N * K actions, and
+`l1_normalized_per_step` / `l1_raw_per_step` [K] give the L1 (mean over dims) per chunk position.
+With `tokens=False` (the L1 head predicts no tokens) the token accuracies are None.
 """
 
 from __future__ import annotations
@@ -26,8 +31,13 @@ GRIPPER_THRESHOLD = 0.5
 class ActionMetrics:
     """Sums over frames; `summary()` turns them into means. D = action dims."""
 
-    def __init__(self, dim: int, gripper_dims: Optional[List[int]] = None):
-        self.dim = int(dim)
+    def __init__(self, dim: int, gripper_dims: Optional[List[int]] = None, chunk_size: Optional[int] = None,
+                 tokens: bool = True):
+        """chunk_size None: inputs [N, D] (one action per frame); an int K: chunks [N, K, D]."""
+        self.dim, self.chunk_size, self.tokens = int(dim), chunk_size, bool(tokens)
+        self.abs_norm_step = np.zeros(chunk_size or 1, np.float64)
+        self.abs_raw_step = np.zeros(chunk_size or 1, np.float64)
+        self.actions = 0
         self.gripper_dims = list(gripper_dims or [])
         self.frames = 0
         self.episodes = 0
@@ -39,14 +49,24 @@ class ActionMetrics:
 
     def update(self, pred_tokens, true_tokens, pred_norm, true_norm, pred_raw, true_raw,
                base_norm=None, base_raw=None) -> None:
-        """All arrays [N, D]; base_* are the constant baseline prediction [D] (optional)."""
+        """All arrays [N, D] ([N, K, D] with chunk_size K); base_* are the constant baseline prediction [D]
+        (optional). pred_tokens / true_tokens may be None when `tokens` is False."""
+        if not self.tokens:
+            pred_tokens = true_tokens = np.zeros(np.shape(pred_norm), np.int32)
         arrs = [np.asarray(a) for a in (pred_tokens, true_tokens, pred_norm, true_norm, pred_raw, true_raw)]
         shapes = {a.shape for a in arrs}
-        if len(shapes) != 1 or arrs[0].ndim != 2 or arrs[0].shape[1] != self.dim:
-            raise ValueError(f"metric inputs must all be [N, {self.dim}], got shapes {[a.shape for a in arrs]}")
+        want = (self.dim,) if self.chunk_size is None else (self.chunk_size, self.dim)
+        if len(shapes) != 1 or arrs[0].shape[1:] != want or arrs[0].ndim != len(want) + 1:
+            raise ValueError(f"metric inputs must all be [N, {', '.join(map(str, want))}], got shapes "
+                             f"{[a.shape for a in arrs]}")
+        self.frames += arrs[0].shape[0]
+        if self.chunk_size is not None:
+            self.abs_norm_step += np.abs(np.asarray(arrs[2], np.float64) - arrs[3]).mean(-1).sum(0)
+            self.abs_raw_step += np.abs(np.asarray(arrs[4], np.float64) - arrs[5]).mean(-1).sum(0)
+            arrs = [a.reshape(-1, self.dim) for a in arrs]  # pool the N * K actions
         pt, tt, pn, tn, pr, tr = arrs
         pn, tn, pr, tr = (np.asarray(a, np.float64) for a in (pn, tn, pr, tr))
-        self.frames += pt.shape[0]
+        self.actions += pt.shape[0]
         self.token_correct += (pt == tt).sum(0)
         self.abs_norm += np.abs(pn - tn).sum(0)
         self.sq_norm += np.square(pn - tn).sum(0)
@@ -62,20 +82,22 @@ class ActionMetrics:
             self.gripper_count += pt.shape[0] * len(g)
 
     def merge(self, other: "ActionMetrics") -> None:
-        if other.dim != self.dim:
-            raise ValueError(f"cannot pool metrics of {other.dim}-D and {self.dim}-D actions")
-        for name in ("token_correct", "abs_norm", "sq_norm", "abs_raw", "sq_raw", "base_abs_norm", "base_abs_raw"):
+        if (other.dim, other.chunk_size, other.tokens) != (self.dim, self.chunk_size, self.tokens):
+            raise ValueError(f"cannot pool metrics of {other.dim}-D actions (chunk {other.chunk_size}, tokens "
+                             f"{other.tokens}) with {self.dim}-D (chunk {self.chunk_size}, tokens {self.tokens})")
+        for name in ("token_correct", "abs_norm", "sq_norm", "abs_raw", "sq_raw", "base_abs_norm", "base_abs_raw",
+                     "abs_norm_step", "abs_raw_step"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
-        for name in ("frames", "episodes", "gripper_correct", "gripper_count"):
+        for name in ("frames", "actions", "episodes", "gripper_correct", "gripper_count"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
 
     def summary(self) -> Dict[str, Any]:
-        n = max(self.frames, 1)
+        n = max(self.actions, 1)
         per = lambda v: [float(x) for x in v / n]  # noqa: E731
         out = {
             "episodes": self.episodes, "frames": self.frames,
-            "action_token_accuracy": float(self.token_correct.sum() / (n * self.dim)),
-            "token_accuracy_per_dim": per(self.token_correct),
+            "action_token_accuracy": float(self.token_correct.sum() / (n * self.dim)) if self.tokens else None,
+            "token_accuracy_per_dim": per(self.token_correct) if self.tokens else None,
             "l1_normalized": float(self.abs_norm.sum() / (n * self.dim)), "l1_normalized_per_dim": per(self.abs_norm),
             "mse_normalized": float(self.sq_norm.sum() / (n * self.dim)), "mse_normalized_per_dim": per(self.sq_norm),
             "l1_raw_per_dim": per(self.abs_raw), "mse_raw_per_dim": per(self.sq_raw),
@@ -85,6 +107,11 @@ class ActionMetrics:
                                      "l1_normalized_per_dim": per(self.base_abs_norm),
                                      "l1_raw_per_dim": per(self.base_abs_raw)},
         }
+        if self.chunk_size is not None:
+            f = max(self.frames, 1)
+            out.update(chunk_size=self.chunk_size, actions=self.actions,
+                       l1_normalized_per_step=[float(x) for x in self.abs_norm_step / f],
+                       l1_raw_per_step=[float(x) for x in self.abs_raw_step / f])
         return out
 
 

@@ -4,6 +4,13 @@ Each frame is decoded autoregressively (greedy, no teacher forcing), exactly as 
 frames are batched (they do not depend on each other: OpenVLA sees one frame, no history).
 Ground truth in normalized units uses the *checkpoint's* statistics for the dataset (the ones the
 policy un-normalizes with), not statistics recomputed from the evaluation data.
+
+Chunked (parallel-decoding, OpenVLA-OFT) policies predict K actions per frame: frame t is compared with
+the recorded chunk actions[t : t + K], K from the checkpoint's codec; like training's data pipeline,
+only frames with a full chunk ahead (t <= T - K) are acted on, the others are counted in
+`EvalResult.frames_without_chunk`. Metrics pool the chunk's actions and report L1 per chunk position
+(`ActionMetrics`); token accuracy exists for the tokens head only. Kept trajectories show row 0 of
+each predicted chunk (the action for that frame).
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ class EvalResult:
     episodes: List[EpisodeResult]
     skipped_frames: int
     seconds: float
+    frames_without_chunk: int = 0
 
 
 def _progress(total: Optional[int], enabled: bool):
@@ -66,7 +74,9 @@ def evaluate(policy, episodes: Iterable[Episode], *, unnorm_key: Optional[str] =
     per: Dict[str, ActionMetrics] = {}
     kept: List[EpisodeResult] = []
     kept_count: Dict[str, int] = {}
-    skipped, t0 = 0, time.perf_counter()
+    skipped, no_chunk, t0 = 0, 0, time.perf_counter()
+    chunk = policy.codec.chunk_size if getattr(policy, "parallel", False) else None
+    tokens = policy.codec.head == "tokens"
     bar = _progress(total, progress)
     for ep in episodes:
         key = policy.resolve_unnorm_key(unnorm_key or ep.dataset)
@@ -78,20 +88,29 @@ def evaluate(policy, episodes: Iterable[Episode], *, unnorm_key: Optional[str] =
                              f"statistics are {dim}-D")
         keep = np.array([bool(s.strip()) for s in ep.instructions])  # frames without instruction are not acted on
         skipped += int((~keep).sum())
+        if chunk is not None:
+            full = np.arange(len(keep)) <= len(keep) - chunk
+            no_chunk += int((keep & ~full).sum())
+            keep &= full
         if not keep.any():
             continue
-        images, true_raw = ep.images[keep], ep.actions[keep].astype(np.float64)
+        if chunk is None:
+            true_raw = ep.actions[keep].astype(np.float64)
+        else:
+            true_raw = np.stack([ep.actions[t:t + chunk] for t in np.flatnonzero(keep)]).astype(np.float64)
+        images = ep.images[keep]
         instructions = [s for s, k in zip(ep.instructions, keep) if k]
         preds = [policy.predict(images[lo:lo + batch_size], instructions[lo:lo + batch_size], key, gripper)
                  for lo in range(0, len(instructions), batch_size)]
-        pred_tokens, pred_norm = (np.concatenate([getattr(p, f) for p in preds]) for f in ("tokens", "normalized"))
+        pred_norm = np.concatenate([p.normalized for p in preds])
+        pred_tokens = np.concatenate([p.tokens for p in preds]) if tokens else None
         pred_raw = np.concatenate([p.actions for p in preds])  # gripper already in the `gripper` convention
         true_norm = normalize_actions(true_raw, entry)
-        true_tokens = policy.codec.encode(true_norm)
+        true_tokens = policy.codec.encode(true_norm) if tokens else None
         mean_raw = np.asarray(entry["action"]["mean"], np.float64)
         m = per.get(ep.dataset)
         if m is None:
-            m = per[ep.dataset] = ActionMetrics(dim, gripper_dims(entry))
+            m = per[ep.dataset] = ActionMetrics(dim, gripper_dims(entry), chunk, tokens)
         base_norm = normalize_actions(mean_raw, entry)
         # Normalized metrics and tokens stay in OpenVLA's convention (what the model predicts).
         true_raw, mean_raw = (policy.convert_gripper(a, key, gripper) for a in (true_raw, mean_raw))
@@ -100,21 +119,23 @@ def evaluate(policy, episodes: Iterable[Episode], *, unnorm_key: Optional[str] =
         m.episodes += 1
         if kept_count.get(ep.dataset, 0) < keep_episodes:
             kept_count[ep.dataset] = kept_count.get(ep.dataset, 0) + 1
-            kept.append(EpisodeResult(ep.dataset, ep.index, instructions[0], true_raw, pred_raw))
+            first = (lambda a: a) if chunk is None else (lambda a: a[:, 0])  # the action for each frame
+            kept.append(EpisodeResult(ep.dataset, ep.index, instructions[0], first(true_raw), first(pred_raw)))
         if bar is not None:
             bar.update(1)
             bar.set_postfix(frames=sum(x.frames for x in per.values()))
     if bar is not None:
         bar.close()
     if not per:
-        raise ValueError("no episodes to evaluate (the split is empty, or every episode lacks an instruction)")
+        raise ValueError("no episodes to evaluate (the split is empty, or every episode lacks an instruction"
+                         + (f", or none is longer than the chunk of {chunk} actions" if chunk else "") + ")")
     dims = {m.dim for m in per.values()}
-    overall = ActionMetrics(dims.pop(), sorted({g for m in per.values() for g in m.gripper_dims})) if len(dims) == 1 \
-        else None
+    overall = ActionMetrics(dims.pop(), sorted({g for m in per.values() for g in m.gripper_dims}), chunk,
+                            tokens) if len(dims) == 1 else None
     if overall is not None:
         for m in per.values():
             overall.merge(m)
-    return EvalResult(per, overall, kept, skipped, time.perf_counter() - t0)
+    return EvalResult(per, overall, kept, skipped, time.perf_counter() - t0, no_chunk)
 
 
 GRIPPER_LABELS = {"openvla": "gripper 1 = open, 0 = closed (OpenVLA)", "dataset": "gripper in the dataset's convention"}
@@ -139,5 +160,6 @@ def summarize(result: EvalResult) -> Dict[str, Any]:
     return {"overall": result.overall.summary() if result.overall is not None else None,
             "per_dataset": {k: m.summary() for k, m in result.per_dataset.items()},
             "skipped_frames_without_instruction": result.skipped_frames,
+            "skipped_frames_without_full_chunk": result.frames_without_chunk,
             "timing": {"seconds": round(result.seconds, 3),
                        "frames_per_second": round(frames / result.seconds, 2) if result.seconds > 0 else None}}

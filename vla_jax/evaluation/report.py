@@ -26,23 +26,30 @@ def _row(name: str, values: Sequence[Optional[float]], fmt: str = "{:.4g}") -> s
 
 
 def _metrics_block(title: str, m: Mapping[str, Any]) -> List[str]:
-    d = len(m["token_accuracy_per_dim"])
+    d = len(m["l1_normalized_per_dim"])
+    tok = m["action_token_accuracy"]
     names = _dims(d)
     grip = m["gripper_accuracy"]
     lines = [f"### {title}", "",
              f"- episodes: {m['episodes']}, frames: {m['frames']}",
-             f"- action-token accuracy: **{m['action_token_accuracy']:.3f}**",
+             "- action-token accuracy: " + ("n/a (the L1 head predicts no tokens)" if tok is None else f"**{tok:.3f}**"),
              f"- L1 (normalized, mean over dims): **{m['l1_normalized']:.4f}** "
              f"(mean-action baseline {m['baseline_mean_action']['l1_normalized']:.4f}); "
              f"MSE (normalized): {m['mse_normalized']:.4f}",
              f"- gripper open/close accuracy: " + ("n/a (no un-normalized dims)" if grip is None else f"**{grip:.3f}**"),
              "", "| per dim | " + " | ".join(names) + " |", "|---|" + "---|" * d,
-             _row("token accuracy", m["token_accuracy_per_dim"], "{:.3f}"),
+             _row("token accuracy", m["token_accuracy_per_dim"] or [None] * d, "{:.3f}"),
              _row("L1 normalized", m["l1_normalized_per_dim"]),
              _row("MSE normalized", m["mse_normalized_per_dim"]),
              _row("L1 raw", m["l1_raw_per_dim"]),
              _row("MSE raw", m["mse_raw_per_dim"]),
              _row("L1 raw, mean-action baseline", m["baseline_mean_action"]["l1_raw_per_dim"]), ""]
+    if m.get("chunk_size"):
+        k = m["chunk_size"]
+        lines += [f"Chunks of {k} actions per frame ({m['actions']} actions compared); L1 (mean over dims) per chunk "
+                  f"position:", "", "| chunk position | " + " | ".join(str(i) for i in range(k)) + " |",
+                  "|---|" + "---|" * k, _row("L1 normalized", m["l1_normalized_per_step"]),
+                  _row("L1 raw", m["l1_raw_per_step"]), ""]
     return lines
 
 

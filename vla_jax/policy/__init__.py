@@ -23,7 +23,7 @@ The names below load lazily, so a client importing `vla_jax.policy.json_numpy` d
 
 import importlib
 
-_EXPORTS = {"Policy": "predict", "Prediction": "predict", "upstream_eos_ids": "decoding",
+_EXPORTS = {"Policy": "predict", "Prediction": "prediction", "upstream_eos_ids": "decoding",
             "enable_compilation_cache": "loading", "is_hf_dir": "loading"}
 
 __all__ = sorted(_EXPORTS)

@@ -82,12 +82,19 @@ def derive_batch_spec(cfg: OpenVLAConfig, tokenizer: VLATokenizer, norm_stats: M
 
 def check_runnable(spec: BatchSpec, cfg: OpenVLAConfig, where: str) -> None:
     """ValueError naming the field and value when `spec` is not what this policy runs: one camera, no
-    proprio, OpenVLA's autoregressive token decoding of one action, the model's image size and bins."""
+    proprio, the model's image size and bins, and an action codec the model config runs: OpenVLA's
+    autoregressive decoding of one action, or (OpenVLA-OFT) parallel decoding with the config's
+    chunk_size, action_head and action_dim."""
     codec = spec.codec
-    if codec.decoding != "autoregressive" or codec.head != "tokens" or codec.chunk_size != 1:
-        raise ValueError(f"{where}: the action codec has decoding={codec.decoding!r}, head={codec.head!r}, "
-                         f"chunk_size={codec.chunk_size}; Policy runs only decoding='autoregressive' with "
-                         f"head='tokens' and chunk_size=1 (OpenVLA)")
+    model_codec = (bool(cfg.parallel_decoding), int(cfg.chunk_size), str(cfg.action_head), int(cfg.action_dim))
+    spec_codec = (codec.decoding == "parallel", codec.chunk_size, codec.head,
+                  codec.action_dim if codec.decoding == "parallel" else model_codec[3])
+    if spec_codec != model_codec:
+        raise ValueError(f"{where}: the action codec has decoding={codec.decoding!r}, chunk_size={codec.chunk_size}, "
+                         f"head={codec.head!r}, action_dim={codec.action_dim}, but the model config has "
+                         f"parallel_decoding={cfg.parallel_decoding}, chunk_size={cfg.chunk_size}, "
+                         f"action_head={cfg.action_head!r}, action_dim={cfg.action_dim}: the checkpoint's "
+                         f"batch_spec and its model do not belong together")
     if len(spec.cameras) != 1 or spec.proprio_dim is not None:
         raise ValueError(f"{where}: cameras={list(spec.cameras)}, proprio_dim={spec.proprio_dim}; Policy takes one "
                          f"camera image and no proprioception")
@@ -278,12 +285,17 @@ def load_policy(cls, path: str, *, center_crop: Optional[bool] = None, action_to
     """The body of `Policy.load` (see there): `cls` is the Policy class, built from what the checkpoint holds."""
     enable_compilation_cache(compilation_cache)
     path = os.fspath(path)
+    if not is_hf_dir(path):  # orbax reads metadata only through absolute paths
+        path = os.path.abspath(path)
     precompiled = {}
     placement_fn = None
     if mesh is not None:
         mesh = policy_mesh.as_mesh(mesh)
 
         def place(cfg, spec):
+            if spec.codec.decoding == "parallel":
+                raise ValueError(f"{path}: sharded inference (mesh=) runs the autoregressive decoder only; this "
+                                 f"checkpoint's codec has decoding='parallel' (OpenVLA-OFT): load it without mesh=")
             shardings = policy_mesh.param_shardings(cfg, mesh)  # checks the mesh divides the dimensions
             batch = min(int(b) for b in kw.get("batch_buckets", DEFAULT_BATCH_BUCKETS))
             key = (spec.codec.num_action_tokens, batch, 2 * int(kw.get("prompt_bucket", DEFAULT_PROMPT_BUCKET)))
@@ -303,7 +315,8 @@ def load_policy(cls, path: str, *, center_crop: Optional[bool] = None, action_to
         load = load_vla_checkpoint
     cfg, params, stats, tok, spec = load(path, dtype=dtype, param_dtype=param_dtype, tokenizer=tokenizer,
                                          device=device, placement_fn=placement_fn)
-    params = split_layers(params, consume=True)  # freshly loaded: no second copy of the layers
+    if spec.codec.decoding != "parallel":  # parallel decoding (OFT) runs on the stacked layout
+        params = split_layers(params, consume=True)  # freshly loaded: no second copy of the layers
     policy = cls(cfg, params, tok, stats, spec=spec, center_crop=center_crop, action_tokens_only=action_tokens_only,
                  source=path, mesh=mesh, **kw)
     for key, (compiled, seconds) in precompiled.items():

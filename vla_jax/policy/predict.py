@@ -32,6 +32,12 @@ By default the argmax runs over the whole vocabulary, as OpenVLA's `generate` do
 
 One difference from OpenVLA's `predict_action`, on purpose: see `upstream_eos_ids` (`stop_at_eos`).
 
+OpenVLA-OFT checkpoints (codec decoding 'parallel'): step 3 is one jitted bidirectional pass per
+(batch, prompt length) bucket (`vla_jax.models.parallel_decode`) predicting the whole chunk; the tokens
+head is decoded as in step 4, the L1 head's normalized chunk goes straight to the un-normalization;
+`predict_action` returns the chunk [K, action_dim] and `Prediction` arrays gain the K axis.
+Autoregressive-only options (stop_at_eos, num_tokens, action_tokens_only) and mesh= are refused.
+
 Sharded inference: `Policy.load(path, mesh=(data, fsdp, tensor))` places the weights over a device mesh
 and runs the same decoder there (`vla_jax.policy.mesh`: training's logical-axis rules, KV cache split
 over heads, mesh and memory checked before anything is loaded).
@@ -46,7 +52,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-import dataclasses
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import jax
@@ -54,53 +59,18 @@ import numpy as np
 
 from vla_jax.models.config import OpenVLAConfig
 from vla_jax.models.decode import greedy_decode, is_split, split_layers, stack_layers
+from vla_jax.models.parallel_decode import parallel_decode
 from vla_jax.models.openvla import OpenVLA
 from vla_jax.policy import inputs
 from vla_jax.policy import mesh as policy_mesh
 from vla_jax.policy.decoding import DEFAULT_BATCH_BUCKETS, DEFAULT_PROMPT_BUCKET, bucket, upstream_eos_ids
 from vla_jax.policy.loading import check_runnable, derive_batch_spec, load_policy
+from vla_jax.policy.prediction import Prediction, _per_row  # noqa: F401 (Prediction: re-exported)
 from vla_jax.spec import ActionCodec, BatchSpec
 from vla_jax.tokenizer import VLATokenizer
 
 _WARMUP_INSTRUCTION = "pick up the object and put it in the bowl"
 log = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass(frozen=True)
-class Prediction:
-    """What `Policy.predict` returns for B rows (n: the largest action dim among the rows' statistics,
-    the number of tokens decoded; d_i: row i's own, n for every row with one dataset).
-
-    tokens      int32 [B, n]     greedy token ids
-    normalized  float64 [B, n]   their bin centres in [-1, 1] (the gripper in OpenVLA's convention)
-    rows        B float64 [d_i]  raw actions: the first d_i values un-normalized with row i's
-                                 statistics, the gripper in the convention asked for that row
-    unnorm_keys B dataset keys   the statistics each row was un-normalized with
-    """
-
-    tokens: np.ndarray
-    normalized: np.ndarray
-    rows: Tuple[np.ndarray, ...]
-    unnorm_keys: Tuple[str, ...]
-
-    @property
-    def actions(self) -> np.ndarray:
-        """float64 [B, D]: the rows stacked; ValueError when the rows' datasets have different action dims."""
-        dims = sorted({r.shape[-1] for r in self.rows})
-        if len(dims) > 1:
-            raise ValueError(f"the rows have action dims {dims} (keys {sorted(set(self.unnorm_keys))}); read "
-                             f"Prediction.rows instead of .actions")
-        return np.stack(self.rows)
-
-
-def _per_row(value, b: int, name: str) -> List[Any]:
-    """One value for every row, or a sequence of b values -> list of b values."""
-    if value is None or isinstance(value, str):
-        return [value] * b
-    values = list(value)
-    if len(values) != b:
-        raise ValueError(f"{b} images but {len(values)} values of {name}")
-    return values
 
 
 class Policy:
@@ -129,9 +99,21 @@ class Policy:
         # built in memory (no crop); center_crop None = the spec's test_center_crop.
         self.spec = spec if spec is not None else derive_batch_spec(config, tokenizer, norm_stats)
         check_runnable(self.spec, config, source or "Policy")
-        # The decoding layout (one array per layer: decode.split_layers); params in the stacked
-        # training layout are split here (a copy; Policy.load splits and frees its freshly loaded ones).
-        self.decode_params = params if is_split(params) else split_layers(params)
+        # OpenVLA-OFT (codec.decoding 'parallel'): one bidirectional pass per call on the stacked params.
+        self.parallel = self.spec.codec.decoding == "parallel"
+        if self.parallel:
+            if mesh is not None:
+                raise ValueError(f"{source or 'Policy'}: sharded inference (mesh={mesh!r}) runs the autoregressive "
+                                 f"decoder only; this checkpoint's codec has decoding='parallel' (OpenVLA-OFT): "
+                                 f"load it without mesh=")
+            if action_tokens_only:
+                raise ValueError(f"{source or 'Policy'}: action_tokens_only=True restricts an autoregressive argmax; "
+                                 f"this checkpoint's codec has decoding='parallel', head={self.spec.codec.head!r}")
+            self.decode_params = stack_layers(params) if is_split(params) else params
+        else:
+            # The decoding layout (one array per layer: decode.split_layers); params in the stacked
+            # training layout are split here (a copy; Policy.load splits and frees its freshly loaded ones).
+            self.decode_params = params if is_split(params) else split_layers(params)
         # Sharded inference (vla_jax.policy.mesh): params placed over the mesh with training's rules.
         self.mesh = None if mesh is None else policy_mesh.as_mesh(mesh)
         if self.mesh is not None:
@@ -152,8 +134,9 @@ class Policy:
 
     @property
     def params(self):
-        """The parameters in the stacked training/checkpoint layout (a new copy of the layer weights)."""
-        return stack_layers(self.decode_params)
+        """The parameters in the stacked training/checkpoint layout (a new copy of the layer weights for
+        autoregressive policies; parallel-decoding ones hold that layout already)."""
+        return self.decode_params if self.parallel else stack_layers(self.decode_params)
 
     @property
     def codec(self) -> ActionCodec:
@@ -257,11 +240,21 @@ class Policy:
         return ids
 
     def max_prompt_len(self, num_tokens: Optional[int] = None) -> int:
-        """Most text tokens (BOS..29871) a prompt may have: max_seq_len - image patches - generated tokens."""
-        n = num_tokens if num_tokens is not None else self.codec.num_action_tokens
+        """Most text tokens (BOS..29871) a prompt may have: max_seq_len - image patches - generated tokens
+        (parallel decoding: - the K * D action slots - </s>)."""
+        n = num_tokens if num_tokens is not None else self.default_num_tokens()
         return self.config.llama.max_seq_len - self.config.num_patches - n
 
     # -- decoding -------------------------------------------------------------------------------
+
+    def default_num_tokens(self) -> int:
+        """Positions after the prompt: D generated tokens (autoregressive), or K * D slots + </s> (parallel)."""
+        return self.codec.num_action_tokens + (1 if self.parallel else 0)
+
+    def _decode_fn(self, num_tokens: int):
+        if self.parallel:
+            return lambda p, x, i, l: parallel_decode(self.model, p, x, i, l)
+        return lambda p, x, i, l: greedy_decode(self.model, p, x, i, l, num_tokens, self._allowed)
 
     def _executable(self, num_tokens: int, batch: int, length: int):
         key = (num_tokens, batch, length)
@@ -273,7 +266,7 @@ class Policy:
                 s = self.image_size
                 args = (self.decode_params, jax.ShapeDtypeStruct((batch, s, s, 3), np.uint8),
                         jax.ShapeDtypeStruct((batch, length), np.int32), jax.ShapeDtypeStruct((batch,), np.int32))
-                fn = jax.jit(lambda p, x, i, l: greedy_decode(self.model, p, x, i, l, num_tokens, self._allowed))
+                fn = jax.jit(self._decode_fn(num_tokens))
                 log.info("compiling the decoder for batch %d, prompt length %d, %d tokens ...", batch, length,
                          num_tokens)
                 t0 = time.perf_counter()
@@ -289,15 +282,21 @@ class Policy:
 
     def buckets_for(self, batch: int, prompt_len: int, num_tokens: Optional[int] = None) -> Tuple[int, int]:
         """(padded batch, padded prompt length) a call with these sizes runs with."""
-        n = num_tokens if num_tokens is not None else self.codec.num_action_tokens
+        n = num_tokens if num_tokens is not None else self.default_num_tokens()
         limit = self.max_prompt_len(n)
         length = min(-(-prompt_len // self.prompt_bucket) * self.prompt_bucket, limit)
         return bucket(batch, self.batch_buckets), max(length, prompt_len)
 
     def decode_tokens(self, pixels: np.ndarray, prompts: Sequence[Sequence[int]], num_tokens: int) -> np.ndarray:
-        """Preprocessed uint8 [B, S, S, 3] + B prompt id lists -> greedy token ids int32 [B, num_tokens].
+        """Preprocessed uint8 [B, S, S, 3] + B prompt id lists -> greedy token ids int32 [B, num_tokens]
+        (parallel decoding, num_tokens = K * D + 1: `parallel_decode`'s output, int32 token ids [B, K, D]
+        for head 'tokens', float32 normalized actions [B, K, D] for head 'l1').
 
         Batches larger than the biggest bucket run in chunks of that size."""
+        if self.parallel and num_tokens != self.default_num_tokens():
+            raise ValueError(f"num_tokens={num_tokens}: a parallel-decoding checkpoint (codec chunk_size="
+                             f"{self.codec.chunk_size}, head={self.codec.head!r}) always fills "
+                             f"{self.codec.num_action_tokens} action slots + </s> = {self.default_num_tokens()}")
         b = len(prompts)
         if pixels.shape[0] != b:
             raise ValueError(f"{pixels.shape[0]} images but {b} prompts")
@@ -377,10 +376,27 @@ class Policy:
             raise ValueError("no images given")
         return images, list(instructions)
 
+    def _check_autoregressive(self, option: str) -> None:
+        if self.parallel:
+            raise ValueError(f"{option} needs an autoregressive checkpoint; this one's action codec has "
+                             f"decoding='parallel', head={self.codec.head!r}, chunk_size={self.codec.chunk_size} "
+                             f"(OpenVLA-OFT: one pass predicts the whole chunk)")
+
     def predict_tokens(self, images, instructions, num_tokens: Optional[int] = None, *,
                        stop_at_eos: bool = False) -> np.ndarray:
         """B images + B instructions (or one for all) -> int32 [B, num_tokens] (default: the codec's action
-        tokens). stop_at_eos: rows with an early EOS get OpenVLA's ids instead (`upstream_eos_ids`)."""
+        tokens). stop_at_eos: rows with an early EOS get OpenVLA's ids instead (`upstream_eos_ids`).
+        Parallel decoding with head 'tokens': int32 [B, K, D] (num_tokens and stop_at_eos are refused)."""
+        if self.parallel:
+            if num_tokens is not None:
+                self._check_autoregressive(f"num_tokens={num_tokens}")
+            if stop_at_eos:
+                self._check_autoregressive("stop_at_eos=True")
+            if self.codec.head != "tokens":
+                self._check_autoregressive("predict_tokens (head 'l1' predicts no tokens)")
+            images, instructions = self._rows(images, instructions)
+            return self.decode_tokens(self.preprocess(images), [self.prompt_ids(s) for s in instructions],
+                                      self.default_num_tokens())
         images, instructions = self._rows(images, instructions)
         prompts = [self.prompt_ids(s) for s in instructions]
         n = int(num_tokens or self.codec.num_action_tokens)
@@ -408,6 +424,8 @@ class Policy:
         for key, g in sorted(set(zip(keys, grippers))):
             self.check_gripper(g, key)  # before decoding: a non-invertible convention fails fast
         dims = [self.action_dim(k) for k in keys]
+        if self.parallel:
+            return self._predict_parallel(images, instructions, keys, grippers, dims, stop_at_eos)
         if stop_at_eos and len(set(dims)) > 1:
             raise ValueError(f"stop_at_eos needs one action dim for all rows; the keys {sorted(set(keys))} have "
                              f"{sorted(set(dims))}")
@@ -421,16 +439,44 @@ class Policy:
                 rows[i] = raw[j]
         return Prediction(tokens, normalized, tuple(rows), tuple(keys))
 
+    def _predict_parallel(self, images, instructions, keys, grippers, dims, stop_at_eos) -> Prediction:
+        """`predict` for parallel-decoding checkpoints: one pass -> tokens (or the L1 head's normalized
+        chunk) [B, K, D] -> float64 normalized -> raw per row with its statistics, gripper per chunk row."""
+        if stop_at_eos:
+            self._check_autoregressive("stop_at_eos=True")
+        d = self.codec.action_dim
+        bad = sorted({(k, n) for k, n in zip(keys, dims) if n != d})
+        if bad:
+            raise ValueError(f"the statistics of {[k for k, _ in bad]} have action dims {[n for _, n in bad]}, but "
+                             f"this parallel-decoding checkpoint predicts chunks of action_dim={d} (codec)")
+        out = self.decode_tokens(self.preprocess(images), [self.prompt_ids(s) for s in instructions],
+                                 self.default_num_tokens())
+        if self.codec.head == "tokens":
+            tokens = np.asarray(out, np.int32)
+            normalized = self.codec.decode(tokens)
+        else:
+            tokens, normalized = None, np.asarray(out, np.float64)
+        b = len(images)
+        rows: List[Any] = [None] * b
+        for key, g in sorted(set(zip(keys, grippers))):
+            idx = [i for i in range(b) if keys[i] == key and grippers[i] == g]
+            raw = self.convert_gripper(self.unnormalize(normalized[idx], key), key, g)  # [n, K, D]
+            for j, i in enumerate(idx):
+                rows[i] = raw[j]
+        return Prediction(tokens, normalized, tuple(rows), tuple(keys))
+
     def predict_actions(self, images, instructions, unnorm_key: Optional[str] = None,
                         gripper: str = "openvla", *, stop_at_eos: bool = False) -> np.ndarray:
         """B images (uint8 [H, W, 3] each, or [B, H, W, 3]) + B instructions -> float64 [B, action_dim]
-        (`predict(...).actions`; gripper and stop_at_eos as there)."""
+        ([B, K, action_dim] for parallel-decoding checkpoints; `predict(...).actions`; gripper and
+        stop_at_eos as there)."""
         return self.predict(images, instructions, unnorm_key, gripper, stop_at_eos=stop_at_eos).actions
 
     def predict_action(self, image, instruction: str, unnorm_key: Optional[str] = None,
                        gripper: str = "openvla", *, stop_at_eos: bool = False) -> np.ndarray:
         """One uint8 RGB image [H, W, 3] (or PIL image) + instruction -> float64 [action_dim]
-        (gripper: see `predict_actions`).
+        (gripper: see `predict_actions`). For a parallel-decoding (OpenVLA-OFT) checkpoint: the whole
+        chunk, float64 [K, action_dim] ([1, action_dim] when K = 1), the first row the action for now.
 
         Differs from OpenVLA's `predict_action` in one case, on purpose: when the model emits EOS
         before the last action token, upstream's `generate` stops there and upstream decodes the last
@@ -444,7 +490,7 @@ class Policy:
                num_tokens: Optional[int] = None) -> Dict[Tuple[int, int, int], float]:
         """Compiles the buckets serving these batch sizes and prompt lengths (default: the length of a
         typical instruction). Returns {(tokens, batch, length): compile seconds} of the new ones."""
-        n = int(num_tokens or self.codec.num_action_tokens)
+        n = int(num_tokens or self.default_num_tokens())
         if prompt_lengths is None:
             prompt_lengths = [len(self.tokenizer.inference_ids(_WARMUP_INSTRUCTION))]
         before = set(self.compile_seconds)
@@ -457,6 +503,7 @@ class Policy:
     def describe(self) -> Dict[str, Any]:
         """JSON-able summary (served by GET /health)."""
         return {"source": self.source, "image_size": self.image_size, "action_dim": self.codec.action_dim,
+                "decoding": self.codec.decoding, "head": self.codec.head, "chunk_size": self.codec.chunk_size,
                 "unnorm_keys": self.unnorm_keys, "center_crop": self.center_crop,
                 "action_tokens_only": self.action_tokens_only, "batch_buckets": list(self.batch_buckets),
                 "compiled_buckets": [list(k) for k in sorted(self._executables)],

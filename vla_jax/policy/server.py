@@ -5,7 +5,10 @@ POST /act  body: {"image": <json_numpy uint8 [H, W, 3]>, "instruction": str, "un
                   registered convention, `Policy.convert_gripper`)}
            or {"encoded": "<that object as a JSON string>"}.
            -> the action as a json_numpy float64 [action_dim] object; for the "encoded" form, that
-              object serialised into a JSON string (exactly what deploy.py returns).
+              object serialised into a JSON string (exactly what deploy.py returns). A parallel-decoding
+              (OpenVLA-OFT) checkpoint answers with its whole chunk, float64 [K, action_dim] (row 0 first);
+              such a model refuses the autoregressive decoding options (`AUTOREGRESSIVE_ONLY_FIELDS`)
+              with a 400 naming the option and its codec.
            Images deploy.py accepts are accepted and converted as it does (PIL `convert("RGB")`):
            uint8 grayscale [H, W] (or [H, W, 1]), gray+alpha [H, W, 2], RGB [H, W, 3], RGBA [H, W, 4].
 GET /health -> {"status": "ok", ...model, batching and connection details}. HEAD mirrors GET.
@@ -58,6 +61,12 @@ DRAIN_FACTOR = 4  # over-limit bodies up to this many times the limit are read (
 GONE_POLL_S = 0.05  # how often a waiting request checks that its client is still connected
 # Channel counts PIL's Image.fromarray maps to a mode deploy.py then converts with .convert("RGB").
 _PIL_CHANNELS = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}
+
+
+# Request fields that only mean something for autoregressive token decoding (upstream's early-EOS ids,
+# a token count, restricting the argmax to action tokens). The payload does not take them; a chunked
+# (parallel-decoding) model names them in a 400 so an AR client pointed at an OFT server learns why.
+AUTOREGRESSIVE_ONLY_FIELDS = ("stop_at_eos", "num_tokens", "action_tokens_only")
 
 
 class RequestError(Exception):
@@ -122,8 +131,9 @@ def _json(text, what: str):
         raise RequestError(400, f"{what} nests JSON arrays/objects too deeply") from None
 
 
-def parse_payload(body: bytes, max_bytes: int) -> Tuple[np.ndarray, str, Optional[str], bool, str]:
-    """Request body -> (image, instruction, unnorm_key, encoded_form, gripper). Raises RequestError(400)."""
+def parse_payload(body: bytes, max_bytes: int, codec=None) -> Tuple[np.ndarray, str, Optional[str], bool, str]:
+    """Request body -> (image, instruction, unnorm_key, encoded_form, gripper). Raises RequestError(400).
+    codec: the served model's ActionCodec; with decoding 'parallel', autoregressive-only fields are a 400."""
     payload = _json(body, "body")
     encoded = isinstance(payload, dict) and "encoded" in payload
     if encoded:
@@ -134,6 +144,13 @@ def parse_payload(body: bytes, max_bytes: int) -> Tuple[np.ndarray, str, Optiona
         payload = _json(payload["encoded"], "field 'encoded'")
     if not isinstance(payload, dict):
         raise RequestError(400, f"payload must be a JSON object, got {type(payload).__name__}")
+    if codec is not None and codec.decoding == "parallel":
+        bad = [k for k in AUTOREGRESSIVE_ONLY_FIELDS if k in payload]
+        if bad:
+            raise RequestError(400, f"field(s) {bad} need an autoregressive model; this server's model has "
+                                    f"decoding='parallel', head={codec.head!r}, chunk_size={codec.chunk_size} "
+                                    f"(OpenVLA-OFT: it returns the whole [{codec.chunk_size}, {codec.action_dim}] "
+                                    f"chunk per request)")
     missing = [k for k in ("image", "instruction") if k not in payload]
     if missing:
         raise RequestError(400, f"payload is missing field(s) {missing}; it has {sorted(payload)}")
@@ -184,7 +201,7 @@ class PolicyService:
     def act(self, body: bytes, client_gone: Optional[Callable[[], bool]] = None) -> Tuple[Any, bool]:
         """Request body -> (float64 action, encoded_form). Raises RequestError, or ClientGone when
         `client_gone()` turns true while the request waits (its queued work is then cancelled)."""
-        image, instruction, key, encoded, gripper = parse_payload(body, self.max_body)
+        image, instruction, key, encoded, gripper = parse_payload(body, self.max_body, self.policy.codec)
         p = self.policy
         try:
             key = p.resolve_unnorm_key(key)

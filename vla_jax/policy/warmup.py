@@ -49,7 +49,9 @@ def warm_up(service, prompt_len: int = 64) -> Dict[str, Any]:
     batches, lengths = batch_buckets(p, service.batcher.max_batch), prompt_buckets(p, prompt_len)
     s = p.image_size
     ids = p.prompt_ids(WARMUP_INSTRUCTION)
-    for n in dims:
+    # parallel decoding (OFT) has one slot count whatever the statistics: K * D action slots + </s>
+    counts = [p.default_num_tokens()] if getattr(p, "parallel", False) else dims
+    for n in counts:
         for b in batches:
             for length in lengths:
                 prompt = (ids * (length // len(ids) + 1))[:length]  # exactly `length` real token ids
@@ -67,7 +69,7 @@ def warm_up(service, prompt_len: int = 64) -> Dict[str, Any]:
     t2 = time.perf_counter()
     service.act(body)
     request_ms = (time.perf_counter() - t2) * 1e3
-    return {"action_tokens": dims, "batch_buckets": batches, "prompt_buckets": lengths, "compiled": len(new),
+    return {"action_tokens": counts, "batch_buckets": batches, "prompt_buckets": lengths, "compiled": len(new),
             "compile_s": round(sum(new.values()), 2), "decode_s": round(decode_s, 2),
             "resize_trace_s": round(resize_s, 2), "request_ms": round(request_ms, 1),
             "seconds": round(time.perf_counter() - t0, 2)}

@@ -11,6 +11,13 @@ images exactly as the training pipeline did. B is fixed for a whole evaluation (
 slots whose episode is over are padded with stale images and their actions ignored, so a jitted
 policy compiles once.
 
+Action chunks (OpenVLA-OFT): a policy may return [B, K, 7] instead; each slot then executes the first
+`execute` actions of its chunk open-loop (default all K, as OFT's LIBERO evaluation does with its
+`num_open_loop_steps` = K) and asks for a new chunk only when they are used up. The policy still runs
+on the whole fixed batch (its other slots' chunks are ignored), so it compiles once. Upstream's LIBERO
+script, when told to execute n < K actions, would execute the *last* n of the chunk; we execute the
+first n (the actions meant for now and the next steps), on purpose.
+
 Optional policy attributes: `needs_images = False` (nothing is rendered for it, zeros are passed),
 `sim_expert = True` (the actions come from Meta-World's scripted experts inside the simulator
 workers: `ExpertPolicy`).
@@ -68,11 +75,14 @@ class RandomPolicy:
 
 
 def _policy_actions(policy, images: np.ndarray, instructions: List[str], name: str) -> np.ndarray:
+    """-> float32 [B, K, 7] (K = 1 for a policy returning [B, 7])."""
     actions = np.asarray(policy(images, instructions), np.float32)
-    b = len(instructions)
-    if actions.shape != (b, 7):
-        raise ValueError(f"policy {name!r} returned actions of shape {actions.shape}, expected [{b}, 7] "
-                         "(OpenVLA layout [dx, dy, dz, droll, dpitch, dyaw, gripper])")
+    b, shape = len(instructions), actions.shape
+    if actions.ndim == 2:
+        actions = actions[:, None]
+    if actions.ndim != 3 or actions.shape[0] != b or actions.shape[2] != 7 or actions.shape[1] < 1:
+        raise ValueError(f"policy {name!r} returned actions of shape {shape}, expected [{b}, 7] "
+                         f"or chunks [{b}, K, 7] (OpenVLA layout [dx, dy, dz, droll, dpitch, dyaw, gripper])")
     if not np.all(np.isfinite(actions)):
         raise ValueError(f"policy {name!r} returned non-finite actions: {actions[~np.isfinite(actions).all(-1)]}")
     return actions
@@ -108,15 +118,21 @@ def _expert_episodes(sim: SimWorkers, tasks: Sequence[str], first: int, n: int, 
 
 def evaluate(policy: Callable, tasks: Sequence[str], episodes_per_task: int, sim: SimWorkers, *,
              name: Optional[str] = None, batch_size: Optional[int] = None, videos_per_task: int = 0,
-             video_dir: Optional[str] = None, first_index: int = 0, say: Callable[[str], None] = print) -> dict:
+             video_dir: Optional[str] = None, first_index: int = 0, say: Callable[[str], None] = print,
+             execute: Optional[int] = None) -> dict:
     """Run `episodes_per_task` episodes per task on held-out configurations
     [first_index, first_index + episodes_per_task) with the simulators of `sim`.
 
     Returns {'policy', 'tasks': {task: {'episodes', 'success_rate', 'mean_length',
     'mean_success_length', 'successes', 'lengths'}}, 'mean_success_rate', 'mean_length', 'wall_s',
-    'policy_s', 'env_steps', 'videos'}; the GIFs of the first `videos_per_task` episodes of each task
-    go to video_dir/{name}/.
+    'policy_s', 'env_steps', 'policy_calls', 'execute', 'videos'}; the GIFs of the first
+    `videos_per_task` episodes of each task go to video_dir/{name}/.
+
+    execute: for a policy returning chunks [B, K, 7], how many of each chunk's actions a slot runs
+    open-loop before re-planning (None: all K; must be in [1, K]). Policies returning [B, 7] act every step.
     """
+    if execute is not None and (isinstance(execute, bool) or int(execute) < 1):
+        raise ValueError(f"execute={execute!r}: the number of chunk actions to run before re-planning must be >= 1")
     name = name or getattr(policy, "name", None) or "policy"
     tasks = [resolve_task(t) for t in tasks]
     if not tasks or len(set(tasks)) != len(tasks):
@@ -140,6 +156,8 @@ def evaluate(policy: Callable, tasks: Sequence[str], episodes_per_task: int, sim
     results = {t: {} for t in tasks}
     videos: List[str] = []
     policy_s, steps, t_start = 0.0, 0, time.time()
+    plans: Dict[int, collections.deque] = {}  # slot -> actions of its chunk still to execute
+    policy_calls = 0
 
     def worker_of(slot: int) -> int:
         # Contiguous blocks of slots per worker: the queue is task-major, so a worker tends to keep
@@ -161,6 +179,7 @@ def evaluate(policy: Callable, tasks: Sequence[str], episodes_per_task: int, sim
             episode[s] = {"task": task, "index": index, "frames": [] if record else None,
                           "render": needs_images or record}
             instructions[s] = instruction_for(task)
+            plans[s] = collections.deque()  # a new episode plans afresh
             calls.setdefault(worker_of(s), []).append((s, task, "heldout", index, episode[s]["render"]))
         replies = sim.broadcast({w: ("reset", {"assignments": a}) for w, a in calls.items()})
         for reply in replies.values():
@@ -175,10 +194,18 @@ def evaluate(policy: Callable, tasks: Sequence[str], episodes_per_task: int, sim
     if active:
         start(active)
     while active:
-        t0 = time.time()
-        out = _policy_actions(policy, images, list(instructions), name)
-        policy_s += time.time() - t0
-        acts = {s: out[s] for s in active}
+        need = [s for s in active if not plans[s]]
+        if need:
+            t0 = time.time()
+            out = _policy_actions(policy, images, list(instructions), name)
+            policy_s += time.time() - t0
+            policy_calls += 1
+            k = out.shape[1]
+            if execute is not None and int(execute) > k:
+                raise ValueError(f"execute={execute} but policy {name!r} returns chunks of {k} actions")
+            for s in need:
+                plans[s].extend(out[s, :k if execute is None else int(execute)])
+        acts = {s: plans[s].popleft() for s in active}
         calls = {}
         for s in active:
             w = worker_of(s)
@@ -215,7 +242,7 @@ def evaluate(policy: Callable, tasks: Sequence[str], episodes_per_task: int, sim
               "mean_success_rate": float(np.mean([r["success_rate"] for r in per_task.values()])),
               "mean_length": float(np.mean([r["mean_length"] for r in per_task.values()])),
               "wall_s": round(time.time() - t_start, 2), "policy_s": round(policy_s, 2), "env_steps": steps,
-              "batch_size": b, "videos": videos}
+              "batch_size": b, "policy_calls": policy_calls, "execute": execute, "videos": videos}
     say(f"{name}: mean success {report['mean_success_rate']:.2f} over {len(tasks)} tasks x {n} episodes "
         f"({report['wall_s']} s, policy {report['policy_s']} s)")
     return report
@@ -277,7 +304,8 @@ def run_evaluation(policy: Optional[Callable], tasks: Sequence[str], episodes_pe
                    batch_size: Optional[int] = None, videos_per_task: int = 2,
                    references: Sequence[str] = ("expert", "random"), seed: int = 0, camera: str = "corner",
                    goal_marker_scale: float = 2.5, sim: Optional[SimWorkers] = None,
-                   reference_cache: Optional[str] = None, say: Callable[[str], None] = print) -> dict:
+                   reference_cache: Optional[str] = None, say: Callable[[str], None] = print,
+                   execute: Optional[int] = None) -> dict:
     """Evaluate `policy` (None: only the references) and the reference lines on the same held-out
     configurations; writes out_dir/report.json and GIFs under out_dir/videos/{policy}/. Returns the report:
     {'settings': {...}, 'results': {policy name: evaluate(...) report}, 'table': str}.
@@ -287,7 +315,8 @@ def run_evaluation(policy: Optional[Callable], tasks: Sequence[str], episodes_pe
     max_steps, camera and goal_marker_scale then apply); else `workers` new ones are started.
     reference_cache: a folder where the reference lines' reports are kept, keyed by everything that
     determines them (tasks, episodes, simulator settings, seed, batch size, videos): they do not
-    depend on the evaluated policy, so a re-evaluation (e.g. each `make demo`) reuses them."""
+    depend on the evaluated policy, so a re-evaluation (e.g. each `make demo`) reuses them.
+    execute: chunk actions `policy` runs open-loop before re-planning (see `evaluate`; references act every step)."""
     unknown = sorted(set(references) - {"expert", "random"})
     if unknown:
         raise ValueError(f"unknown reference policies {unknown}; available: ['expert', 'random']")
@@ -319,7 +348,7 @@ def run_evaluation(policy: Optional[Callable], tasks: Sequence[str], episodes_pe
                     continue
             results[pname] = evaluate(pol, tasks, episodes_per_task, sim, name=pname, batch_size=batch_size,
                                       videos_per_task=videos_per_task, video_dir=os.path.join(out_dir, "videos"),
-                                      say=say)
+                                      say=say, execute=None if is_ref else execute)
             if folder:
                 _store_reference(folder, results[pname], key)
     finally:
