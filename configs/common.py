@@ -18,6 +18,12 @@ def base_config() -> ml_collections.ConfigDict:
         param_dtype="float32",  # master weights
         remat=True,             # activation checkpointing per transformer block
         image_size=0,           # 0: the preset's (224); smaller trains faster on CPU (tiny models only)
+        # OpenVLA-OFT (configs/oft.py): one bidirectional pass predicts chunk_size x 7 action values.
+        # chunk_size must equal data.action_chunk; action_head 'tokens' (256-bin CE) or 'l1'
+        # (continuous head, L1 loss); both need parallel_decoding=True.
+        parallel_decoding=False,
+        chunk_size=1,
+        action_head="tokens",
     ))
 
     # Input. data_source 'rlds' is the real pipeline (vla_jax/data/pipeline.py); 'synthetic' gives
@@ -73,9 +79,11 @@ def base_config() -> ml_collections.ConfigDict:
     # AdamW, every hyperparameter explicit (optax's defaults differ from torch's and OpenVLA's).
     c.optim = ml_collections.ConfigDict(dict(
         learning_rate=2e-5,
-        schedule="constant",    # constant | warmup_constant | warmup_cosine
+        schedule="constant",    # constant | warmup_constant | warmup_cosine | step
         warmup_steps=0,
         end_lr_fraction=0.0,    # warmup_cosine only: final lr = fraction x learning_rate
+        decay_steps=0,          # step only: lr x decay_factor from this step on (torch MultiStepLR, one milestone)
+        decay_factor=0.1,
         b1=0.9,
         b2=0.999,
         eps=1e-8,

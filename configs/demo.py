@@ -18,8 +18,14 @@ DEMO_DATASET = "metaworld_demo"
 
 
 def get_config(arg=None):
-    """arg: 'steps=N,batch=B' (defaults 3000, 64)."""
-    args = parse_arg(arg, steps=3000, batch=64)
+    """arg: 'steps=N,batch=B,recipe=openvla|oft,chunk=K,head=l1|tokens' (defaults 3000, 64, openvla, 8, l1).
+
+    recipe=oft: OpenVLA-OFT's model side at demo scale (configs/oft.py): parallel decoding of a chunk of
+    K actions (the data carries K actions per frame), head 'l1' (continuous, L1 loss) or 'tokens'
+    (256-bin CE). The optimizer stays the demo's (a from-scratch model, not OFT's LoRA fine-tune)."""
+    args = parse_arg(arg, steps=3000, batch=64, recipe="openvla", chunk=8, head="l1")
+    if args["recipe"] not in ("openvla", "oft"):
+        raise ValueError(f"configs/demo.py: recipe={args['recipe']!r}; expected 'openvla' or 'oft'")
     c = base_config()
 
     c.model.preset = "demo"
@@ -37,6 +43,13 @@ def get_config(arg=None):
     # BOS + prompt + space + 7 actions + EOS: the demo tokenizer makes the prompt template two pieces,
     # so the six demo tasks' prompts are 5-9 pieces (16 at most over all 50 Meta-World tasks).
     c.data.max_seq_len = 20
+    if args["recipe"] == "oft":
+        k = args["chunk"]
+        c.model.parallel_decoding = True
+        c.model.chunk_size = k
+        c.model.action_head = args["head"]
+        c.data.action_chunk = k
+        c.data.max_seq_len = 20 + 7 * (k - 1)  # K x 7 action tokens instead of 7
     c.data.threads = 2
     c.data.ram_budget_gb = 1.0
 

@@ -123,3 +123,24 @@ def test_result_json_schema(tmp_path, monkeypatch):
         "recipe": "openvla", "cameras": 1, "mean_success": 0.65, "per_task": {"reach-v3": 1.0, "push-v3": 0.3},
         "train_steps": 1660, "wall_s_total": 1234.5}
     assert "cores" in got["machine"] and got["commit"]
+
+
+def test_demo_oft_recipe_builds_and_is_wired(tmp_path):
+    from configs import demo as demo_cfg
+    from vla_jax.training import run
+
+    c = demo_cfg.get_config("steps=50,recipe=oft,chunk=4,head=tokens")
+    m = run.model_config(c.model)
+    assert (m.parallel_decoding, m.chunk_size, m.action_head) == (True, 4, "tokens")
+    spec = run.batch_spec(c, m)  # checks data.action_chunk against the model's chunk
+    assert spec.codec.num_supervised == 4 * 7 + 1 and c.data.max_seq_len == 20 + 7 * 3
+    assert not run.model_config(demo_cfg.get_config("steps=50").model).parallel_decoding
+    with pytest.raises(ValueError, match="recipe='rt2'"):
+        demo_cfg.get_config("recipe=rt2")
+    d = str(tmp_path)
+    assert "--config=configs/demo.py:steps=100,recipe=oft,chunk=8,head=l1" in demo.train_command(
+        d, d, d, 100, recipe="oft")
+    assert "--config=configs/demo.py:steps=100" in demo.train_command(d, d, d, 100, recipe="openvla_bs32")
+    assert demo.config_recipe("oft_k4") == "oft" and demo.config_recipe("openvla") == "openvla"
+    args = demo.parse_args(["--recipe=oft", "--chunk=4", "--head=tokens"])
+    assert (args.recipe, args.chunk, args.head) == ("oft", 4, "tokens")

@@ -26,7 +26,8 @@ CONFIG_FILES = sorted(p for p in (REPO / "configs").glob("*.py") if p.name not i
 OPENVLA_7B_PARAMS = 7_541_237_184  # VERIFIED_FACTS.md, from the released checkpoint's shapes
 LORA_R32_PARAMS = 110_828_288      # OPENVLA_REFERENCE.md §9 (PEFT "all-linear", r=32)
 VARIANTS = [(p.name, None) for p in CONFIG_FILES] + [
-    ("finetune.py", "dataset=bridge_orig,lora=True"), ("finetune.py", "freeze_vision=True")]
+    ("finetune.py", "dataset=bridge_orig,lora=True"), ("finetune.py", "freeze_vision=True"),
+    ("oft.py", "head=tokens,chunk=4,dataset=libero_goal_no_noops,steps=50000,decay=40000")]
 
 
 def load(name, arg=None):
@@ -50,7 +51,7 @@ def test_config_builds_and_its_train_state_fits_the_mesh(name, arg):
         assert key in cfg.optim
     with pytest.raises(AttributeError):
         cfg.optim.lr = 1.0  # locked: a typo is an error
-    if name == "finetune.py":
+    if name in ("finetune.py", "oft.py"):
         with pytest.raises(ValueError, match="needs a starting checkpoint"):
             run.check_run_config(cfg)
         cfg.init_from = "/some/openvla-7b"
@@ -69,8 +70,12 @@ def test_config_builds_and_its_train_state_fits_the_mesh(name, arg):
         base = sum(summary[k] for k in ("dino", "siglip", "projector", "llm"))
         assert base == OPENVLA_7B_PARAMS
         if cfg.lora.enabled:
+            head = summary.get("action_head", 0)  # OFT's L1 head trains in full beside the adapters
+            assert (head > 0) == (cfg.model.action_head == "l1")
+            if head:  # OFT_REFERENCE.md §6: the LIBERO head (D=7, width 4096)
+                assert round(head / 1e6, 2) == 151.12
             assert summary["lora"] == LORA_R32_PARAMS
-            assert 0.95 * LORA_R32_PARAMS < summary["trainable"] <= LORA_R32_PARAMS
+            assert 0.95 * LORA_R32_PARAMS + head < summary["trainable"] <= LORA_R32_PARAMS + head
         elif cfg.freeze.vision:
             assert summary["trainable"] == summary["projector"] + summary["llm"]
         else:  # everything but the never-run vision parameters

@@ -139,8 +139,18 @@ def _run(cmd: List[str], log_path: str, tee: bool = True, stop_after_s: Optional
     return stopped.is_set()
 
 
-def train_command(workdir: str, data_dir: str, tokenizer: str, steps: int, batch: int = 0) -> List[str]:
-    return [sys.executable, "train.py", f"--config=configs/demo.py:steps={steps}" + (f",batch={batch}" if batch else ""),
+def config_recipe(recipe: str) -> str:
+    """--recipe -> configs/demo.py's recipe: 'oft' for 'oft' or 'oft_<label>' (OpenVLA-OFT), else 'openvla'
+    (other names only label the result file)."""
+    return "oft" if recipe == "oft" or recipe.startswith("oft_") else "openvla"
+
+
+def train_command(workdir: str, data_dir: str, tokenizer: str, steps: int, batch: int = 0, recipe: str = "openvla",
+                  chunk: int = 8, head: str = "l1") -> List[str]:
+    arg = f"steps={steps}" + (f",batch={batch}" if batch else "")
+    if config_recipe(recipe) == "oft":
+        arg += f",recipe=oft,chunk={chunk},head={head}"
+    return [sys.executable, "train.py", f"--config=configs/demo.py:{arg}",
             f"--workdir={workdir}",
             f"--config.tokenizer={tokenizer}", f"--config.data.data_dir={data_dir}",
             f"--config.data.dataset_configs={os.path.join(data_dir, 'dataset_config.json')}"]
@@ -187,13 +197,13 @@ def measured_steps_per_s(metrics_path: str) -> float:
     return 1.0 / times[len(times) // 2]
 
 
-def calibrate(out: str, data_dir: str, tokenizer: str, batch: int, log_path: str) -> tuple:
+def calibrate(out: str, data_dir: str, tokenizer: str, batch: int, log_path: str, **recipe) -> tuple:
     """Runs CALIBRATION_STEPS training steps in a scratch folder -> (steps/s, wall seconds). Its wall time
     (start-up and compilation included) comes out of the training budget."""
     scratch = os.path.join(out, "calibrate")
     shutil.rmtree(scratch, ignore_errors=True)
     t0 = time.perf_counter()
-    _run(train_command(scratch, data_dir, tokenizer, CALIBRATION_STEPS, batch), log_path, tee=False)
+    _run(train_command(scratch, data_dir, tokenizer, CALIBRATION_STEPS, batch, **recipe), log_path, tee=False)
     rate = measured_steps_per_s(os.path.join(scratch, "metrics.jsonl"))
     shutil.rmtree(scratch, ignore_errors=True)
     return rate, time.perf_counter() - t0
@@ -217,7 +227,11 @@ def parse_args(argv):
     p.add_argument("--steps", type=int, default=0, help="training steps (overrides --minutes)")
     p.add_argument("--steps_per_s", type=float, default=0.0,
                    help="training speed for --minutes; 0 (default) = measure it with a short calibration run")
-    p.add_argument("--recipe", default="openvla", help="name of the recipe in bench/results/demo_<recipe>.json")
+    p.add_argument("--recipe", default="openvla",
+                   help="name of the recipe in bench/results/demo_<recipe>.json; 'oft' or 'oft_<label>' trains "
+                        "OpenVLA-OFT (configs/demo.py recipe=oft: parallel decoding of --chunk actions, --head)")
+    p.add_argument("--chunk", type=int, default=8, help="OFT recipes: actions per chunk K")
+    p.add_argument("--head", default="l1", choices=("l1", "tokens"), help="OFT recipes: the action head")
     p.add_argument("--batch", type=int, default=0, help="global batch size (default: configs/demo.py's)")
     p.add_argument("--episodes", type=int, default=10, help="closed-loop episodes per task (held-out configs)")
     p.add_argument("--workers", type=int, default=2, help="simulator worker processes")
@@ -250,14 +264,16 @@ def main(argv=None) -> Dict:
     say(f"2/6 tokenizer: {tok}")
 
     t = time.perf_counter()
-    workdir = os.path.join(out, "train")
+    recipe = dict(recipe=args.recipe, chunk=args.chunk, head=args.head)  # configs/demo.py's model recipe
+    # An OFT recipe trains in its own folder: the kept OpenVLA run is not resumed with another model.
+    workdir = os.path.join(out, "train" if config_recipe(args.recipe) == "openvla" else f"train_{args.recipe}")
     budget_s = args.minutes * 60
     steps = args.steps
     if not steps and latest_step(workdir) is None:
         rate = args.steps_per_s
         if rate <= 0:
             say(f"3/6 train: measuring this machine's speed ({CALIBRATION_STEPS} steps)")
-            rate, cal_s = calibrate(out, data_dir, tok, args.batch, log_path)
+            rate, cal_s = calibrate(out, data_dir, tok, args.batch, log_path, **recipe)
             budget_s -= cal_s
             say(f"3/6 train: {rate:.2f} steps/s measured in {cal_s:.0f} s")
         steps = steps_for(budget_s / 60, rate)
@@ -267,7 +283,8 @@ def main(argv=None) -> Dict:
     # at a checkpoint, before its cosine schedule ends, and says so).
     say(f"3/6 train: {steps} steps (batch {args.batch or 'from configs/demo.py'}), at most {budget_s / 60:.1f} min "
         f"-> {workdir}")
-    stopped = _run(train_command(workdir, data_dir, tok, steps, args.batch), log_path, stop_after_s=budget_s)
+    stopped = _run(train_command(workdir, data_dir, tok, steps, args.batch, **recipe), log_path,
+                   stop_after_s=budget_s)
     times["train"] = time.perf_counter() - t
     trained = latest_step(workdir)
     if trained is None:

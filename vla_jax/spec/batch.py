@@ -62,6 +62,8 @@ class BatchSpec:
                "input_ids": ((self.text_len,), np.dtype(np.int32)),
                "labels": ((self.text_len,), np.dtype(np.int32)),
                "dataset_index": ((), np.dtype(np.int32))}
+        if self.codec.decoding == "parallel":  # OFT's bidirectional pass masks pads as keys
+            out["attention_mask"] = ((self.text_len,), np.dtype(np.int32))
         if self.codec.head == "l1":
             out["actions"] = (self.codec.chunk_shape, np.dtype(np.float32))
         if self.proprio_dim is not None:

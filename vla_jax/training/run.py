@@ -52,8 +52,17 @@ def maybe_initialize_distributed(mode: str = "auto", coordinator: str = "", num_
 
 
 def model_config(model_cfg) -> OpenVLAConfig:
-    """config.model (preset, dtype, param_dtype, remat, image_size) -> OpenVLAConfig."""
+    """config.model (preset, dtype, param_dtype, remat, image_size, and OpenVLA-OFT's parallel_decoding,
+    chunk_size, action_head: the one place a run sets them) -> OpenVLAConfig. A recorded config without
+    the OFT keys (older checkpoints) is OpenVLA's autoregressive model."""
     cfg = with_dtypes(get_preset(model_cfg.preset), model_cfg.dtype, model_cfg.param_dtype, remat=model_cfg.remat)
+    oft = dict(parallel_decoding=model_cfg.get("parallel_decoding", False), chunk_size=model_cfg.get("chunk_size", 1),
+               action_head=model_cfg.get("action_head", "tokens"))
+    try:
+        cfg = dataclasses.replace(cfg, **oft)  # OpenVLAConfig checks the combination
+    except ValueError as e:
+        raise ValueError(f"config.model (parallel_decoding={oft['parallel_decoding']!r}, chunk_size="
+                         f"{oft['chunk_size']!r}, action_head={oft['action_head']!r}): {e}") from None
     if model_cfg.image_size:
         if model_cfg.image_size % cfg.dino.patch_size:
             raise ValueError(f"config.model.image_size={model_cfg.image_size} must be a multiple of the patch size "
@@ -145,7 +154,12 @@ def test_center_crop(data_cfg) -> bool:
 
 def batch_spec(cfg, model_cfg: OpenVLAConfig, num_datasets: int = 1) -> BatchSpec:
     """The run's batch layout (stored with every checkpoint): the model's image size and action codec,
-    config.data.max_seq_len text tokens, the mixture's `num_datasets`, the test-time crop rule."""
+    config.data.max_seq_len text tokens, the mixture's `num_datasets`, the test-time crop rule.
+    The data's actions per frame (config.data.action_chunk) must be the model's chunk_size."""
+    k = int(cfg.data.get("action_chunk", 1))
+    if k != model_cfg.chunk_size:
+        raise ValueError(f"config.data.action_chunk={k} but config.model.chunk_size={model_cfg.chunk_size}: the model "
+                         f"predicts chunk_size actions per frame and the data must carry as many (set both to K)")
     return BatchSpec.for_model(model_cfg, int(cfg.data.max_seq_len), num_datasets=int(num_datasets),
                                test_center_crop=test_center_crop(cfg.data))
 

@@ -67,7 +67,9 @@ class OptimConfig:
     applied to every trainable parameter, eps added after the square root, bias correction on.
 
     schedule: 'constant' | 'warmup_constant' | 'warmup_cosine' (cosine to end_lr_fraction * lr at
-    num_steps). grad_clip <= 0 disables clipping.
+    num_steps) | 'step' (linear warmup if any, then lr until step decay_steps and lr * decay_factor
+    from there on: torch's MultiStepLR with one milestone, as OpenVLA-OFT). grad_clip <= 0 disables
+    clipping.
     """
 
     learning_rate: float
@@ -79,17 +81,21 @@ class OptimConfig:
     schedule: str = "constant"
     warmup_steps: int = 0
     end_lr_fraction: float = 0.0
+    decay_steps: int = 0
+    decay_factor: float = 0.1
 
     @classmethod
     def from_config(cls, cfg) -> "OptimConfig":
-        names = [f.name for f in dataclasses.fields(cls)]
+        # decay_steps/decay_factor came later: recorded configs without them keep the defaults.
+        optional = ("decay_steps", "decay_factor")
+        names = [f.name for f in dataclasses.fields(cls) if f.name in cfg or f.name not in optional]
         missing = [n for n in names if n not in cfg]
         if missing:
             raise ValueError(f"config.optim is missing {missing}; every AdamW hyperparameter must be explicit")
         return cls(**{n: cfg[n] for n in names})
 
 
-SCHEDULES = ("constant", "warmup_constant", "warmup_cosine")
+SCHEDULES = ("constant", "warmup_constant", "warmup_cosine", "step")
 
 
 def make_schedule(cfg: OptimConfig, num_steps: int) -> optax.Schedule:
@@ -102,6 +108,18 @@ def make_schedule(cfg: OptimConfig, num_steps: int) -> optax.Schedule:
         return optax.constant_schedule(lr)
     if cfg.schedule == "warmup_constant":
         return optax.join_schedules([optax.linear_schedule(0.0, lr, warm), optax.constant_schedule(lr)], [warm])
+    if cfg.schedule == "step":
+        decay = int(cfg.decay_steps)
+        if not warm < decay:
+            raise ValueError(f"config.optim.decay_steps={decay} must be > warmup_steps={warm} with schedule='step'")
+        if not 0.0 < float(cfg.decay_factor) <= 1.0:
+            raise ValueError(f"config.optim.decay_factor={cfg.decay_factor} must be in (0, 1]")
+        # MultiStepLR: lr for steps [0, decay), lr * factor from step `decay` on (optax counts from 0 too).
+        stepped = optax.piecewise_constant_schedule(lr, {decay: float(cfg.decay_factor)})
+        if warm == 0:
+            return stepped
+        return optax.join_schedules([optax.linear_schedule(0.0, lr, warm),
+                                     lambda n: stepped(n + warm)], [warm])
     return optax.warmup_cosine_decay_schedule(0.0, lr, warm, num_steps, end_value=lr * cfg.end_lr_fraction)
 
 
@@ -133,9 +151,11 @@ def trainable_mask(params: Params, *, vision: bool = True, projector: bool = Tru
     """Bool tree over `params` (boxed or not): which parameters the optimizer updates."""
     params = nn.meta.unbox(params)
     expected = {"dino", "siglip", "projector", "llm"}
-    if set(params) != expected:
-        raise ValueError(f"parameter tree has top-level keys {sorted(params)}, expected {sorted(expected)}")
-    flags = {"dino": vision, "siglip": vision, "projector": projector, "llm": llm}
+    # OpenVLA-OFT's L1 action head (action_head='l1') is new at fine-tuning: always trained.
+    if set(params) - {"action_head"} != expected:
+        raise ValueError(f"parameter tree has top-level keys {sorted(params)}, expected {sorted(expected)} "
+                         f"(+ 'action_head' with OpenVLA-OFT's L1 head)")
+    flags = {"dino": vision, "siglip": vision, "projector": projector, "llm": llm, "action_head": True}
 
     def leaf(path, _):
         top = path[0].key
@@ -194,6 +214,10 @@ def _state_init_fn(model: nn.Module, tx: optax.GradientTransformation, example_i
         init_rng, state_rng = jax.random.split(rng)
         if params is None:
             params = model.init(init_rng, *example_inputs)["params"]
+        elif getattr(getattr(model, "config", None), "action_head", "tokens") == "l1" and "action_head" not in params:
+            # OpenVLA-OFT fine-tuning from an OpenVLA checkpoint: the L1 head starts from its init (the
+            # rest of this init is unused and dropped by the compiler).
+            params = dict(params, action_head=model.init(init_rng, *example_inputs)["params"]["action_head"])
         if hooks.extend_params:
             params = hooks.extend_params(params, init_rng)
         opt_state = tx.init(select(params, mask, True))

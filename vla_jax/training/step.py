@@ -95,8 +95,14 @@ def make_loss_fn(model: nn.Module, cfg: LossConfig, hooks: ParamHooks = ParamHoo
     """-> loss_fn(params, micro_batch, total_tokens, rng) -> (CE sum / total_tokens, metric sums).
 
     Dividing each micro-batch's CE sum by the global supervised-token count makes the sum over
-    micro-batches exactly the mean over the global batch.
+    micro-batches exactly the mean over the global batch; `loss_fn.count(global_batch)` gives that
+    count. A codec with decoding='parallel' (OpenVLA-OFT) takes its loss from
+    `vla_jax.training.oft_step` instead (the one branch point; same signature and metric sums).
     """
+    if cfg.codec.decoding == "parallel":
+        from vla_jax.training import oft_step
+
+        return oft_step.make_parallel_loss_fn(model, cfg, hooks, _metric_sums)
 
     def loss_fn(params, batch, total_tokens, rng):
         if hooks.apply_params is not None:
@@ -107,6 +113,7 @@ def make_loss_fn(model: nn.Module, cfg: LossConfig, hooks: ParamHooks = ParamHoo
         sums = _metric_sums(logits, targets, valid, batch["dataset_index"], cfg)
         return sums["ce_sum"] / total_tokens, sums
 
+    loss_fn.count = lambda batch: jnp.maximum(jnp.sum((batch["labels"] != IGNORE_INDEX).astype(jnp.float32)), 1.0)
     return loss_fn
 
 
@@ -141,7 +148,8 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule
     """-> train_step(state, batch) -> (new state, metrics) (not jitted; see `jit_train_step`).
 
     batch: the keys of loss_cfg.spec (pixel_values uint8 [B, S, S, 3], input_ids/labels int32 [B, L],
-    dataset_index int32 [B] for OpenVLA; other keys are ignored). Gradients flow only into the
+    dataset_index int32 [B] for OpenVLA; with OFT's parallel decoding also attention_mask int32 [B, L]
+    and, for the L1 head, actions float32 [B, K, D]; other keys are ignored). Gradients flow only into the
     trainable subtree of `mask`. mesh: keeps each micro-batch spread over the data-parallel devices
     (grad_accum_steps > 1). return_grads: add the trainable gradients to the metrics as metrics['grads'] (tests, debugging).
     """
@@ -153,7 +161,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule
     def train_step(state: TrainState, batch: Dict[str, jax.Array]):
         batch = loss_cfg.spec.select(batch)
         trainable, frozen = select(state.params, mask, True), select(state.params, mask, False)
-        total = jnp.maximum(jnp.sum((batch["labels"] != IGNORE_INDEX).astype(jnp.float32)), 1.0)
+        total = loss_fn.count(batch)  # global: micro-batch losses are sums over it
         # A fresh key per step (and micro-batch) derived from the state's key: a resumed run draws
         # the same numbers. (The OpenVLA model has no dropout; the key is there for any that is added.)
         step_rng = jax.random.fold_in(state.rng, state.step)

@@ -1,0 +1,65 @@
+"""OpenVLA-OFT fine-tuning (parallel decoding, action chunks, L1 head): the LIBERO recipe.
+
+    python train.py --config=configs/oft.py:dataset=libero_spatial_no_noops,head=l1,chunk=8 --workdir=runs/oft \
+        --config.init_from=PATH/openvla-7b --config.data.data_dir=PATH/data --config.tokenizer=PATH/tokenizer.model
+
+Arguments (after the colon): dataset=<registered name> (default libero_spatial_no_noops),
+head=l1|tokens (continuous L1 head, upstream's default, or the 256-bin token head), chunk=K (actions
+per prediction, LIBERO 8), steps=N (LIBERO Spatial/Object/10: 150005; Goal: 50000), decay=N (the step
+of the x0.1 learning-rate drop; LIBERO 100000).
+Values: OFT_REFERENCE.md §9 ("Training recipe"; FT = upstream vla-scripts/finetune.py,
+LIBERO.md = upstream's LIBERO instructions, PAPER = the OFT paper).
+
+What differs from upstream's LIBERO runs (the model side of this project does not have them yet):
+one camera (upstream: 3rd-person + wrist), no proprioception input, no FiLM; the L1 head reads the
+readout states exactly as upstream (§4-§6). LoRA covers what PEFT's "all-linear" covers (every Linear
+of both towers, the projector and the LLM incl. lm_head, plus the patch-embed convs; vla_jax/models/lora.py),
+the L1 head trains in full beside it, as upstream.
+"""
+
+from ml_collections import config_dict
+
+from configs.common import base_config, parse_arg
+
+
+def get_config(arg=None):
+    a = parse_arg(arg, dataset="libero_spatial_no_noops", head="l1", chunk=8, steps=150_005, decay=100_000)
+    c = base_config()
+
+    c.model.preset = "openvla-7b"
+    c.model.dtype = "bfloat16"        # forward under torch.autocast(bf16) (§9 Precision, FT:327)
+    c.model.param_dtype = "bfloat16"  # base weights loaded in bf16 (FT:835-840); adapters fp32 (lora.py)
+    c.model.remat = True
+    c.model.parallel_decoding = True  # one bidirectional pass over the zeroed action slots (§2-§3)
+    c.model.chunk_size = a["chunk"]   # LIBERO: K=8 (§9 per-platform table, LIBERO.md:96-126)
+    c.model.action_head = a["head"]   # use_l1_regression=True by default (FT:69-119) -> 'l1'
+    c.init_from = config_dict.placeholder(str)  # required: an OpenVLA checkpoint (HF folder or vla_jax)
+
+    c.data.mixture = a["dataset"]
+    c.data.action_chunk = a["chunk"]  # must equal model.chunk_size (train.py checks)
+    c.data.image_aug = True           # image_aug=True (FT:69-119); ops as OpenVLA's: crop 0.9 area ratio 1,
+    #                                   brightness 0.2, contrast/saturation [0.8, 1.2], hue 0.05 (§9 DS:151-165)
+    c.data.shuffle_buffer = 100_000   # upstream finetune.py's shuffle_buffer_size (as configs/finetune.py)
+    c.data.max_seq_len = 128          # prompt + K x 7 action tokens + </s> (K=8: 57 + the LIBERO prompts)
+
+    c.global_batch_size = 64          # 8 GPUs x 8 per GPU (§9 table, LIBERO.md:96-126)
+    c.grad_accum_steps = 1            # grad_accumulation_steps=1 (FT default)
+    c.num_steps = a["steps"]          # --max_steps 150005 (Goal: 50000) (§9 table)
+    c.save_every = 10_000             # save_freq 10k (FT:69-119)
+    c.log_every = 10
+
+    c.lora.enabled = True
+    c.lora.rank = 32                  # r=32 (FT:769, 845-855)
+    c.lora.alpha = 16.0               # lora_alpha=min(r, 16): scale 0.5 (FT:845-855)
+
+    c.optim.learning_rate = 5e-4      # lr 5e-4 (FT:69-119; §9 table)
+    c.optim.schedule = "step"         # MultiStepLR x0.1 at num_steps_before_decay (FT:941-945)
+    c.optim.decay_steps = a["decay"]  # LIBERO: 100k (5e-4 -> 5e-5) (§9 table)
+    c.optim.decay_factor = 0.1
+    c.optim.warmup_steps = 0          # upstream's optional warmup defaults to off (FT:90-91, 1077-1082)
+    c.optim.weight_decay = 0.01       # torch.optim.AdamW default (FT:927-935)
+    c.optim.b1, c.optim.b2, c.optim.eps = 0.9, 0.999, 1e-8  # torch.optim.AdamW defaults (FT:927-935)
+    c.optim.grad_clip = 0.0           # no gradient clipping (FT:927-935)
+
+    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 1  # upstream: DDP; here FSDP (same math)
+    return c
