@@ -45,7 +45,7 @@ def test_demo_tokenizer_reserves_action_ids(tmp_path):
 
     max_len = demo_config.get_config().data.max_seq_len
     tok = VLATokenizer.from_file(path, max_len=max_len)
-    assert tok.action_tokenizer.first_id == 512 - 256
+    assert tok.codec.first_id == 512 - 256
     for text in INSTRUCTIONS.values():
         ids = sp.encode(build_prompt(text))
         assert max(ids) < 512 - 256 and sp.unk_id() not in ids, text

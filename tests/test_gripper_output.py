@@ -54,7 +54,7 @@ def test_dataset_convention_in_same_convention_out(llama_tokenizer_path, convent
 
     policy = _policy_with(llama_tokenizer_path, {cfg.name: cfg})
     entry = policy.norm_stats[cfg.name]
-    tokens = policy.tokenizer.action_tokenizer.encode(normalize_actions(standardized, entry))
+    tokens = policy.tokenizer.codec.encode(normalize_actions(standardized, entry))
     openvla = policy.unnormalize(policy.tokens_to_normalized(tokens), cfg.name)
     dataset = policy.convert_gripper(openvla, cfg.name, "dataset")
     assert np.all(np.abs(openvla[:, -1] - standardized[:, -1]) <= HALF_BIN)

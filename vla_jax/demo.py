@@ -397,11 +397,16 @@ def summarize(out: str, offline_dir: str, closed_dir: str, hf_dir: Optional[str]
     }
 
 
+def _fmt(x) -> str:
+    """A metric for the summary; None (e.g. token accuracy of an L1-head model) prints as n/a."""
+    return "n/a" if x is None else f"{x:.3f}"
+
+
 def format_summary(s: Dict) -> str:
     o, c = s["offline"], s["closed_loop"]
     lines = ["", "=" * 72, "vla_jax demo: summary", "=" * 72,
              "time per phase (s): " + ", ".join(f"{k} {v}" for k, v in s["times_s"].items()),
-             f"offline (held-out val, {o['frames']} frames): action-token accuracy {o['action_token_accuracy']:.3f}, "
+             f"offline (held-out val, {o['frames']} frames): action-token accuracy {_fmt(o['action_token_accuracy'])}, "
              f"L1 (normalized) {o['l1_normalized']:.3f} vs mean-action baseline {o['baseline_l1_normalized']:.3f}",
              "closed-loop success rate (mean episode length) on held-out configurations:", c["table"],
              f"files: checkpoint {s['checkpoint']}", f"       offline report {o['report']}",

@@ -102,11 +102,6 @@ class VLATokenizer:
     def action_dim(self) -> int:
         return self.codec.action_dim
 
-    @property
-    def action_tokenizer(self) -> ActionCodec:
-        """The codec under its former name, for callers not yet moved to `.codec` (policy, evaluation)."""
-        return self.codec
-
     def prompt_ids(self, instruction: str) -> List[int]:
         """ids of `build_prompt(instruction)` without BOS (cached: instructions repeat across frames)."""
         ids = self._prompt_cache.get(instruction)

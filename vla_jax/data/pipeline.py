@@ -321,7 +321,7 @@ def _as_vla_tokenizer(tokenizer, max_len: int, action_chunk: int = 1) -> VLAToke
     if isinstance(tokenizer, VLATokenizer):
         if tokenizer.max_len == max_len and tokenizer.action_chunk == action_chunk:
             return tokenizer
-        return VLATokenizer(tokenizer.tokenizer, max_len=max_len, n_bins=tokenizer.action_tokenizer.n_bins,
+        return VLATokenizer(tokenizer.tokenizer, max_len=max_len, n_bins=tokenizer.codec.n_bins,
                             action_dim=tokenizer.action_dim, action_chunk=action_chunk)
     if isinstance(tokenizer, LlamaTokenizer):
         return VLATokenizer(tokenizer, max_len=max_len, action_chunk=action_chunk)

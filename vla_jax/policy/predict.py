@@ -91,8 +91,8 @@ class Policy:
             raise ValueError(f"tokenizer (vocab {t.vocab_size}, bos {t.bos_id}, eos {t.eos_id}) does not fit the model "
                              f"(base_vocab_size {config.base_vocab_size}, bos {config.bos_token_id}, "
                              f"eos {config.eos_token_id})")
-        if tokenizer.action_tokenizer.n_bins != config.n_action_bins:
-            raise ValueError(f"tokenizer has {tokenizer.action_tokenizer.n_bins} action bins, the model "
+        if tokenizer.codec.n_bins != config.n_action_bins:
+            raise ValueError(f"tokenizer has {tokenizer.codec.n_bins} action bins, the model "
                              f"{config.n_action_bins}")
         self.config, self.tokenizer = config, tokenizer
         # The contract (image size, test-time crop, action codec): the checkpoint's, or derived for a policy

@@ -95,12 +95,6 @@ class ActionCodec:
         return self.base_vocab_size - 1
 
     @property
-    def vocab_size(self) -> int:
-        """= base_vocab_size, under the name of OpenVLA's ActionTokenizer (read by policy.py until it
-        decodes through `decode`)."""
-        return self.base_vocab_size
-
-    @property
     def bin_edges(self) -> np.ndarray:
         return np.linspace(-1.0, 1.0, self.n_bins)  # float64, as upstream
 
