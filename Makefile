@@ -8,7 +8,7 @@ REQ_HASH := $(shell cat $(REQS) | sha256sum | cut -c1-16)
 STAMP := $(VENV)/.vla_jax-installed-$(REQ_HASH)
 PYTEST_ARGS ?= -q
 
-.PHONY: setup test test-quick demo bench clean-venv
+.PHONY: setup test test-slow test-all demo bench clean-venv
 
 # The package itself is installed editable (so `python -m vla_jax...` and `python /path/to/train.py`
 # work from any folder); its stamp names this checkout's path, so a venv shared between checkouts
@@ -30,20 +30,26 @@ $(EDITABLE): $(STAMP) pyproject.toml
 	@rm -f $(VENV)/.vla_jax-editable-*
 	@touch $(EDITABLE)
 
+# CI runs `make test`: every test but those marked slow (kept under ~20 min on 2 cores). The slow ones
+# (end-to-end training runs, multi-process, simulation, servers under load, the 7B TPU compile, the
+# trained-policy check) run with `make test-slow` (part of `make bench`) or all together, `make test-all`.
 test: setup
-	$(PY) -m pytest tests $(PYTEST_ARGS)
-
-# The inner loop: everything but the tests marked slow (end-to-end training, multi-process, simulation,
-# server load, the accelerator suite's CPU run, the 7B compile). CI runs `make test`.
-test-quick: setup
 	$(PY) -m pytest tests -m "not slow" $(PYTEST_ARGS)
+
+test-slow: setup
+	$(PY) -m pytest tests -m slow $(PYTEST_ARGS)
+
+test-all: setup
+	$(PY) -m pytest tests $(PYTEST_ARGS)
 
 demo: setup
 	$(PY) -m vla_jax.demo
 
-# CPU side by side with the PyTorch reference (timm + transformers) on the same cores; ~10-12 min.
+# CPU side by side with the PyTorch reference (timm + transformers) on the same cores (~10-12 min),
+# then the slow tests.
 bench: setup
 	$(PY) bench/compare_torch.py
+	$(PY) -m pytest tests -m slow $(PYTEST_ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

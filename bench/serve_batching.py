@@ -5,7 +5,7 @@ buckets) forced to decode one request at a time.
     python bench/serve_batching.py [--preset=debug] [--clients=8] [--requests=50]
 
 Random weights (speed does not depend on the values), fp32 on CPU. Prints one summary line and
-writes bench/results/serve_batching.json. (This ratio used to be asserted by tests/test_serve_load.py;
+writes bench/results/serve_batching.json. (This ratio used to be asserted by tests/policy/test_serve_load.py;
 a wall-clock ratio belongs here, the test keeps the correctness of the load.)
 """
 

@@ -70,7 +70,7 @@ def main(argv=None) -> int:
 
     import numpy as np
 
-    from tests.test_policy_helpers import model_config, random_params, stats_entry, write_checkpoint
+    from tests.policy.test_policy_helpers import model_config, random_params, stats_entry, write_checkpoint
     from vla_jax.policy import loadtest
 
     tok = os.path.join(REPO, "tests", "fixtures", "data", "llama2_tokenizer", "tokenizer.model")

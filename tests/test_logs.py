@@ -14,7 +14,7 @@ import jax
 import numpy as np
 import pytest
 
-from tests.test_policy_helpers import random_checkpoint
+from tests.policy.test_policy_helpers import random_checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOISE = {"orbax INFO": "orbax-checkpoint version", "orbax metadata warning": "_CHECKPOINT_METADATA",

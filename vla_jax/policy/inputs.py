@@ -55,7 +55,7 @@ def preprocess(images: Sequence, size: int, crop: bool, image_fn: Callable[[], C
     for shape, rows in by_shape.items():  # one call per image size
         if shape[:2] == (size, size) and not crop:
             # lanczos3 at scale 1 samples its kernel at integer offsets only (1 at 0, 0 elsewhere):
-            # TF returns the image unchanged, so skip the ~2 ms TF call (tests/test_policy_fast_resize.py).
+            # TF returns the image unchanged, so skip the ~2 ms TF call (tests/policy/test_policy_fast_resize.py).
             out[rows] = np.stack([imgs[i] for i in rows])
         else:
             out[rows] = np.asarray(image_fn()(np.stack([imgs[i] for i in rows])))

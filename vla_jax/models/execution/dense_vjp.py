@@ -12,7 +12,7 @@ a transpose. XLA:CPU folds that transpose into the dot and then materialises a t
 the [tokens, out] cotangent; the copy is fused into the elementwise producer (e.g. SwiGLU's
 backward), which then reads its inputs with a stride of a whole row (a large share of a train step;
 BENCHMARKS.md, "dense backward"). The values are the same dots, so results match the derived
-gradient to float rounding (tests/test_dense.py checks the rule against torch autograd).
+gradient to float rounding (tests/models/test_dense.py checks the rule against torch autograd).
 
 Mixed precision: x and kernel arrive in the compute dtype; with `accumulate_fp32` the backward
 contracts the cotangent in the compute dtype with float32 accumulation, returning each gradient in
