@@ -14,23 +14,11 @@ import torch
 
 from vla_jax.training import run
 from vla_jax.training import state as st
+from tests.training.test_run_errors import _debug_config
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 OFT_FLAGS = ["--config.model.parallel_decoding=True", "--config.model.chunk_size=4", "--config.model.action_head=l1",
              "--config.data.action_chunk=4", "--config.data.max_seq_len=64"]
-
-
-def _debug_config(**overrides):
-    from configs.debug import get_config
-
-    cfg = get_config()
-    for k, v in overrides.items():
-        node = cfg
-        *path, last = k.split(".")
-        for p in path:
-            node = node[p]
-        node[last] = v
-    return cfg
 
 
 def test_short_oft_run_learns_and_records_the_codec(tmp_path, bridge_data_dir, llama_tokenizer_path):

@@ -10,41 +10,31 @@ checkpoints and HF folders, `loading.derive_batch_spec`) sets the image size, th
 the action codec; the codec (`vla_jax.spec.ActionCodec`) is the one decoder and un-normalizer.
 
 What happens (OPENVLA_REFERENCE.md §2-§4, §9):
-1. Image: uint8 RGB [H, W, 3] -> lanczos3 antialiased squash to the spec's image size, the very function
-   the training pipeline uses (`vla_jax.data.transforms.resize_image`); then, when the spec says
-   `test_center_crop` (training used the random resized crop), the centered 0.9-area crop
-   (`transforms.center_crop`), as OpenVLA's eval scripts do.
+1. Image: uint8 RGB [H, W, 3] -> the training pipeline's lanczos3 squash to the spec's image size
+   (`vla_jax.data.transforms.resize_image`), then the 0.9-area centre crop when the spec says
+   `test_center_crop` (training used the random resized crop), as OpenVLA's eval scripts do.
 2. Prompt: `[BOS] + "In: What action should the robot take to {instruction.lower()}?\\nOut:" + [29871]`.
-3. Decoding: rows are padded to a batch bucket (a power of two) and prompts to a multiple of
-   `prompt_bucket` tokens; each (batch, prompt length, tokens) bucket is compiled once, ahead of
-   time, into one executable that prefills a static KV cache and runs the fixed-length greedy loop
-   (`vla_jax.models.decode`). Pad rows are copies of a real row and their outputs are dropped;
-   per-row lengths keep right-padding out of every row's attention.
-4. Tokens -> bin centers (float64) -> `where(mask, 0.5 (a + 1) (q99 - q01) + q01, a)` with the
-   statistics of `unnorm_key` (`ActionCodec.decode` / `unnormalize`); unmasked dimensions (the gripper)
-   come back raw. Like OpenVLA's `predict_action`, the result is a float64 numpy array, computed in float64.
-5. Gripper: OpenVLA's convention (1 = open, 0 = closed) by default; `gripper="dataset"` returns it
-   in the convention the dataset was registered with (the inverse of its transform,
-   `vla_jax.spec.gripper`; the checkpoint records its datasets' configs).
-
-By default the argmax runs over the whole vocabulary, as OpenVLA's `generate` does;
-`action_tokens_only=True` restricts it to the action tokens.
-
+3. Decoding: rows padded to a batch bucket (a power of two), prompts to a multiple of `prompt_bucket`;
+   each (batch, prompt length, tokens) bucket compiles once into one executable that prefills a static
+   KV cache and runs the fixed-length greedy loop (`vla_jax.models.decode`). Pad rows copy a real row
+   and are dropped; per-row lengths keep right-padding out of every row's attention. The argmax runs
+   over the whole vocabulary, as OpenVLA's `generate` (`action_tokens_only=True`: action ids only).
+4. Tokens -> `ActionCodec.decode` / `unnormalize` (float64, the gripper dimension raw), as OpenVLA's
+   `predict_action`. 5. Gripper: OpenVLA's convention (1 = open) by default; `gripper="dataset"`
+   returns the dataset's registered one (`vla_jax.spec.gripper`).
 One difference from OpenVLA's `predict_action`, on purpose: see `upstream_eos_ids` (`stop_at_eos`).
 
 OpenVLA-OFT checkpoints (codec decoding 'parallel'): step 3 is one jitted bidirectional pass per
-(batch, prompt length) bucket (`vla_jax.models.parallel_decode`) predicting the whole chunk; the tokens
-head is decoded as in step 4, the L1 head's normalized chunk goes straight to the un-normalization;
-`predict_action` returns the chunk [K, action_dim] and `Prediction` arrays gain the K axis.
-Autoregressive-only options (stop_at_eos, num_tokens, action_tokens_only) and mesh= are refused.
+(batch, prompt length) bucket (`vla_jax.models.parallel_decode`) predicting the whole chunk; tokens are
+decoded as in step 4, the L1 head's normalized chunk goes straight to the un-normalization;
+`predict_action` returns the chunk [K, action_dim]. Autoregressive-only options (stop_at_eos,
+num_tokens, action_tokens_only) and mesh= are refused.
 
-Sharded inference: `Policy.load(path, mesh=(data, fsdp, tensor))` places the weights over a device mesh
-and runs the same decoder there (`vla_jax.policy.mesh`: training's logical-axis rules, KV cache split
-over heads, mesh and memory checked before anything is loaded).
+Sharded inference: `Policy.load(path, mesh=(data, fsdp, tensor))` runs the same decoder over a mesh
+(`vla_jax.policy.mesh`: training's rules, KV cache split over heads, memory checked before loading).
 
-Compilation: `warmup()` compiles chosen buckets up front; the persistent XLA cache
-(`enable_compilation_cache`, opt-in via `Policy.load(compilation_cache=...)` or the
-VLA_JAX_COMPILATION_CACHE environment variable) lets later processes skip compilation.
+Compilation: `warmup()` compiles chosen buckets up front; the persistent XLA cache (opt-in:
+`Policy.load(compilation_cache=...)` or VLA_JAX_COMPILATION_CACHE) lets later processes skip it.
 """
 
 from __future__ import annotations
