@@ -11,6 +11,7 @@ import dataclasses
 import json
 import logging
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -20,7 +21,10 @@ from vla_jax.data import normalization, pipeline, transforms
 from vla_jax.data.oxe import get_dataset_config
 from vla_jax.data.oxe.configs import DatasetConfig
 
-from tests.fixtures import multicam_rlds as fx  # noqa: E402
+# Imported as a top-level module: tfds resolves a builder's files from its module path, and for a
+# module nested in packages that needs the `importlib_resources` backport (not installed).
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "fixtures"))
+import multicam_rlds as fx  # noqa: E402
 
 PROPRIO_INDICES = [0, 1, 2, 3, 4, 5, -2, -1]  # LIBERO-style state[:6] + state[-2:] of the 9-D state
 SIZE = 16
