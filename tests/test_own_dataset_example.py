@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "examples" / "own_dataset"
@@ -22,6 +23,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # trains, evaluates and serves in subprocesses: ~2.5 min on 2 cores
 def test_own_dataset_example_runs_end_to_end(tmp_path):
     work = tmp_path / "my_robot"
     env = dict(os.environ, WORK=str(work), STEPS="4", PORT=str(_free_port()), PYTHON=sys.executable,
