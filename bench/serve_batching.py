@@ -23,19 +23,7 @@ for _p in (REPO, os.path.join(REPO, "bench")):
         sys.path.insert(0, _p)
 
 from inference import make_policy  # noqa: E402  (bench/inference.py: a random-weight Policy)
-
-
-def serve_and_load(policy, max_batch: int, clients: int, requests: int) -> dict:
-    from vla_jax.policy import loadtest
-    from vla_jax.policy.server import PolicyService, Server
-
-    server = Server(PolicyService(policy, max_batch=max_batch, window_ms=5.0, max_queue=64), "127.0.0.1", 0).start()
-    try:
-        result = loadtest.run(server.url, clients=clients, requests=requests)
-        result["mean_batch"] = server.service.health()["batching"]["mean_batch"]
-    finally:
-        server.shutdown()
-    return result
+from vla_jax.policy import loadtest  # noqa: E402
 
 
 def main(argv=None) -> dict:
@@ -55,9 +43,9 @@ def main(argv=None) -> dict:
     compiled_before = set(policy.compile_seconds)
     # An untimed pass first: the first batches of each size pay one-off costs outside the decoder's
     # compile (host-side preprocessing programs), which showed up as a 17 s stall in the p99.
-    serve_and_load(policy, a.max_batch, a.clients, 3)
-    batched = serve_and_load(policy, a.max_batch, a.clients, a.requests)
-    single = serve_and_load(policy, 1, a.clients, a.single_requests)
+    loadtest.serve_and_load(policy, a.max_batch, a.clients, 3)
+    batched = loadtest.serve_and_load(policy, a.max_batch, a.clients, a.requests)
+    single = loadtest.serve_and_load(policy, 1, a.clients, a.single_requests)
     report = {"benchmark": "serve_batching", "preset": a.preset, "clients": a.clients,
               "machine": platform.machine(), "cpus": os.cpu_count(), "load_avg_start": os.getloadavg()[0],
               "batched": batched, "single": single,

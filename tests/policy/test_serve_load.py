@@ -8,6 +8,7 @@ import json
 import pytest
 
 from tests.policy.test_policy_helpers import cached_policy
+from vla_jax.policy import loadtest
 
 pytestmark = pytest.mark.slow  # a server under 560 requests
 
@@ -19,25 +20,12 @@ def policy(llama_tokenizer_path):
     return p
 
 
-def _serve_and_load(policy, max_batch: int, clients: int, requests: int):
-    from vla_jax.policy import loadtest
-    from vla_jax.policy.server import PolicyService, Server
-
-    server = Server(PolicyService(policy, max_batch=max_batch, window_ms=5.0, max_queue=64), "127.0.0.1", 0).start()
-    try:
-        result = loadtest.run(server.url, clients=clients, requests=requests)
-        result["mean_batch"] = server.service.health()["batching"]["mean_batch"]
-    finally:
-        server.shutdown()
-    return result
-
-
 def test_load_8_clients_x_50_requests_batched_and_one_at_a_time(policy):
-    batched = _serve_and_load(policy, max_batch=8, clients=8, requests=50)
+    batched = loadtest.serve_and_load(policy, max_batch=8, clients=8, requests=50)
     print("\nbatched (max_batch 8):", json.dumps(batched))
     assert batched["failures"] == 0 and batched["requests"] == 400, batched["failure_examples"]
     assert batched["mean_batch"] > 2.0, batched  # concurrent requests really were decoded together
-    single = _serve_and_load(policy, max_batch=1, clients=8, requests=20)
+    single = loadtest.serve_and_load(policy, max_batch=1, clients=8, requests=20)
     print("one at a time (max_batch 1):", json.dumps(single))
     assert single["failures"] == 0 and single["requests"] == 160 and single["mean_batch"] == 1.0
     assert set(policy.compile_seconds) == {(7, 1, 32), (7, 8, 32)}  # no compile during serving

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tests.training.test_train_loop import Messages
 from vla_jax import checkpoints as ckpt_lib
 from vla_jax import sharding as shd
 from vla_jax.models.config import get_preset, with_dtypes
@@ -19,18 +20,8 @@ from vla_jax.training import loop
 from vla_jax.training import state as st
 from vla_jax.training import step as sp
 from vla_jax.training.synthetic import SyntheticBatches
-from vla_jax.training.writers import MetricWriter
 
 ASSETS = {"config": {"k": 1}, "dataset_statistics": {"d": {}}, "tokenizer": {"kind": "test"}}
-
-
-class Messages(MetricWriter):
-    def __init__(self, workdir):
-        super().__init__(str(workdir), True, 10, tensorboard=False, progress=False)
-        self.lines = []
-
-    def message(self, text):
-        self.lines.append(text)
 
 
 def run_loop(tmp_path, state, train_step, num_steps, batches):

@@ -207,6 +207,20 @@ class SlowClients:
                 "closed_after_s": {"min": round(c[0], 2), "max": round(c[-1], 2)} if c else None}
 
 
+def serve_and_load(policy, max_batch: int, clients: int, requests: int) -> Dict[str, Any]:
+    """Starts an in-process server for `policy` (batches up to `max_batch` within a 5 ms window) on a free
+    loopback port, runs `run` against it and returns its result plus the server's mean batch size."""
+    from vla_jax.policy.server import PolicyService, Server
+
+    server = Server(PolicyService(policy, max_batch=max_batch, window_ms=5.0, max_queue=64), "127.0.0.1", 0).start()
+    try:
+        result = run(server.url, clients=clients, requests=requests)
+        result["mean_batch"] = server.service.health()["batching"]["mean_batch"]
+    finally:
+        server.shutdown()
+    return result
+
+
 def soak(url: str, clients: int, requests: int, slow_clients: int, slow_kind: str = "idle", hold_s: float = 60.0,
          settle_s: float = 30.0, **kw) -> Dict[str, Any]:
     """Normal load while `slow_clients` half-open connections are held; server threads/fds before, during, after."""
