@@ -1,8 +1,10 @@
 """python -m vla_jax.plan: compile the real programs for a target and report per-chip memory and time.
 
     python -m vla_jax.plan --config=configs/oxe.py --topology=v5p-128 [--mesh=1,-1,1] [--batch=2048]
-        [--grad_accum=1] [--remat_policy=nothing_saveable] [--find_batch] [--json=plan.json]
+        [--grad_accum=1] [--remat_policy=nothing_saveable] [--find_batch] [--budget_gb=40] [--json=plan.json]
     python -m vla_jax.plan --config=configs/oxe.py --topology=v5e-4 --program=predict_action --batch=1,8,32
+    python -m vla_jax.plan --config=configs/oft.py --topology=v5e-4 --program=oft_predict --batch=1,8,32
+    python -m vla_jax.plan --config=configs/oft.py --topology=v5p:1x1x1 --batch=8 --budget_gb=40   # OFT LoRA step
     python -m vla_jax.plan --config=configs/oxe.py --devices=64          # simulated CPU devices
 
 See vla_jax/plan/__init__.py for what is compiled and reported.
@@ -42,11 +44,13 @@ if __name__ == "__main__":
     flags.DEFINE_string("topology", "", "TPU slice to compile for with the TPU compiler (libtpu), e.g. v5p-128, "
                         "v5e-16, v4-32, v6e-8, or a topology string such as v5e:2x2.")
     flags.DEFINE_integer("devices", 8, "Number of simulated CPU devices (when no --topology).")
-    flags.DEFINE_enum("program", "train", ["train", "predict_action"], "Which program to compile.")
+    flags.DEFINE_enum("program", "train", ["train", "predict_action", "oft_predict"],
+                      "Which program to compile: the train step, autoregressive predict_action (prefill + 6 "
+                      "cached steps), or OpenVLA-OFT's single pass (needs an OFT config, e.g. configs/oft.py).")
     flags.DEFINE_string("mesh", "", "data,fsdp,tensor sizes (overrides config.mesh; predict_action default "
                         "1,1,-1 = tensor parallel), e.g. 1,-1,1.")
-    flags.DEFINE_string("batch", "", "Global batch size (train: default the config's; predict_action: a comma "
-                        "list, default 1,8,32).")
+    flags.DEFINE_string("batch", "", "Global batch size (train: default the config's; predict_action and "
+                        "oft_predict: a comma list, default 1,8,32).")
     flags.DEFINE_integer("grad_accum", 0, "Micro-batches per step (0: the config's).")
     flags.DEFINE_enum("remat_policy", "nothing_saveable", ["nothing_saveable", "dots_with_no_batch_dims_saveable"],
                       "What the Llama layers keep for the backward pass.")
@@ -55,7 +59,9 @@ if __name__ == "__main__":
     flags.DEFINE_float("mfu", 0.40, "Model-FLOPs utilisation assumed for the step-time estimate.")
     flags.DEFINE_integer("llama_layers", 0, "Train: build the Llama with this many layers (0: the preset's); "
                          "the guard-rail test's reduced depth at full width.")
-    flags.DEFINE_integer("text_len", 32, "predict_action: prompt tokens (padded bucket).")
+    flags.DEFINE_integer("text_len", 32, "predict_action / oft_predict: prompt tokens (padded bucket).")
+    flags.DEFINE_float("budget_gb", 0.0, "Also compare the per-chip peak with this many GB (e.g. 40 for a "
+                       "40 GB accelerator), besides the chip's HBM.")
     flags.DEFINE_string("hlo", "", "Also write the compiled (optimized, per-chip) HLO text to this file "
                         "(predict_action: one per batch, suffixed .batchN).")
     flags.DEFINE_string("json", "", "Also write the report(s) as JSON to this file.")
@@ -99,28 +105,30 @@ def _save(path: str, reports) -> None:
 def main(argv):
     del argv
     F = flags.FLAGS
-    from vla_jax.plan import chips, planner, report, roofline
+    from vla_jax.plan import planner, report
 
     try:
         devs, where = _target(F.topology, F.devices)
         mesh = planner.parse_mesh(F.mesh)
         out = []
-        if F.program == "predict_action":
-            from vla_jax.plan import inference
-
+        if F.program in ("predict_action", "oft_predict"):
             sizes = planner.check_mesh(mesh or (1, 1, -1), len(devs), where)
             for b in _batches(F.batch, (1, 8, 32)):
-                r = inference.compile_predict_action(devs, sizes, b, F.text_len, F.config.model.preset)
+                if F.program == "predict_action":
+                    from vla_jax.plan import inference
+
+                    r = inference.compile_predict_action(devs, sizes, b, F.text_len, F.config.model.preset)
+                    passes = r["new_tokens"]  # prefill + cached steps: each reads every weight once
+                else:
+                    from vla_jax.plan import oft_inference
+
+                    r = oft_inference.compile_oft_predict(devs, F.config.model, sizes, b, F.text_len)
+                    passes = 1
                 r["target"] = where
-                chip = chips.chip_for_device_kind(r["device_kind"])
-                if chip is not None:
-                    r["chip"] = {"name": chip.name, "hbm_bytes": chip.hbm_bytes}
-                    r["fit"] = planner.fit_verdict(r["per_device_bytes"]["peak"], chip.hbm_bytes)
-                    r["estimate"] = roofline.step_estimates(chip, r["compiled_flops_per_device"],
-                                                            r["compiled_bytes_per_device"], 0.0)
+                planner.inference_verdicts(r, F.budget_gb, passes)
                 out.append(r)
                 _save(F.json, out)
-                if F.hlo:
+                if F.hlo and "_hlo" in r:
                     with open(f"{F.hlo}.batch{b}", "w") as f:
                         f.write(r["_hlo"])
                 print(report.format_inference(r), flush=True)
@@ -137,7 +145,9 @@ def main(argv):
                 raise ValueError(f"--batch={F.batch!r}: the train program takes one global batch size")
             r = planner.train_plan(F.config, devs, where, mesh, batches[0], F.grad_accum, F.remat_policy,
                                   llama_layers=F.llama_layers, mfu=F.mfu, keep_compiled=bool(F.hlo))
-            if F.hlo:
+            if F.budget_gb:
+                r["budget"] = planner.fit_verdict(r["per_device_bytes"]["peak"], F.budget_gb * 1e9)
+            if F.hlo and "_hlo" in r:
                 with open(F.hlo, "w") as f:
                     f.write(r["_hlo"])
             out.append(r)

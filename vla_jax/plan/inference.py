@@ -26,7 +26,7 @@ from vla_jax import sharding as shd
 from vla_jax.models.config import get_preset, with_dtypes
 from vla_jax.models.decode import greedy_decode
 from vla_jax.models.openvla import OpenVLA
-from vla_jax.plan import hlo_cost
+from vla_jax.plan import aot, hlo_cost
 from vla_jax.spec import BatchSpec
 from vla_jax.plan.train_program import memory_report, shard_bytes
 
@@ -63,7 +63,9 @@ def abstract_decode_params(model: OpenVLA, mesh, rules=shd.LOGICAL_RULES):
 def compile_predict_action(devices: Sequence[Any], mesh_shape=(1, 1, -1), batch: int = 1, text_len: int = 32,
                            preset: str = "openvla-7b", dtype: str = "bfloat16") -> Dict[str, Any]:
     """Compiles greedy decoding of the codec's action tokens (7 for OpenVLA) for `devices`; returns the
-    per-chip report. Input shapes come from the model's BatchSpec (image) and `text_len`."""
+    per-chip report. Input shapes come from the model's BatchSpec (image) and `text_len`. A program the
+    TPU compiler refuses for lack of HBM is reported ('compiler_oom', per_device_bytes['peak'] = the
+    bytes it needed), not raised."""
     model_cfg = with_dtypes(get_preset(preset), dtype, dtype)
     model_cfg = dataclasses.replace(model_cfg, execution=dataclasses.replace(model_cfg.execution,
                                                                              attention_query_block=0))
@@ -84,16 +86,21 @@ def compile_predict_action(devices: Sequence[Any], mesh_shape=(1, 1, -1), batch:
     with shd.mesh_rules(mesh):
         lowered = fn.lower(params, inputs["pixel_values"], inputs["input_ids"], inputs["lengths"])
     t1 = time.perf_counter()
-    compiled = lowered.compile()
+    compiled, oom = aot.compile_or_oom(lowered)
     t2 = time.perf_counter()
-    hlo = compiled.as_text()
-    counted = hlo_cost.analyze(hlo)
-    return {"_hlo": hlo,
+    report = {
         "program": "predict_action", "preset": preset, "dtype": dtype, "batch": batch, "text_len": text_len,
-        "sequence_len": text_len + model_cfg.num_patches, "new_tokens": new_tokens,
+        "sequence_len": text_len + model_cfg.num_patches, "new_tokens": new_tokens, "actions_per_call": batch,
         "devices": mesh.devices.size, "device_kind": mesh.devices.flat[0].device_kind, "mesh": dict(mesh.shape),
-        "per_device_bytes": dict(params=shard_bytes(params), inputs=shard_bytes(inputs), **memory_report(compiled)),
-        "compiled_flops_per_device": counted["flops"], "compiled_bytes_per_device": counted["bytes"],
-        "compiled_collective_bytes_per_device": counted["collective_bytes"], "compiled_loops": counted["loops"],
         "seconds": {"trace_and_lower": t1 - t0, "compile": t2 - t1},
     }
+    pb = {"params": shard_bytes(params), "inputs": shard_bytes(inputs)}
+    if oom is not None:  # the TPU compiler refused it for lack of HBM: its own figures
+        report.update(per_device_bytes=dict(pb, peak=oom["needed_bytes"]), compiler_oom=oom)
+        return report
+    hlo = compiled.as_text()
+    counted = hlo_cost.analyze(hlo)
+    report.update(per_device_bytes=dict(pb, **memory_report(compiled)), _hlo=hlo,
+                  compiled_flops_per_device=counted["flops"], compiled_bytes_per_device=counted["bytes"],
+                  compiled_collective_bytes_per_device=counted["collective_bytes"], compiled_loops=counted["loops"])
+    return report

@@ -47,7 +47,12 @@ def check_mesh(sizes: Sequence[int], num_chips: int, where: str) -> Tuple[int, i
     return tuple(sizes)
 
 
-def fit_verdict(peak: float, hbm: float) -> Dict[str, Any]:
+def fit_verdict(peak: float, hbm: float, compiler_oom: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """Peak bytes per chip against the chip's HBM. A program the TPU compiler refused (`aot.compile_or_oom`)
+    does not fit, whatever the published HBM says; its margin is minus the compiler's own excess."""
+    if compiler_oom is not None:
+        return {"hbm_bytes": hbm, "fits": False, "margin_bytes": -compiler_oom["over_bytes"],
+                "compiler_capacity_bytes": compiler_oom["capacity_bytes"]}
     return {"hbm_bytes": hbm, "fits": peak <= hbm, "margin_bytes": hbm - peak}
 
 
@@ -86,9 +91,11 @@ def train_plan(cfg, devices, where: str, mesh: Optional[Sequence[int]] = None, b
     pb = report["per_device_bytes"]
     report["chip"] = {"name": chip.name, "peak_flops": chip.peak_flops, "hbm_bytes": chip.hbm_bytes,
                       "hbm_bandwidth": chip.hbm_bandwidth, "source": chip.source}
-    report["fit"] = fit_verdict(pb["peak"], chip.hbm_bytes)
+    report["fit"] = fit_verdict(pb["peak"], chip.hbm_bytes, report.get("compiler_oom"))
     if not report["fit"]["fits"]:
         report["fit"]["suggestion"] = suggest_batch(report, chip.hbm_bytes)
+    if "compiler_oom" in report:  # no compiled program: no FLOPs to put on a roofline
+        return report
     est = roofline.step_estimates(chip, report["compiled_flops_per_device"], report["compiled_bytes_per_device"],
                                   report["flops_per_device_per_step"], mfu)
     b = report["config"]["global_batch_size"]
@@ -99,6 +106,27 @@ def train_plan(cfg, devices, where: str, mesh: Optional[Sequence[int]] = None, b
     est["openvla_a100_days"] = roofline.OPENVLA_GPUS * roofline.OPENVLA_DAYS
     report["estimate"] = est
     return report
+
+
+def inference_verdicts(r: Dict[str, Any], budget_gb: float = 0.0, passes: int = 1) -> Dict[str, Any]:
+    """Adds to an inference report (predict_action / oft_predict): the chip HBM verdict, the roofline
+    latency with the actions/s it allows, the weight-streaming bound (every weight read once per forward
+    pass, `passes` per call: predict_action 7, oft_predict 1, compute at peak) and the --budget_gb verdict."""
+    peak = r["per_device_bytes"]["peak"]
+    chip = chips.chip_for_device_kind(r["device_kind"])
+    if chip is not None:
+        r["chip"] = {"name": chip.name, "hbm_bytes": chip.hbm_bytes, "peak_flops": chip.peak_flops,
+                     "hbm_bandwidth": chip.hbm_bandwidth, "source": chip.source}
+        r["fit"] = fit_verdict(peak, chip.hbm_bytes, r.get("compiler_oom"))
+        if "compiled_flops_per_device" in r:
+            e = roofline.step_estimates(chip, r["compiled_flops_per_device"], r["compiled_bytes_per_device"], 0.0)
+            e["actions_per_s"] = r["actions_per_call"] / e["roofline_s"]
+            e["weight_stream_s"] = passes * r["per_device_bytes"]["params"] / chip.hbm_bandwidth
+            e["actions_per_s_weight_stream"] = r["actions_per_call"] / max(e["weight_stream_s"], e["compute_s"])
+            r["estimate"] = e
+    if budget_gb:  # a refused program's peak is what the compiler needed: compare that with the budget
+        r["budget"] = fit_verdict(peak, budget_gb * 1e9)
+    return r
 
 
 def find_batch(cfg, devices, where: str, mesh=None, remat_policy: str = "nothing_saveable", start: int = 0,

@@ -26,14 +26,22 @@ def format_train(r: Dict[str, Any]) -> str:
         f"  parameters        {_gb(pb['params'])}",
         f"  optimizer state   {_gb(pb['optimizer_state'])}",
         f"  batch             {_gb(pb['batch'], digits=3)}",
-        f"  XLA arguments     {_gb(pb['xla_argument'])} (state + batch)",
-        f"  XLA outputs       {_gb(pb['xla_output'])} ({_gb(pb['xla_alias'], 0)} of them reuse the donated "
-        "arguments)",
-        f"  XLA temporaries   {_gb(pb['xla_temp'])} (activations, gradients, collectives"
-        + ("; CPU estimate)" if "chip" not in r else ")"),
-        f"  peak{' estimate' if 'chip' not in r else '         '}     {_gb(pb['peak'])} (arguments + outputs - "
-        "donated + temporaries + code)",
     ]
+    if "compiler_oom" in r:
+        oom = r["compiler_oom"]
+        lines += [f"  needed            {_gb(pb['peak'])} by the TPU compiler's buffer assignment, which refused the "
+                  f"program: {oom['message']}",
+                  f"  of which beyond the state and batch {_gb(pb['xla_temp'], 0)} (activations, gradients, outputs)"]
+    else:
+        lines += [
+            f"  XLA arguments     {_gb(pb['xla_argument'])} (state + batch)",
+            f"  XLA outputs       {_gb(pb['xla_output'])} ({_gb(pb['xla_alias'], 0)} of them reuse the donated "
+            "arguments)",
+            f"  XLA temporaries   {_gb(pb['xla_temp'])} (activations, gradients, collectives"
+            + ("; CPU estimate)" if "chip" not in r else ")"),
+            f"  peak{' estimate' if 'chip' not in r else '         '}     {_gb(pb['peak'])} (arguments + outputs - "
+            "donated + temporaries + code)",
+        ]
     if "chip" in r:
         ch, fit = r["chip"], r["fit"]
         verdict = (f"fits, {fit['margin_bytes'] / GB:.2f} GB to spare" if fit["fits"]
@@ -49,6 +57,11 @@ def format_train(r: Dict[str, Any]) -> str:
             else:
                 lines.append("  suggestion: the state alone does not fit: use more chips (a larger slice) or "
                              "shard over more of them (--mesh)")
+    lines += _budget_lines(r)
+    if "compiler_oom" in r:
+        s = r["seconds"]
+        lines.append(f"(traced+lowered in {s['trace_and_lower']:.1f} s, compile refused after {s['compile']:.1f} s)")
+        return "\n".join(lines)
     a, cf = r["flops_per_device_per_step"], r["compiled_flops_per_device"]
     lines.append(f"FLOPs per {unit} per step: compiled {cf:.3e} (matmuls; {len(r['compiled_loops'])} loops counted "
                  f"by trip count), analytic model {a:.3e} (ratio {cf / a:.2f}: remat recomputation and "
@@ -74,22 +87,51 @@ def format_train(r: Dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _budget_lines(r: Dict[str, Any]) -> list:
+    """--budget_gb: the peak against a memory budget other than the chip's (e.g. a 40 GB accelerator)."""
+    if "budget" not in r:
+        return []
+    b = r["budget"]
+    verdict = (f"within it, {b['margin_bytes'] / GB:.2f} GB to spare" if b["fits"]
+               else f"OVER it by {-b['margin_bytes'] / GB:.2f} GB")
+    return [f"  budget            {_gb(b['hbm_bytes'])} (--budget_gb) -> peak {verdict}"]
+
+
 def format_inference(r: Dict[str, Any]) -> str:
+    """predict_action (prefill + cached steps, 1 action per row) and oft_predict (one pass, K per row)."""
     pb, m = r["per_device_bytes"], r["mesh"]
-    lines = [f"predict_action ({r['preset']}, {r['dtype']} weights) batch {r['batch']}: prefill {r['sequence_len']} "
-             f"positions + {r['new_tokens'] - 1} cached steps; target {r['target']}: {r['devices']} x "
-             f"{r['device_kind']}, mesh data={m['data']} fsdp={m['fsdp']} tensor={m['tensor']}",
-             f"  per chip: weights {_gb(pb['params'], 0)}, arguments {_gb(pb['xla_argument'], 0)}, temporaries "
-             f"{_gb(pb['xla_temp'], 0)}, peak {_gb(pb['peak'], 0)}"]
+    if r["program"] == "oft_predict":
+        what = (f"oft_predict ({r['preset']}, {r['dtype']} weights, head {r['action_head']}, chunk K={r['chunk_size']}) "
+                f"batch {r['batch']}: one pass over {r['sequence_len']} positions -> {r['actions_per_call']} actions")
+    else:
+        what = (f"predict_action ({r['preset']}, {r['dtype']} weights) batch {r['batch']}: prefill {r['sequence_len']} "
+                f"positions + {r['new_tokens'] - 1} cached steps -> {r['actions_per_call']} action(s)")
+    lines = [f"{what}; target {r['target']}: {r['devices']} x {r['device_kind']}, mesh data={m['data']} "
+             f"fsdp={m['fsdp']} tensor={m['tensor']}"]
+    if "compiler_oom" in r:
+        lines.append(f"  per chip: weights {_gb(pb['params'], 0)}, needed {_gb(pb['peak'], 0)}: the TPU compiler "
+                     f"refused the program ({r['compiler_oom']['message']})")
+    else:
+        lines.append(f"  per chip: weights {_gb(pb['params'], 0)}, arguments {_gb(pb['xla_argument'], 0)}, temporaries "
+                     f"{_gb(pb['xla_temp'], 0)}, peak {_gb(pb['peak'], 0)}")
     if "chip" in r:
         fit = r["fit"]
         lines[-1] += (f" of {_gb(r['chip']['hbm_bytes'], 0)} -> "
                       + (f"fits ({fit['margin_bytes'] / GB:.2f} GB spare)" if fit["fits"]
                          else f"DOES NOT FIT (over by {-fit['margin_bytes'] / GB:.2f} GB)"))
+    lines += _budget_lines(r)
+    if "estimate" in r:
         e = r["estimate"]
         lines.append(f"  roofline latency {e['roofline_s'] * 1e3:.1f} ms ({e['bound']}-bound: compute "
                      f"{e['compute_s'] * 1e3:.1f} ms for {r['compiled_flops_per_device']:.3e} FLOPs, HBM "
                      f"{e['memory_s'] * 1e3:.1f} ms for {r['compiled_bytes_per_device'] / GB:.1f} GB) per chip; "
                      f"collectives move {r['compiled_collective_bytes_per_device'] / GB:.2f} GB per chip")
+        lines.append(f"  at the roofline: {e['actions_per_s']:.1f} actions/s ({r['actions_per_call']} per call)"
+                     + (f"; weights read once per pass: {e['weight_stream_s'] * 1e3:.1f} ms -> "
+                        f"{e['actions_per_s_weight_stream']:.1f} actions/s (the bound if nothing else touched HBM)"
+                        if "weight_stream_s" in e else ""))
+    if "model_flops_per_device" in r and "compiled_flops_per_device" in r:
+        lines.append(f"  FLOPs per chip: compiled {r['compiled_flops_per_device']:.3e}, analytic model "
+                     f"{r['model_flops_per_device']:.3e} (ratio {r['compiled_flops_per_device'] / r['model_flops_per_device']:.3f})")
     lines.append(f"  (compiled in {r['seconds']['compile']:.1f} s)")
     return "\n".join(lines)

@@ -18,7 +18,7 @@ import numpy as np
 from vla_jax import sharding as shd
 from vla_jax.models.config import REMAT_POLICIES
 from vla_jax.models.openvla import OpenVLA
-from vla_jax.plan import hlo_cost
+from vla_jax.plan import aot, hlo_cost
 from vla_jax.training import metrics as mlib
 from vla_jax.training import run, state as st, step as sp
 
@@ -112,23 +112,22 @@ def compile_program(prog: TrainProgram, keep_hlo: bool = False) -> Dict[str, Any
     t0 = time.perf_counter()
     lowered = prog.jitted.lower(prog.abstract_state, prog.abstract_batch)
     t1 = time.perf_counter()
-    compiled = lowered.compile()
+    compiled, oom = aot.compile_or_oom(lowered)
     t2 = time.perf_counter()
     n_dev = mesh.devices.size
     b, t = cfg.global_batch_size, cfg.data.max_seq_len
     summary = st.param_summary(prog.abstract_state.params, prog.mask)
     flops_step = b * mlib.train_flops_per_example(model_cfg, t, prog.loss_cfg.num_supervised,
                                                   mlib.parts_trainable(prog.mask))
+    if oom is not None:
+        return _oom_report(prog, oom, summary, flops_step, t1 - t0, t2 - t1)
     hlo = compiled.as_text()
     counted = hlo_cost.analyze(hlo)
     xla_cost = compiled.cost_analysis() or {}
     if isinstance(xla_cost, (list, tuple)):
         xla_cost = xla_cost[0] if xla_cost else {}
     report = {
-        "config": {"preset": cfg.model.preset, "dtype": cfg.model.dtype, "param_dtype": cfg.model.param_dtype,
-                   "remat": cfg.model.remat, "remat_policy": prog.remat_policy,
-                   "global_batch_size": b, "grad_accum_steps": cfg.grad_accum_steps, "text_len": t,
-                   "sequence_len": t + model_cfg.num_patches, "llama_layers": model_cfg.llama.num_layers},
+        "config": _config_summary(prog),
         "devices": n_dev, "device_kind": mesh.devices.flat[0].device_kind, "mesh": dict(mesh.shape),
         "per_device_batch": b // run.data_parallel_size(mesh),
         "params": summary["total"], "trainable_params": summary["trainable"],
@@ -149,6 +148,35 @@ def compile_program(prog: TrainProgram, keep_hlo: bool = False) -> Dict[str, Any
         report["_hlo"] = hlo
         report["_compiled"] = compiled
     return report
+
+
+def _config_summary(prog: TrainProgram) -> Dict[str, Any]:
+    cfg, model_cfg = prog.cfg, prog.model_cfg
+    t = cfg.data.max_seq_len
+    return {"preset": cfg.model.preset, "dtype": cfg.model.dtype, "param_dtype": cfg.model.param_dtype,
+            "remat": cfg.model.remat, "remat_policy": prog.remat_policy,
+            "global_batch_size": cfg.global_batch_size, "grad_accum_steps": cfg.grad_accum_steps, "text_len": t,
+            "sequence_len": t + model_cfg.num_patches, "llama_layers": model_cfg.llama.num_layers}
+
+
+def _oom_report(prog: TrainProgram, oom: Dict[str, Any], summary, flops_step: float, lower_s: float,
+                compile_s: float) -> Dict[str, Any]:
+    """The report of a step the TPU compiler refused for lack of HBM: the state and batch shards (from
+    the shardings), the bytes the compiler needed as the peak, and the rest of it (needed - arguments)
+    as the temporaries, so that the batch suggestion has something to scale; no FLOPs (no program)."""
+    mesh = prog.mesh
+    n_dev = mesh.devices.size
+    pb = {"params": shard_bytes(prog.abstract_state.params), "optimizer_state": shard_bytes(prog.abstract_state.opt_state),
+          "batch": shard_bytes(prog.abstract_batch)}
+    arg = pb["params"] + pb["optimizer_state"] + pb["batch"]
+    pb.update(xla_argument=arg, xla_temp=max(0.0, oom["needed_bytes"] - arg), peak=oom["needed_bytes"],
+              peak_estimate=oom["needed_bytes"])
+    return {"config": _config_summary(prog), "devices": n_dev, "device_kind": mesh.devices.flat[0].device_kind,
+            "mesh": dict(mesh.shape), "per_device_batch": prog.cfg.global_batch_size // run.data_parallel_size(mesh),
+            "params": summary["total"], "trainable_params": summary["trainable"], "per_device_bytes": pb,
+            "flops_per_step": flops_step, "flops_per_device_per_step": flops_step / n_dev, "compiler_oom": oom,
+            "seconds": {"trace_and_lower": lower_s, "compile": compile_s},
+            "activation_constraints": prog.jitted.constrain_activations}
 
 
 def sharding_table(prog: TrainProgram, compiled=None) -> list:
