@@ -144,3 +144,22 @@ def test_hbm_refusal_message_parses_and_other_errors_do_not():
     assert oom["message"] == msg
     assert aot.parse_hbm_oom("INVALID_ARGUMENT: shapes do not match") is None
     assert aot.parse_hbm_oom("RESOURCE_EXHAUSTED: out of host memory") is None
+
+
+@pytest.mark.slow  # one TPU compile of the debug train step (minutes of wall time with the 2 cores shared)
+def test_a_train_step_beyond_the_chip_does_not_fit_by_the_compilers_count():
+    from vla_jax.plan import planner, report
+
+    cfg = _config("debug", "debug")
+    r = planner.train_plan(cfg, _devices("v5e-1"), "v5e-1", batch=8192)
+    oom, fit, pb = r["compiler_oom"], r["fit"], r["per_device_bytes"]
+    assert not fit["fits"] and fit["margin_bytes"] == -oom["over_bytes"] < 0
+    assert pb["peak"] == oom["needed_bytes"] > oom["capacity_bytes"]
+    # The state and batch shards come from the shardings; the rest of what the compiler needed is activations.
+    assert pb["xla_argument"] == pb["params"] + pb["optimizer_state"] + pb["batch"]
+    assert pb["xla_temp"] == pytest.approx(pb["peak"] - pb["xla_argument"])
+    micro = fit["suggestion"]["micro_batch_per_chip"]
+    assert 1 <= micro < 8192 and fit["suggestion"]["grad_accum_steps"] == 8192 // micro
+    text = report.format_train(r)
+    assert f"DOES NOT FIT: over by {oom['over_bytes'] / 1e9:.2f} GB" in text and "refused the program" in text
+    assert "estimate" not in r  # no program, no roofline
