@@ -15,6 +15,12 @@ one camera (upstream: 3rd-person + wrist), no proprioception input, no FiLM; the
 readout states exactly as upstream (§4-§6). LoRA covers what PEFT's "all-linear" covers (every Linear
 of both towers, the projector and the LLM incl. lm_head, plus the patch-embed convs; vla_jax/models/lora.py),
 the L1 head trains in full beside it, as upstream.
+
+Planned for (BENCHMARKS.md "OpenVLA-OFT single pass ... and the OFT LoRA step on one chip"): training
+at 8 examples per device on one accelerator of >= 40 GB (upstream: 8 GPUs x 8), checked with the TPU
+compiler by `python -m vla_jax.plan --config=configs/oft.py --topology=v5p:1x1x1 --batch=8 --budget_gb=40`;
+serving on a v5e-4 slice, tensor-parallel (`--program=oft_predict --topology=v5e-4`): one v5e chip
+barely holds the 15.4 GB of bf16 weights.
 """
 
 from ml_collections import config_dict
