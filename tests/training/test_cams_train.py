@@ -74,7 +74,9 @@ def test_step_runs_on_the_zero_batch(trained):
 def test_loss_decreases_on_a_fixed_batch(trained):
     losses = trained["losses"]
     assert all(np.isfinite(losses)), losses
-    assert losses[-1] < 0.8 * losses[0], losses
+    # Adam on one fixed batch: every step lowers the loss, by 5% or more over the six steps.
+    assert all(b < a for a, b in zip(losses, losses[1:])), losses
+    assert losses[-1] < 0.95 * losses[0], losses
 
 
 def test_proprio_projector_gets_gradient_and_is_read(trained):
