@@ -1,7 +1,7 @@
 """Capacity planning without the hardware: compile the real programs for a target and read the result.
 
     python -m vla_jax.plan --config=configs/oxe.py --topology=v5p-128     # TPU compiler (libtpu), no TPU
-    python -m vla_jax.plan --config=configs/oft.py --topology=v5e-4 --program=oft_predict --batch=1,8,32
+    python -m vla_jax.plan --config=configs/oft.py:cameras=1,proprio=0 --topology=v5e-4 --program=oft_predict --batch=1,8,32
     python -m vla_jax.plan --config=configs/oxe.py --devices=64           # N simulated CPU devices
 
 XLA compiles the full train step (vision towers + projector + LLM, forward + backward + AdamW, with the

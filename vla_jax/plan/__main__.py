@@ -3,8 +3,8 @@
     python -m vla_jax.plan --config=configs/oxe.py --topology=v5p-128 [--mesh=1,-1,1] [--batch=2048]
         [--grad_accum=1] [--remat_policy=nothing_saveable] [--find_batch] [--budget_gb=40] [--json=plan.json]
     python -m vla_jax.plan --config=configs/oxe.py --topology=v5e-4 --program=predict_action --batch=1,8,32
-    python -m vla_jax.plan --config=configs/oft.py --topology=v5e-4 --program=oft_predict --batch=1,8,32
-    python -m vla_jax.plan --config=configs/oft.py --topology=v5p:1x1x1 --batch=8 --budget_gb=40   # OFT LoRA step
+    python -m vla_jax.plan --config=configs/oft.py:cameras=1,proprio=0 --topology=v5e-4 --program=oft_predict --batch=1,8,32
+    python -m vla_jax.plan --config=configs/oft.py:cameras=1,proprio=0 --topology=v5p:1x1x1 --batch=8 --budget_gb=40   # OFT LoRA step
     python -m vla_jax.plan --config=configs/oxe.py --devices=64          # simulated CPU devices
 
 See vla_jax/plan/__init__.py for what is compiled and reported.

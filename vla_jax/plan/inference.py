@@ -90,7 +90,7 @@ def compile_predict_action(devices: Sequence[Any], mesh_shape=(1, 1, -1), batch:
     t2 = time.perf_counter()
     report = {
         "program": "predict_action", "preset": preset, "dtype": dtype, "batch": batch, "text_len": text_len,
-        "sequence_len": text_len + model_cfg.num_patches, "new_tokens": new_tokens, "actions_per_call": batch,
+        "sequence_len": text_len + model_cfg.num_inserted_tokens, "new_tokens": new_tokens, "actions_per_call": batch,
         "devices": mesh.devices.size, "device_kind": mesh.devices.flat[0].device_kind, "mesh": dict(mesh.shape),
         "seconds": {"trace_and_lower": t1 - t0, "compile": t2 - t1},
     }

@@ -104,12 +104,15 @@ def compile_oft_predict(devices: Sequence[Any], model_section, mesh_shape=(1, 1,
         spec = PartitionSpec(axes or None, *([None] * (len(shape) - 1)))
         return jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, spec))
 
-    inputs = {"pixel_values": rows((batch, s, s, 3), np.uint8), "prompt_ids": rows((batch, text_len), np.int32),
-              "lengths": rows((batch,), np.int32)}
+    pixels = (batch, s, s, 3) if cfg.num_images == 1 else (batch, cfg.num_images, s, s, 3)
+    inputs = {"pixel_values": rows(pixels, np.uint8), "prompt_ids": rows((batch, text_len), np.int32),
+              "lengths": rows((batch,), np.int32),
+              "proprio": None if cfg.proprio_dim is None else rows((batch, cfg.proprio_dim), np.float32)}
     fn = jax.jit(functools.partial(parallel_decode, model), out_shardings=NamedSharding(mesh, PartitionSpec()))
     t0 = time.perf_counter()
     with shd.mesh_rules(mesh, pmesh.activation_rules(mesh, batch)):
-        lowered = fn.lower(params, inputs["pixel_values"], inputs["prompt_ids"], inputs["lengths"])
+        lowered = fn.lower(params, inputs["pixel_values"], inputs["prompt_ids"], inputs["lengths"],
+                           inputs["proprio"])
     t1 = time.perf_counter()
     compiled, oom = aot.compile_or_oom(lowered)
     t2 = time.perf_counter()
@@ -117,7 +120,7 @@ def compile_oft_predict(devices: Sequence[Any], model_section, mesh_shape=(1, 1,
     report = {
         "program": "oft_predict", "preset": model_section.preset, "dtype": dtype, "batch": batch,
         "text_len": text_len, "chunk_size": cfg.chunk_size, "action_dim": cfg.action_dim,
-        "action_head": cfg.action_head, "sequence_len": cfg.num_patches + text_len + cfg.num_action_slots + 1,
+        "action_head": cfg.action_head, "sequence_len": cfg.num_inserted_tokens + text_len + cfg.num_action_slots + 1,
         "actions_per_call": batch * cfg.chunk_size,
         "devices": n_dev, "device_kind": mesh.devices.flat[0].device_kind, "mesh": dict(mesh.shape),
         "params": int(sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))),

@@ -137,7 +137,7 @@ def compile_program(prog: TrainProgram, keep_hlo: bool = False) -> Dict[str, Any
         "flops_per_step": flops_step, "flops_per_device_per_step": flops_step / n_dev,
         "compiled_flops_per_device": counted["flops"], "compiled_bytes_per_device": counted["bytes"],
         "compiled_loops": counted["loops"], "compiled_collective_bytes_per_device": counted["collective_bytes"],
-        "attention_square_buffers": hlo_cost.square_buffers(hlo, t + model_cfg.num_patches),
+        "attention_square_buffers": hlo_cost.square_buffers(hlo, t + model_cfg.num_inserted_tokens),
         "xla_cost_analysis_flops_per_device": float(xla_cost.get("flops", 0.0)),
         "seconds": {"trace_and_lower": t1 - t0, "compile": t2 - t1},
         "activation_constraints": prog.jitted.constrain_activations,
@@ -156,7 +156,7 @@ def _config_summary(prog: TrainProgram) -> Dict[str, Any]:
     return {"preset": cfg.model.preset, "dtype": cfg.model.dtype, "param_dtype": cfg.model.param_dtype,
             "remat": cfg.model.remat, "remat_policy": prog.remat_policy,
             "global_batch_size": cfg.global_batch_size, "grad_accum_steps": cfg.grad_accum_steps, "text_len": t,
-            "sequence_len": t + model_cfg.num_patches, "llama_layers": model_cfg.llama.num_layers}
+            "sequence_len": t + model_cfg.num_inserted_tokens, "llama_layers": model_cfg.llama.num_layers}
 
 
 def _oom_report(prog: TrainProgram, oom: Dict[str, Any], summary, flops_step: float, lower_s: float,
