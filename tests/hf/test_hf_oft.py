@@ -17,6 +17,7 @@ import pytest
 import safetensors.numpy
 import safetensors.torch
 import torch
+import flax.linen as nn
 from flax import traverse_util
 
 from tests.fixtures.released_oft import DATASET, STEP, oft_keys, released_oft_keys, write_oft_checkpoint
@@ -86,7 +87,7 @@ def test_key_tables_are_the_released_ones():
     # The rules' leaves are exactly the params of the L1 head at 7B (shapes only, nothing allocated).
     head = jax.eval_shape(lambda: L1ActionHead(action_dim=7, width=4096).init(
         jax.random.PRNGKey(0), jnp.zeros((1, K * 7, 4096))))["params"]
-    want = {("action_head",) + k: v.shape for k, v in traverse_util.flatten_dict(head).items()}
+    want = {("action_head",) + k: v.shape for k, v in traverse_util.flatten_dict(nn.meta.unbox(head)).items()}
     got = {}
     for r in oft_layout.action_head_rules(g):
         conv = jax.eval_shape(lambda w, f=r.to_flax: f(w), jax.ShapeDtypeStruct(r.shape, jnp.float32))
@@ -153,7 +154,7 @@ def test_round_trip_is_bit_identical(released, imported, tmp_path, capsys):
     for component, name in (("action_head", HEAD_FILE), ("proprio_projector", PROPRIO_FILE)):
         want_sd = torch.load(str(ref["files"][component]), weights_only=True)
         got_sd = safetensors.torch.load_file(str(out / f"{name}.safetensors"))
-        assert list(got_sd) == list(want_sd)
+        assert set(got_sd) == set(want_sd)
         for k, v in want_sd.items():
             assert (got_sd[k].dtype, got_sd[k].shape) == (v.dtype, v.shape), k
             assert _bits(got_sd[k]) == _bits(v), k
@@ -168,7 +169,7 @@ def test_round_trip_is_bit_identical(released, imported, tmp_path, capsys):
 
 def test_imported_head_and_projector_match_torch(released, imported):
     """The L1 head and the proprio projector, loaded from the .pt state dicts, against the torch modules."""
-    from vla_jax.models.openvla import OpenVLA
+    from vla_jax.models.proprio import ProprioProjector
 
     _, ref = released
     cfg = config_from_dict(ckpt_lib.load_assets(str(imported))["meta"]["model"])
@@ -184,8 +185,36 @@ def test_imported_head_and_projector_match_torch(released, imported):
     proprio = rng.uniform(-1, 1, (3, P)).astype(np.float32)
     with torch.no_grad():
         want = ref["proprio"](torch.from_numpy(proprio)).numpy()
-    got = OpenVLA(cfg).apply({"params": params}, jnp.asarray(proprio), method=OpenVLA.project_proprio)
+    got = ProprioProjector(llm_dim=H).apply({"params": params["proprio_projector"]}, jnp.asarray(proprio))
     np.testing.assert_allclose(np.asarray(got).reshape(want.shape), want, rtol=1e-5, atol=1e-5)
+
+
+def test_imported_checkpoint_decodes_like_the_torch_wiring(released, imported):
+    """The whole imported model (two cameras, proprio token, L1 head) against upstream's wiring
+    (`TorchOFT` of tests/oft_torch_reference.py) on the torch modules the folder was written from: one
+    parallel-decoding pass, fp32 on both sides."""
+    from tests.oft_torch_reference import TorchOFT, oft_rows
+    from vla_jax.models.openvla import OpenVLA
+    from vla_jax.models.parallel_decode import make_parallel_decoder
+
+    _, ref = released
+    cfg = config_from_dict(ckpt_lib.load_assets(str(imported))["meta"]["model"])
+    cfg = with_dtypes(cfg, "float32", "float32")  # the import records bf16 compute; fp32 for the comparison
+    params = ckpt_lib.load_params(str(imported), importer.targets_for(importer.abstract_params(cfg)))
+    torch_oft = TorchOFT(ref["torch_model"], K, D, copy.deepcopy(ref["head"]).float(), ref["proprio"])
+    rng = np.random.default_rng(2)
+    s = CFG.image_size
+    images = rng.integers(0, 256, size=(1, 2, s, s, 3), dtype=np.uint8)
+    proprio = rng.uniform(-1, 1, size=(1, P)).astype(np.float32)
+    prompt = [1, 512, 29901, 1724, 3158, 881, 278, 19964, 2125, 304, 5839, 701, 29973, 13, 3744, 29901, 29871]
+    ids, mask, lengths = oft_rows([prompt], K * D, CFG.eos_token_id, CFG.pad_token_id)
+    expected = torch_oft.l1_actions(images, ids, mask, lengths, proprio=proprio)
+    decode = make_parallel_decoder(OpenVLA(cfg))
+    got = np.asarray(decode(params, images, np.array([prompt], np.int32), np.array([len(prompt)], np.int32),
+                            proprio))
+    assert got.shape == expected.shape == (1, K, D)
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5)  # test_cams_parity.py's L1 tolerance
+    assert float(np.abs(expected).max()) > 0.1  # a real signal
 
 
 def test_safetensors_files_import_without_the_pickle_flag(released, imported, tmp_path):
@@ -220,6 +249,10 @@ def test_plain_import_and_export_refuse_oft(released, imported, tmp_path, capsys
     folder, _ = released
     assert cli.main(["import", str(folder), str(tmp_path / "w")]) == 2
     assert "import-oft" in capsys.readouterr().err and not (tmp_path / "w").exists()
+    for load in (importer.load_hf_dir, lambda p: importer.load_hf_params(p, {})):  # Policy.load, init_from
+        with pytest.raises(ValueError, match=rf"{HEAD_FILE}\.pt, {PROPRIO_FILE}\.pt\): read as a plain OpenVLA "
+                                             r"folder it would lose them; import it with .*import-oft"):
+            load(str(folder))
     assert cli.main(["export", str(imported), str(tmp_path / "hf")]) == 2
     assert "export-oft" in capsys.readouterr().err and not (tmp_path / "hf").exists()
 

@@ -19,7 +19,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec, SingleDeviceShardin
 
 from vla_jax.hf import checkpoint_io
 from vla_jax.hf import config as hfc
-from vla_jax.hf import importer
+from vla_jax.hf import importer, oft_files
 from vla_jax.hf.outdir import atomic_dir, check_out_dir
 from vla_jax.models.config import PRESETS, OpenVLAConfig, with_dtypes
 
@@ -163,19 +163,6 @@ def _convert_and_write(out_dir: str, cfg: OpenVLAConfig, tensors: Mapping[str, A
             "norm_stats": sorted(norm_stats), "tokenizer": tok, "out_dir": os.path.abspath(out_dir)}
 
 
-def _refuse_oft_folder(hf_dir: str) -> None:
-    """An OpenVLA-OFT folder imported as plain OpenVLA would silently lose its action head and proprio
-    projector: refused, pointing at `import-oft`."""
-    from vla_jax.hf import oft_files
-
-    if os.path.isdir(hf_dir):
-        extra = oft_files.scan(hf_dir)
-        if extra:
-            names = ", ".join(os.path.basename(f.path) for f in extra)
-            raise ValueError(f"{hf_dir} is an OpenVLA-OFT checkpoint ({names}); import it with `python -m vla_jax.hf import-oft` (or move those files away to "
-                             f"import the merged model alone)")
-
-
 def import_hf(hf_dir: str, out_dir: str, *, param_dtype: Optional[str] = None, tokenizer: Optional[str] = None,
               overwrite: bool = False, log: Callable[[str], None] = lambda s: None) -> Dict[str, Any]:
     """HF OpenVLA folder -> vla_jax workdir `out_dir`. Returns a summary (config, timings, counts)."""
@@ -183,7 +170,7 @@ def import_hf(hf_dir: str, out_dir: str, *, param_dtype: Optional[str] = None, t
     if os.path.isfile(hf_dir):
         raise ValueError(f"{hf_dir} is a file; `import` takes an HF checkpoint folder (a PyTorch .pt needs "
                          f"--allow_pickle and --hf_config)")
-    _refuse_oft_folder(hf_dir)
+    oft_files.refuse_as_plain_openvla(hf_dir)
     ck = importer.read_hf_dir(hf_dir)
     cfg = importer.hf_config(ck, param_dtype=param_dtype)
     tok = _resolve_tokenizer(tokenizer, ck.tokenizer_path, hf_dir)

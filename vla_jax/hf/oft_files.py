@@ -65,6 +65,18 @@ def scan(directory: str) -> List[ComponentFile]:
     return found
 
 
+def refuse_as_plain_openvla(directory: str) -> None:
+    """ValueError when `directory` holds OpenVLA-OFT files: read as a plain HF OpenVLA folder (`import`,
+    `init_from`, `Policy.load`) it would silently lose its action head and proprio projector."""
+    if os.path.isdir(directory):
+        extra = scan(directory)
+        if extra:
+            names = ", ".join(os.path.basename(f.path) for f in extra)
+            raise ValueError(f"{directory} is an OpenVLA-OFT checkpoint ({names}): read as a plain OpenVLA folder "
+                             f"it would lose them; import it with `python -m vla_jax.hf import-oft` (or move those "
+                             f"files away to use the merged model alone)")
+
+
 def select(directory: str, step: Optional[str] = None) -> Tuple[Optional[str], Dict[str, ComponentFile]]:
     """-> (STEP, {component: file}) of one checkpoint step. Several steps without `step`, a `step`
     that is not there, or a component saved both as .pt and .safetensors are errors listing the files."""
