@@ -50,15 +50,18 @@ def _step_key(step: str):
     return (1, 0) if step == "latest" else (0, int(step))
 
 
-def scan(directory: str) -> List[ComponentFile]:
+def scan(directory: str, strict: bool = True) -> List[ComponentFile]:
     """Every `{component}--{STEP}_checkpoint.{pt,safetensors}` file in `directory` (not recursive).
-    A file of that pattern for a component upstream does not save is an error (never skipped)."""
+    A file of that pattern for a component upstream does not save is an error (never skipped), or
+    left out with strict=False."""
     found = []
     for name in sorted(os.listdir(directory)):
         m = FILE_RE.match(name)
         if not m or not os.path.isfile(os.path.join(directory, name)):
             continue
         if m.group("component") not in oft_layout.COMPONENTS:
+            if not strict:
+                continue
             raise ValueError(f"{os.path.join(directory, name)}: unknown OpenVLA-OFT component "
                              f"{m.group('component')!r}; known: {list(oft_layout.COMPONENTS)}")
         found.append(ComponentFile(m.group("component"), m.group("step"), os.path.join(directory, name)))
@@ -69,7 +72,7 @@ def refuse_as_plain_openvla(directory: str) -> None:
     """ValueError when `directory` holds OpenVLA-OFT files: read as a plain HF OpenVLA folder (`import`,
     `init_from`, `Policy.load`) it would silently lose its action head and proprio projector."""
     if os.path.isdir(directory):
-        extra = scan(directory)
+        extra = scan(directory, strict=False)
         if extra:
             names = ", ".join(os.path.basename(f.path) for f in extra)
             raise ValueError(f"{directory} is an OpenVLA-OFT checkpoint ({names}): read as a plain OpenVLA folder "

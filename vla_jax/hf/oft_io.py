@@ -188,10 +188,12 @@ def import_oft(oft_dir: str, out_dir: str, *, chunk_size: int, cameras: Sequence
                 f"like the model's" + (" (--param_dtype=float32 keeps every value exact)"
                                        if cfg.param_dtype != "float32" else ""))
 
+    def component_items(c):
+        for k, a in folder.states[c].items([r.key for r in rules[c]]):
+            yield _qualified(c, k), a
+
     def items():
-        component_items = (((_qualified(c, k), a) for k, a in folder.states[c].items([r.key for r in rs]))
-                           for c, rs in rules.items())
-        return itertools.chain(importer.read_items(ck.tensors), *component_items)
+        return itertools.chain(importer.read_items(ck.tensors), *(component_items(c) for c in rules))
 
     source = {"format": SOURCE_FORMAT, "path": os.path.abspath(oft_dir), "step": folder.step,
               "storage_dtype": ck.storage_dtype,
