@@ -159,7 +159,7 @@ def check_tensors(tensors: Mapping[str, sio.TensorInfo], rules: Sequence[keys_op
 def abstract_params(cfg: OpenVLAConfig) -> Any:
     """Boxed ShapeDtypeStruct params of OpenVLA(cfg) (logical axis names kept); allocates nothing.
     Several cameras (OpenVLAConfig.num_images) take pixel_values [1, N, S, S, 3]."""
-    s, n = cfg.image_size, int(getattr(cfg, "num_images", 1))
+    s, n = cfg.image_size, cfg.num_images
     pixels = np.zeros((1, s, s, 3) if n == 1 else (1, n, s, s, 3), np.uint8)
     ids = np.ones((1, 2), np.int32)
     return jax.eval_shape(lambda r: OpenVLA(cfg).init(r, pixels, ids)["params"], jax.random.PRNGKey(0))

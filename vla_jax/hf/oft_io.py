@@ -78,16 +78,9 @@ def _check_stats(stats: Mapping[str, Any], path: str, action_dim: int, proprio_d
 def oft_model_config(base: OpenVLAConfig, *, chunk_size: int, action_dim: int, head: str, num_images: int,
                      proprio_dim: Optional[int]) -> OpenVLAConfig:
     """The released model's config with OFT's runtime settings (parallel decoding, K, head, cameras, P)."""
-    kw: Dict[str, Any] = dict(parallel_decoding=True, chunk_size=chunk_size, action_head=head, action_dim=action_dim)
-    fields = {f.name for f in dataclasses.fields(OpenVLAConfig)}
-    for name, value, default in (("num_images", num_images, 1), ("proprio_dim", proprio_dim, None)):
-        if name in fields:
-            kw[name] = value
-        elif value != default:
-            raise ValueError(f"{name}={value}: this vla_jax model has no OpenVLAConfig.{name} (several cameras and "
-                             f"a proprio projector are not supported by this build)")
     try:
-        return dataclasses.replace(base, **kw)
+        return dataclasses.replace(base, parallel_decoding=True, chunk_size=chunk_size, action_head=head,
+                                   action_dim=action_dim, num_images=num_images, proprio_dim=proprio_dim, film=False)
     except ValueError as e:
         raise ValueError(f"the OpenVLA-OFT model config is invalid: {e}") from None
 
@@ -270,7 +263,7 @@ def export_oft(ckpt_path: str, out_dir: str, *, dtype: str = "bfloat16", head_dt
         if kernel is None or len(kernel.shape) != 2:
             raise ValueError(f"{where}: params lack proprio_projector/fc1/kernel [P, H]")
         proprio_dim = int(kernel.shape[0])
-    configured = getattr(cfg, "proprio_dim", None)
+    configured = cfg.proprio_dim
     if configured != proprio_dim:
         raise ValueError(f"{where}: model config proprio_dim={configured} but the params' proprio projector takes "
                          f"{proprio_dim}")
