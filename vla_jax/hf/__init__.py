@@ -7,7 +7,8 @@
   import_base(dino, siglip, llm_dir, out_dir)    timm towers + HF Llama-2 -> vla_jax workdir
   export_params(params, cfg, out_dir)            in-memory params -> HF folder
   export_checkpoint(ckpt, out_dir)               vla_jax checkpoint -> HF folder
-CLI: `python -m vla_jax.hf {import,import-base,export} ...` (see `python -m vla_jax.hf --help`).
+  oft_io.import_oft / oft_io.export_oft          released OpenVLA-OFT folder <-> vla_jax checkpoint
+CLI: `python -m vla_jax.hf {import,import-base,export,import-oft,export-oft} ...` (see `python -m vla_jax.hf --help`).
 """
 
 from vla_jax.hf.exporter import export_checkpoint, export_params, export_plan  # noqa: F401

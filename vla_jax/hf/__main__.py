@@ -1,8 +1,10 @@
-"""Command line: `python -m vla_jax.hf {import,import-base,export} ...`.
+"""Command line: `python -m vla_jax.hf {import,import-base,export,import-oft,export-oft} ...`.
 
   import HF_DIR OUT_DIR        HF OpenVLA folder (openvla/openvla-7b format) -> vla_jax workdir
   import-base OUT_DIR --dino=F --siglip=F --llm=DIR    timm towers + HF Llama-2 -> vla_jax workdir
   export CKPT OUT_DIR          vla_jax checkpoint (workdir / checkpoints / step folder) -> HF folder
+  import-oft OFT_DIR OUT_DIR --chunk_size=K --cameras=A,B    released OpenVLA-OFT folder -> vla_jax workdir
+  export-oft CKPT OUT_DIR      vla_jax OpenVLA-OFT checkpoint -> the OFT layout (safetensors)
 
 Errors in the input (missing files, wrong keys or shapes, another model type) end with a one-line
 message naming the file and keys involved, exit status 2, and no output folder.
@@ -56,6 +58,41 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument("--remote_code", help="folder with configuration/modeling/processing_prismatic.py to copy "
                                            "(needed for AutoModelForVision2Seq(..., trust_remote_code=True))")
     exp.add_argument("--overwrite", action="store_true")
+
+    oft = sub.add_parser("import-oft", parents=[common],
+                         help="released OpenVLA-OFT folder (merged model + action_head/proprio_projector files) -> "
+                              "vla_jax checkpoint")
+    oft.add_argument("oft_dir", help="folder with config.json, model*.safetensors, dataset_statistics.json, "
+                                     "action_head--STEP_checkpoint.{pt,safetensors}, proprio_projector--STEP_...")
+    oft.add_argument("out_dir", help="output workdir (OUT/checkpoints/0/...)")
+    oft.add_argument("--chunk_size", type=int, required=True,
+                     help="K, actions per chunk (not stored in the checkpoint; upstream: 8 LIBERO, 25 ALOHA, 5 Bridge)")
+    oft.add_argument("--cameras", required=True,
+                     help="camera names in input order, primary first, comma-separated (their number is upstream's "
+                          "num_images_in_input, not stored in the checkpoint), e.g. full_image,wrist_image")
+    oft.add_argument("--step", help="which STEP of action_head--STEP_checkpoint.* when the folder holds several")
+    oft.add_argument("--allow_pickle", action="store_true",
+                     help="read the .pt files (torch pickles) with a restricted unpickler that only rebuilds tensors")
+    oft.add_argument("--param_dtype", default="checkpoint", choices=["checkpoint", "float32", "bfloat16"],
+                     help="dtype of the stored params; 'checkpoint' keeps the merged model's (bf16 released)")
+    oft.add_argument("--tokenizer", help="tokenizer.model to embed (default: the one in OFT_DIR)")
+    oft.add_argument("--text_len", type=int, help="recorded text length, BOS..</s> (default K x D + 72)")
+    oft.add_argument("--overwrite", action="store_true")
+
+    eoft = sub.add_parser("export-oft", parents=[common], help="vla_jax OpenVLA-OFT checkpoint -> the OFT layout")
+    eoft.add_argument("ckpt", help="workdir, its checkpoints/ folder, or one step folder")
+    eoft.add_argument("out_dir", help="output folder (missing parent folders are created)")
+    eoft.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"],
+                      help="the merged model's safetensors")
+    eoft.add_argument("--head_dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"],
+                      help="action_head--STEP file (upstream saves bf16)")
+    eoft.add_argument("--proprio_dtype", default="float32", choices=["bfloat16", "float32", "float16"],
+                      help="proprio_projector--STEP file (upstream saves fp32)")
+    eoft.add_argument("--step", help="STEP in the file names (default: the imported folder's, else the checkpoint's)")
+    eoft.add_argument("--tokenizer", help="tokenizer.model or a folder of tokenizer files (default: the embedded one)")
+    eoft.add_argument("--max_shard_size", default="5GB")
+    eoft.add_argument("--remote_code", help="folder with configuration/modeling/processing_prismatic.py to copy")
+    eoft.add_argument("--overwrite", action="store_true")
     return p
 
 
@@ -73,7 +110,7 @@ def main(argv=None) -> int:
     try:
         from vla_jax.hf import import_checkpoint as ic
 
-        if args.command in ("import", "import-base"):
+        if args.command in ("import", "import-base", "import-oft"):
             ic.use_host_devices()
 
         if args.command == "import":
@@ -106,6 +143,27 @@ def main(argv=None) -> int:
             say(f"model: {ic.describe(s['config'])}")
             say(f"wrote {s['out_dir']}/checkpoints/0 in {time.perf_counter() - t0:.1f} s (projector freshly "
                 f"initialised, seed {args.seed})")
+        elif args.command == "import-oft":
+            from vla_jax.hf import oft_io
+            s = oft_io.import_oft(args.oft_dir, args.out_dir, chunk_size=args.chunk_size,
+                                  cameras=[c.strip() for c in args.cameras.split(",")], step=args.step,
+                                  allow_pickle=args.allow_pickle, param_dtype=_dtype(args.param_dtype),
+                                  tokenizer=args.tokenizer, text_len=args.text_len, overwrite=args.overwrite, log=say)
+            say(f"model: {ic.describe(s['config'])}")
+            say(oft_io.describe_oft(s["config"], s))
+            say(f"norm_stats: {s['norm_stats']} (dataset_statistics.json); tokenizer: {s['tokenizer']}")
+            say(f"wrote {s['out_dir']}/checkpoints/0 in {time.perf_counter() - t0:.1f} s")
+        elif args.command == "export-oft":
+            from vla_jax.hf import oft_io
+            step, files = oft_io.export_oft(args.ckpt, args.out_dir, dtype=args.dtype, head_dtype=args.head_dtype,
+                                            proprio_dtype=args.proprio_dtype, step=args.step, tokenizer=args.tokenizer,
+                                            max_shard_size=args.max_shard_size, overwrite=args.overwrite,
+                                            remote_code=args.remote_code)
+            total = sum(os.path.getsize(os.path.join(args.out_dir, f)) for f in files)
+            say(f"wrote {os.path.abspath(args.out_dir)} (OpenVLA-OFT step {step}): {len(files)} files, "
+                f"{total / 1e9:.2f} GB ({', '.join(files)}) in {time.perf_counter() - t0:.1f} s")
+            say("the extra modules are safetensors with the released keys; torch.save(safetensors.torch.load_file(F), "
+                "F.replace('.safetensors', '.pt')) gives upstream's .pt")
         else:
             from vla_jax.hf.exporter import export_checkpoint
             files = export_checkpoint(args.ckpt, args.out_dir, dtype=args.dtype, tokenizer=args.tokenizer,

@@ -232,22 +232,45 @@ def _lora_config_from_assets(assets: Mapping[str, Any]):
     return lora.LoraConfig(**kw)
 
 
+# Top-level params of OpenVLA-OFT's extra modules: not part of the HF OpenVLA model files
+# (`python -m vla_jax.hf export-oft` writes them beside it, vla_jax.hf.oft_io).
+OFT_ROOTS = ("action_head", "proprio_projector")
+
+
 def export_checkpoint(ckpt_path: str, out_dir: str, *, dtype: str = "bfloat16",
                       tokenizer: Union[None, str, bytes] = None,
                       max_shard_size: Union[str, int] = DEFAULT_MAX_SHARD_SIZE, overwrite: bool = False,
                       remote_code: Optional[str] = None) -> List[str]:
     """A vla_jax checkpoint (workdir, checkpoints/ or step folder) -> HF OpenVLA folder, streamed
     leaf group by leaf group from orbax. The tokenizer defaults to the one embedded in the
-    checkpoint's tokenizer asset; LoRA adapters are merged using the run config's lora settings."""
+    checkpoint's tokenizer asset; LoRA adapters are merged using the run config's lora settings.
+    A checkpoint with OpenVLA-OFT modules (L1 action head, proprio projector) is refused: the HF
+    model files cannot hold them (`oft_io.export_oft` writes them beside the model)."""
     from vla_jax.hf.checkpoint_io import ParamsReader
 
     reader = ParamsReader(ckpt_path)
+    extra = sorted({p[0] for p in reader.shapes} & set(OFT_ROOTS))
+    if extra:
+        raise ValueError(f"{reader.step_dir} holds OpenVLA-OFT modules {extra} that the HF OpenVLA files cannot "
+                         f"hold; export it with `python -m vla_jax.hf export-oft` (the OFT layout: the model plus "
+                         f"action_head--STEP / proprio_projector--STEP files)")
+    with atomic_dir(out_dir, overwrite) as tmp:
+        return write_checkpoint_files(reader, tmp, dtype=dtype, tokenizer=tokenizer, max_shard_size=max_shard_size,
+                                      remote_code=remote_code)
+
+
+def write_checkpoint_files(reader: Any, out_dir: str, *, dtype: str = "bfloat16",
+                           tokenizer: Union[None, str, bytes] = None,
+                           max_shard_size: Union[str, int] = DEFAULT_MAX_SHARD_SIZE,
+                           remote_code: Optional[str] = None, skip_roots: Sequence[str] = ()) -> List[str]:
+    """The HF OpenVLA files of a checkpoint (`checkpoint_io.ParamsReader`) written into the existing,
+    empty `out_dir`; top-level params in `skip_roots` are left to the caller. Returns the file names."""
     cfg = config_from_dict(reader.assets["meta"]["model"])
     merger = None
     if any(p[0] == "lora" for p in reader.shapes):
-        base = {k: v for k, v in reader.abstract().items() if k != "lora"}
+        base = {k: v for k, v in reader.abstract().items() if k not in ("lora",) + tuple(skip_roots)}
         merger = _LoraMerger(base, reader.read_tree(("lora",)), _lora_config_from_assets(reader.assets))
-    abstract = {k: v for k, v in reader.abstract().items() if k != "lora"}
+    abstract = {k: v for k, v in reader.abstract().items() if k not in ("lora",) + tuple(skip_roots)}
     export_plan(abstract, cfg)
 
     groups = [leaves for leaves, _ in leaf_groups(cfg)]
@@ -272,9 +295,8 @@ def export_checkpoint(ckpt_path: str, out_dir: str, *, dtype: str = "bfloat16",
 
     if tokenizer is None:
         tokenizer = _embedded_tokenizer(reader.assets.get("tokenizer") or {})
-    with atomic_dir(out_dir, overwrite) as tmp:
-        return write_hf_dir(tmp, cfg, fetch, dtype=dtype, norm_stats=reader.assets.get("dataset_statistics"),
-                            tokenizer=tokenizer, max_shard_size=max_shard_size, remote_code=remote_code)
+    return write_hf_dir(out_dir, cfg, fetch, dtype=dtype, norm_stats=reader.assets.get("dataset_statistics"),
+                        tokenizer=tokenizer, max_shard_size=max_shard_size, remote_code=remote_code)
 
 
 def _embedded_tokenizer(asset: Mapping[str, Any]) -> Optional[bytes]:

@@ -19,7 +19,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec, SingleDeviceShardin
 
 from vla_jax.hf import checkpoint_io
 from vla_jax.hf import config as hfc
-from vla_jax.hf import importer
+from vla_jax.hf import importer, oft_files
 from vla_jax.hf.outdir import atomic_dir, check_out_dir
 from vla_jax.models.config import PRESETS, OpenVLAConfig, with_dtypes
 
@@ -33,12 +33,14 @@ def matching_preset(cfg: OpenVLAConfig) -> Optional[str]:
     return None
 
 
-def tokenizer_asset(tokenizer_path: str, cfg: OpenVLAConfig) -> Dict[str, Any]:
-    """checkpoints.tokenizer_asset for this model, after checking the tokenizer fits it."""
+def tokenizer_asset(tokenizer_path: str, cfg: OpenVLAConfig, max_len: Optional[int] = None) -> Dict[str, Any]:
+    """checkpoints.tokenizer_asset for this model, after checking the tokenizer fits it. max_len: the
+    text length (BOS..EOS) the asset records; None keeps VLATokenizer's default."""
     from vla_jax import checkpoints as ckpt_lib
     from vla_jax.tokenizer import VLATokenizer
 
-    tok = VLATokenizer.from_file(tokenizer_path, n_bins=cfg.n_action_bins, action_dim=cfg.action_dim)
+    kw = {} if max_len is None else {"max_len": int(max_len)}
+    tok = VLATokenizer.from_file(tokenizer_path, n_bins=cfg.n_action_bins, action_dim=cfg.action_dim, **kw)
     t = tok.tokenizer
     if (t.vocab_size, t.pad_id, t.bos_id, t.eos_id) != (cfg.base_vocab_size, cfg.pad_token_id, cfg.bos_token_id,
                                                         cfg.eos_token_id):
@@ -49,16 +51,19 @@ def tokenizer_asset(tokenizer_path: str, cfg: OpenVLAConfig) -> Dict[str, Any]:
 
 
 def write_workdir(cfg: OpenVLAConfig, params: Any, norm_stats: Mapping[str, Any], tokenizer_path: str,
-                  source: Dict[str, Any], workdir: str) -> str:
+                  source: Dict[str, Any], workdir: str, *, text_len: Optional[int] = None,
+                  cameras: Iterable[str] = ("primary",), proprio_dim: Optional[int] = None) -> str:
     """Writes params + assets as a vla_jax workdir (step 0). Returns the step folder. Its batch_spec:
-    the tokenizer asset's text length, one dataset per statistics entry, no test-time crop (an HF
-    folder does not record its training augmentation)."""
+    the tokenizer asset's text length (`text_len`, else the tokenizer default), one dataset per
+    statistics entry, `cameras` and `proprio_dim`, no test-time crop (an HF folder does not record its
+    training augmentation)."""
     from vla_jax import checkpoints as ckpt_lib
     from vla_jax.spec import BatchSpec
 
     cfg_dict = hfc.config_to_dict(cfg)
-    tok = tokenizer_asset(tokenizer_path, cfg)
-    spec = BatchSpec.for_model(cfg, tok["max_seq_len"], num_datasets=max(1, len(norm_stats)))
+    tok = tokenizer_asset(tokenizer_path, cfg, text_len)
+    spec = BatchSpec.for_model(cfg, tok["max_seq_len"], num_datasets=max(1, len(norm_stats)), cameras=tuple(cameras),
+                               proprio_dim=proprio_dim)
     assets = ckpt_lib.build_assets(config=checkpoint_io.config_asset(source, matching_preset(cfg), cfg_dict),
                                    dataset_statistics=dict(norm_stats), tokenizer=tok, batch_spec=spec)
     return checkpoint_io.write_params_checkpoint(workdir, params, assets, cfg_dict)
@@ -131,22 +136,27 @@ def _warn_if_short_of_memory(abstract: Any, cfg: OpenVLAConfig, log: Callable[[s
 
 def _convert_and_write(out_dir: str, cfg: OpenVLAConfig, tensors: Mapping[str, Any], items: Callable[[], Iterable],
                        norm_stats: Mapping[str, Any], tok: str, source: Dict[str, Any], where: str, overwrite: bool,
-                       log: Callable[[str], None]) -> Dict[str, Any]:
+                       log: Callable[[str], None], extra_rules: Iterable = (),
+                       workdir_options: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
+    """Checks, streams `items()` (HF key, array) onto the host devices and writes the workdir.
+    `extra_rules`: TensorRules for keys beyond the HF OpenVLA model's (checked by the caller; the
+    OpenVLA-OFT modules); `workdir_options`: keyword arguments of `write_workdir`."""
     from vla_jax.hf import keys_openvla
 
     t0 = time.perf_counter()
+    options = dict(workdir_options or {})
     table = keys_openvla.openvla_rules(cfg)
     importer.check_tensors(tensors, table, where)  # before any output exists
-    tokenizer_asset(tok, cfg)
+    tokenizer_asset(tok, cfg, options.get("text_len"))
     log(f"reading {len(tensors)} tensors ({source['storage_dtype']}) from {where}; params as {cfg.param_dtype}")
     abstract = importer.abstract_params(cfg)
     _warn_if_short_of_memory(abstract, cfg, log)
     with atomic_dir(out_dir, overwrite) as tmp:
         targets = importer.targets_for(abstract, shardings=host_shardings(nn.meta.unbox(abstract)))
-        params = importer.stream_into(items(), table, targets, where)
+        params = importer.stream_into(items(), table + list(extra_rules), targets, where)
         t1 = time.perf_counter()
         log(f"converted in {t1 - t0:.1f} s; writing the orbax checkpoint")
-        write_workdir(cfg, params, norm_stats, tok, source, tmp)
+        write_workdir(cfg, params, norm_stats, tok, source, tmp, **options)
         del params
     t2 = time.perf_counter()
     return {"config": cfg, "tensors": len(tensors), "convert_s": t1 - t0, "write_s": t2 - t1,
@@ -160,6 +170,7 @@ def import_hf(hf_dir: str, out_dir: str, *, param_dtype: Optional[str] = None, t
     if os.path.isfile(hf_dir):
         raise ValueError(f"{hf_dir} is a file; `import` takes an HF checkpoint folder (a PyTorch .pt needs "
                          f"--allow_pickle and --hf_config)")
+    oft_files.refuse_as_plain_openvla(hf_dir)
     ck = importer.read_hf_dir(hf_dir)
     cfg = importer.hf_config(ck, param_dtype=param_dtype)
     tok = _resolve_tokenizer(tokenizer, ck.tokenizer_path, hf_dir)

@@ -157,9 +157,11 @@ def check_tensors(tensors: Mapping[str, sio.TensorInfo], rules: Sequence[keys_op
 
 
 def abstract_params(cfg: OpenVLAConfig) -> Any:
-    """Boxed ShapeDtypeStruct params of OpenVLA(cfg) (logical axis names kept); allocates nothing."""
-    s = cfg.image_size
-    pixels, ids = np.zeros((1, s, s, 3), np.uint8), np.ones((1, 2), np.int32)
+    """Boxed ShapeDtypeStruct params of OpenVLA(cfg) (logical axis names kept); allocates nothing.
+    Several cameras (OpenVLAConfig.num_images) take pixel_values [1, N, S, S, 3]."""
+    s, n = cfg.image_size, cfg.num_images
+    pixels = np.zeros((1, s, s, 3) if n == 1 else (1, n, s, s, 3), np.uint8)
+    ids = np.ones((1, 2), np.int32)
     return jax.eval_shape(lambda r: OpenVLA(cfg).init(r, pixels, ids)["params"], jax.random.PRNGKey(0))
 
 
@@ -330,8 +332,12 @@ def load_hf_dir(path: str, mesh=None, shardings: Any = None, *, param_dtype: Opt
     -> (OpenVLAConfig, params, norm_stats, tokenizer_path). params: nested dict of jax.Arrays
     (unboxed), placed on `shardings` (a tree like the params) or, given `mesh`, on the logical-axis
     rules' shardings, else on the first device. param_dtype None keeps the stored dtype.
-    tokenizer_path is the folder's tokenizer.model or None.
+    tokenizer_path is the folder's tokenizer.model or None. An OpenVLA-OFT folder is refused (its extra
+    modules would be dropped; `python -m vla_jax.hf import-oft` converts it).
     """
+    from vla_jax.hf import oft_files
+
+    oft_files.refuse_as_plain_openvla(os.fspath(path))
     ck = read_hf_dir(path)
     cfg = hf_config(ck, dtype, param_dtype)
     table = keys_openvla.openvla_rules(cfg)
@@ -358,8 +364,12 @@ def load_hf_params(path: str, abstract: Any, expect_config: Optional[OpenVLAConf
 
     Only the model's keys (dino, siglip, projector, llm) are filled; other top-level entries of
     `abstract` (e.g. LoRA adapters) are left to the caller. With `expect_config`, every geometry and
-    numerics field (eps, rope theta, vocab, tokens ids, bins) must equal the folder's config.
+    numerics field (eps, rope theta, vocab, tokens ids, bins) must equal the folder's config. An
+    OpenVLA-OFT folder is refused (import it with `import-oft` and start from that checkpoint).
     """
+    from vla_jax.hf import oft_files
+
+    oft_files.refuse_as_plain_openvla(os.fspath(path))
     ck = read_hf_dir(path)
     cfg = hf_config(ck)
     if expect_config is not None:
