@@ -259,7 +259,7 @@ def oft_inference_part(a) -> dict:
         t = time_calls(fn, a.infer_reps if b == batches[0] else a.batch_reps)
         t["actions_per_s"] = round(1e3 * b * k / t["median_ms"], 2)
         t["limit"] = oft_hardware_limit(flops, weight_bytes, b, k, a.peak_tflops * 1e12, a.peak_tbps * 1e12)
-        t["fraction_of_limit"] = round(t["actions_per_s"] / t["limit"]["limit_actions_per_s"], 6)
+        t["fraction_of_limit"] = float(f"{t['actions_per_s'] / t['limit']['limit_actions_per_s']:.6g}")
         out[f"batch{b}"] = t
     out["actions_per_s_batch1"] = out[f"batch{batches[0]}"]["actions_per_s"]
     out["memory"] = memory("oft_inference")
