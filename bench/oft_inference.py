@@ -95,7 +95,6 @@ def main(argv=None):
     import jax
     import torch
 
-    from oft_limits import oft_pass_flops, prefill_flops
     from tests.oft_torch_reference import oft_rows
     from vla_jax.models.decode import greedy_decode, split_layers
     from vla_jax.models.openvla import OpenVLA
@@ -189,6 +188,7 @@ def breakdown(times, ar_cfg, oft_cfg, ar_params, prompt_len: int) -> dict:
     so O >= P and the ratio is at most K (1 + 6 s / P); if both passes run at the same FLOP rate,
     O = P f with f = OFT FLOPs / prefill FLOPs, and the ratio is K (P + 6 s) / (P f)."""
     import jax
+    from oft_limits import oft_pass_flops, prefill_flops
 
     med = lambda xs: 1e3 * median(xs)  # noqa: E731
     diff = lambda x, y: 1e3 * median([u - v for u, v in zip(times[x], times[y])])  # noqa: E731
