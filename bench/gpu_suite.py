@@ -3,7 +3,7 @@
     python bench/gpu_suite.py                        # one H100/H200 (236 s on an H200), prints one JSON
     python bench/gpu_suite.py --preset=tiny --dtype=float32 --train-layers=0 --quick   # CPU smoke run
 
-Random weights (speed does not depend on the values). Three parts, each skipped (and recorded as
+Random weights (speed does not depend on the values). Five parts, each skipped (and recorded as
 such) once --budget-s seconds have passed, so the whole run fits a lent machine's time:
 
 1. inference: `vla_jax.models.decode.greedy_decode` (jitted prefill into a static KV cache + 6
@@ -12,13 +12,23 @@ such) once --budget-s seconds have passed, so the whole run fits a lent machine'
    batch 1, actions/s at batch 8 and 32 (each call ends with the tokens on the host). The batch-1
    hardware limit: prefill FLOPs / peak FLOP/s + 6 x (LLM weight bytes without the embedding table)
    / memory bandwidth (H100 SXM: 989 TFLOP/s, 3.35 TB/s: ~4.1 TFLOP + 6 x 13.2 GB = ~28 ms).
-2. train_full: vla_jax's real train step (fp32 master weights, bf16 compute, remat, AdamW, all
+2. oft_inference: OpenVLA-OFT parallel decoding (`vla_jax.models.parallel_decode`): one bidirectional
+   forward over the prompt, the patches and K x D zeroed action slots, then the L1 (MLPResNet) head,
+   --oft-chunk (K=8, LIBERO's) actions per row; bf16 weights, one image. Actions/s at each batch size
+   beside the hardware limit of that pass: its FLOPs (towers, projector, the Llama with the last
+   layer at the K x D readout rows only, the head) at the peak FLOP/s, and the weights it reads once
+   (everything but the embedding table, the unused lm_head and the towers' never-run last block,
+   norm and pooling head) at the memory bandwidth; one pass, so the bound is the larger of the two
+   (`bench/oft_limits.py`; H100 SXM, 7B, batch 1: ~4.7 TFLOP -> 4.8 ms vs 14.8 GB -> 4.4 ms: ~1,670
+   actions/s). Upstream's PyTorch OFT reports 109.7 actions/s on an A100 (OpenVLA-OFT paper, Table II),
+   whose bound by the same count (312 TFLOP/s, 2.04 TB/s) is ~530.
+3. train_full: vla_jax's real train step (fp32 master weights, bf16 compute, remat, AdamW, all
    parameters trained) on the 7B geometry with --train-layers Llama layers (full towers, projector,
    vocabulary): tokens/s and MFU (model FLOPs of `vla_jax.training.metrics`, lm_head at the 8
    supervised positions, remat not counted) against --peak-tflops.
-3. train_lora: the full 32-layer 7B with LoRA r=32 on bf16 base weights (OpenVLA's fine-tuning
+4. train_lora: the full 32-layer 7B with LoRA r=32 on bf16 base weights (OpenVLA's fine-tuning
    recipe): tokens/s and MFU the same way.
-4. torch_generate: the baseline on the same device: what OpenVLA users run today (timm towers +
+5. torch_generate: the baseline on the same device: what OpenVLA users run today (timm towers +
    transformers `LlamaForCausalLM.generate` with KV cache and SDPA attention, `bench/torch_side.py`'s
    code), the same geometry, dtype, prompt length and batch sizes. It runs in a child process so that
    JAX's and torch's GPU memory pools never share one process. `speedup_vs_torch` divides torch's
@@ -49,11 +59,13 @@ for _p in (REPO, os.path.join(REPO, "bench")):
         sys.path.insert(0, _p)
 
 from compare_setup import summarize, time_calls  # noqa: E402  (timing statistics shared by the benches)
+from oft_limits import oft_hardware_limit, oft_pass_flops, oft_weight_bytes  # noqa: E402
 
 H100_BF16_FLOPS = 989e12
 H100_HBM_BYTES_PER_S = 3.35e12
 NUM_TOKENS = 7
 NUM_SUPERVISED = 8  # 7 action tokens + EOS
+UPSTREAM_OFT_A100_ACTIONS_PER_S = 109.7  # OpenVLA-OFT paper, Table II (K=8, L1 head, one image, batch 1)
 
 
 def parse(argv=None):
@@ -70,7 +82,8 @@ def parse(argv=None):
     p.add_argument("--lora-batch", type=int, default=8)
     p.add_argument("--text-len", type=int, default=64, help="text tokens per training example")
     p.add_argument("--train-steps", type=int, default=10)
-    p.add_argument("--parts", default="inference,train_full,train_lora,torch_generate")
+    p.add_argument("--oft-chunk", type=int, default=8, help="OFT chunk size K of the oft_inference part")
+    p.add_argument("--parts", default="inference,oft_inference,train_full,train_lora,torch_generate")
     p.add_argument("--peak-tflops", type=float, default=H100_BF16_FLOPS / 1e12)
     p.add_argument("--peak-tbps", type=float, default=H100_HBM_BYTES_PER_S / 1e12, help="memory bandwidth, TB/s")
     p.add_argument("--budget-s", type=float, default=420.0, help="start no part after this many seconds")
@@ -154,6 +167,12 @@ def hardware_limit(cfg, prompt_len: int, peak_flops: float, bandwidth: float) ->
             "limit_ms_per_action": round(ms, 4), "limit_hz": round(1e3 / ms, 1)}
 
 
+def oft_config(a):
+    """The preset as OpenVLA-OFT: parallel decoding, chunk --oft-chunk, the L1 head; weights in --dtype."""
+    return dataclasses.replace(model_config(a.preset, a.dtype, a.dtype, remat=False), parallel_decoding=True,
+                               chunk_size=a.oft_chunk, action_head="l1")
+
+
 def jax_dtype(name: str):
     import jax.numpy as jnp
 
@@ -202,6 +221,48 @@ def inference_part(a) -> dict:
     out["ms_per_action_batch1"] = first["median_ms"]
     out["fraction_of_limit"] = round(out["limit"]["limit_ms_per_action"] / first["median_ms"], 6)
     out["memory"] = memory("inference")
+    del params, compiled, lowered
+    gc.collect()
+    return out
+
+
+def oft_inference_part(a) -> dict:
+    import functools
+
+    import jax
+
+    from vla_jax.models.openvla import OpenVLA
+    from vla_jax.models.parallel_decode import parallel_decode
+
+    cfg = oft_config(a)
+    model = OpenVLA(cfg)
+    t0 = time.perf_counter()
+    params = random_params(model, cfg)  # the stacked layout, as Policy runs parallel_decode on it
+    jax.block_until_ready(params)
+    flops = sum(oft_pass_flops(cfg, a.prompt_len).values())
+    weight_bytes = oft_weight_bytes(model, cfg)
+    out = {"params": count(params), "param_dtype": a.dtype, "chunk_size": cfg.chunk_size, "action_head": "l1",
+           "init_s": round(time.perf_counter() - t0, 1), "flops_per_row": flops,
+           "reference_actions_per_s": {"openvla_oft_pytorch_a100_batch1": UPSTREAM_OFT_A100_ACTIONS_PER_S}}
+    decoder = jax.jit(functools.partial(parallel_decode, model))
+    rng = np.random.default_rng(0)
+    batches = [int(b) for b in a.batches.split(",")]
+    inputs = {b: decode_inputs(cfg, b, a.prompt_len, a.prompt_bucket, rng) for b in batches}
+    t0 = time.perf_counter()
+    lowered = [decoder.lower(params, *inputs[b]) for b in batches]
+    with ThreadPoolExecutor(len(lowered)) as pool:
+        compiled = dict(zip(batches, pool.map(lambda low: low.compile(), lowered)))
+    out["compile_s_all_buckets"] = round(time.perf_counter() - t0, 1)
+    k = cfg.chunk_size
+    for b in batches:
+        fn = lambda: np.asarray(compiled[b](params, *inputs[b]))  # noqa: E731 (the chunks on the host)
+        t = time_calls(fn, a.infer_reps if b == batches[0] else a.batch_reps)
+        t["actions_per_s"] = round(1e3 * b * k / t["median_ms"], 2)
+        t["limit"] = oft_hardware_limit(flops, weight_bytes, b, k, a.peak_tflops * 1e12, a.peak_tbps * 1e12)
+        t["fraction_of_limit"] = float(f"{t['actions_per_s'] / t['limit']['limit_actions_per_s']:.6g}")
+        out[f"batch{b}"] = t
+    out["actions_per_s_batch1"] = out[f"batch{batches[0]}"]["actions_per_s"]
+    out["memory"] = memory("oft_inference")
     del params, compiled, lowered
     gc.collect()
     return out
@@ -334,7 +395,8 @@ def main(argv=None) -> dict:
               "peak_tflops_used": a.peak_tflops, "peak_tbps_used": a.peak_tbps,
               "device_table_peak_tflops": (device_peak_flops(dev.device_kind) or 0) / 1e12 or None,
               "reference_hz": {"openvla_pytorch_rtx4090": 6.0, "openvla_pytorch_a100": 4.2}, "skipped": []}
-    parts = {"inference": lambda: inference_part(a), "train_full": lambda: train_part(a, lora=False),
+    parts = {"inference": lambda: inference_part(a), "oft_inference": lambda: oft_inference_part(a),
+             "train_full": lambda: train_part(a, lora=False),
              "train_lora": lambda: train_part(a, lora=True), "torch_generate": lambda: torch_in_child(a)}
     for name in a.parts.split(","):
         if time.perf_counter() - t_start > a.budget_s:

@@ -212,3 +212,41 @@ def test_wrong_model_kind_and_bad_lengths_are_rejected():
         make_parallel_decoder(OpenVLA(OFT))({}, img, prompts, np.array([4, 5], np.int32))
     with pytest.raises(ValueError, match=r"parallel_decode needs a model with parallel_decoding=True"):
         make_parallel_decoder(OpenVLA(BASE))({}, img, prompts, np.array([4, 3], np.int32))
+
+
+# ---------------------------------------------------------------------------------------------
+# Work done by one parallel pass
+
+
+def test_parallel_pass_runs_the_last_llama_layer_at_the_readout_rows_only():
+    """Only the A readout states leave the pass, so the last Llama layer computes queries, attention
+    output and MLP at those rows only (keys/values at every token), as the autoregressive prefill does
+    at its one row. Truth: XLA's own FLOP count of the lowered (unrolled, uncompiled) pass equals the
+    matmul count of `vla_jax.training.metrics` (checked against XLA in test_train_configs) for every
+    row minus the (S - A) rows the last layer skips, plus the L1 head; XLA also counts norms, softmax
+    and the like (under 3% in test_train_configs)."""
+    from vla_jax.training import metrics as mlib
+
+    k, prompt_len = 8, 20
+    cfg = with_dtypes(get_preset("mid"), "float32")
+    cfg = dataclasses.replace(cfg, dino=dataclasses.replace(cfg.dino, depth=2), siglip=dataclasses.replace(cfg.siglip, depth=2),
+                              llama=dataclasses.replace(cfg.llama, num_layers=2), parallel_decoding=True, chunk_size=k,
+                              action_head="l1", execution=dataclasses.replace(cfg.execution, unroll_layers=True))
+    model = OpenVLA(cfg)
+    px = np.zeros((1, 224, 224, 3), np.uint8)
+    params = nn.meta.unbox(jax.eval_shape(model.init, jax.random.PRNGKey(0), px, np.ones((1, 4), np.int32)))["params"]
+    prompts = np.ones((1, prompt_len), np.int32)
+    fn = lambda p, x, ids, n: model.apply({"params": p}, x, *build_inputs(ids, n, cfg.num_action_slots, 2, 32000),
+                                          method=OpenVLA.parallel_actions)
+    xla = jax.jit(fn).lower(params, px, prompts, np.array([prompt_len], np.int32)).cost_analysis()["flops"]
+
+    lc, a, d = cfg.llama, cfg.num_action_slots, cfg.llama.hidden_size
+    text = prompt_len + a + 1
+    s = text + cfg.num_patches
+    every_row = sum(mlib.forward_flops(cfg, text, 0).values())
+    per_row_last_layer = (2.0 * 2 * d * lc.num_heads * lc.head_dim + 2.0 * 2 * s * lc.num_heads * lc.head_dim
+                          + 2.0 * 3 * d * lc.intermediate_size)  # q and o, scores and values, MLP
+    head = 2.0 * k * (cfg.action_dim * d * d + 2 * d * d + d * cfg.action_dim)
+    expected = every_row - (s - a) * per_row_last_layer + head
+    assert 1.0 <= xla / expected < 1.03, (xla, expected, every_row + head)
+    assert xla < 0.8 * (every_row + head)  # every row through the last layer would cost a third more here

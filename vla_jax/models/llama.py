@@ -140,14 +140,13 @@ class Attention(nn.Module):
         Without a cache the mask is plain causal over the T tokens (`attention.causal_attend`).
         query_rows: optional int32 [B, R] indices into the T tokens: keys/values are made for all T,
         queries (and outputs) only for these rows (a prefill's last layer needs one row per sequence).
-        key_mask: optional bool [B, T] (no cache, no query_rows): BIDIRECTIONAL attention instead of
-        causal, every query sees every key where key_mask is True (OpenVLA-OFT's parallel decoding
-        masks only right padding; OFT_REFERENCE.md §3).
+        key_mask: optional bool [B, T] (no cache): BIDIRECTIONAL attention instead of causal, every
+        query (all T, or the query_rows) sees every key where key_mask is True (OpenVLA-OFT's parallel
+        decoding masks only right padding; OFT_REFERENCE.md §3).
         """
         cfg = self.config
-        if key_mask is not None and (layer_cache is not None or query_rows is not None):
-            raise ValueError("Attention: key_mask (bidirectional attention) cannot be combined with a KV cache "
-                             "or query_rows")
+        if key_mask is not None and layer_cache is not None:
+            raise ValueError("Attention: key_mask (bidirectional attention) cannot be combined with a KV cache")
         dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         H, KVH, hd = cfg.num_heads, cfg.kv_heads, cfg.head_dim
 
@@ -170,7 +169,7 @@ class Attention(nn.Module):
         T = x.shape[1]
         new_cache = None
         if key_mask is not None:
-            out = attend(q, k, v, key_mask[:, None, :].astype(bool), dtype)  # mask [B, 1, T]: every row alike
+            out = attend(q, k, v, key_mask[:, None, :].astype(bool), dtype)  # mask [B, 1, T]: every query row alike
         elif layer_cache is None and query_rows is None:
             out = causal_attend(q, k, v, dtype, self.execution.attention_query_block)
         elif layer_cache is None:
@@ -268,7 +267,7 @@ class Llama(nn.Module):
             check_token_ids(ids, self.config.vocab_size)
         return self.embed_tokens(ids)
 
-    def __call__(self, x, positions, cache: Optional[Cache] = None, key_mask=None):
+    def __call__(self, x, positions, cache: Optional[Cache] = None, key_mask=None, last_layer_rows=None):
         """x [B, T, D], positions [B, T] int32 -> (hidden [B, T, D] after the final norm, new cache).
 
         cache None: training/full forward, plain causal attention over the T tokens (right padding
@@ -280,6 +279,10 @@ class Llama(nn.Module):
         write would be clamped by XLA, silently.
         key_mask: optional bool [B, T], cache None only: bidirectional attention where every token
         sees every key with key_mask True (OpenVLA-OFT's parallel decoding; pads False).
+        last_layer_rows: optional int32 [B, R], cache None only: only these rows of the output are
+        wanted, so hidden comes back [B, R, D]. Run unrolled (`layer_stack`), the last layer computes
+        its queries, attention output and MLP for these rows only (its keys/values still for all T),
+        as `decode.greedy_decode`'s prefill does; the scan runs every row and then takes these.
         """
         cfg = self.config
         if x.ndim != 3 or x.shape[-1] != cfg.hidden_size:
@@ -294,15 +297,23 @@ class Llama(nn.Module):
         if key_mask is not None and (cache is not None or key_mask.shape != (B, T)):
             raise ValueError(f"key_mask must be [B, T] = {(B, T)} and used without a cache, got shape "
                              f"{key_mask.shape} and cache={'given' if cache is not None else None}")
+        if last_layer_rows is not None and (cache is not None or last_layer_rows.ndim != 2
+                                            or last_layer_rows.shape[0] != B):
+            raise ValueError(f"last_layer_rows must be [B={B}, R] row indices and used without a cache, got shape "
+                             f"{last_layer_rows.shape} and cache={'given' if cache is not None else None}")
         x = x.astype(jnp.dtype(cfg.dtype))
         if cache is None and layer_stack.unroll(self.execution.unroll_layers) and not self.is_initializing():
             # The same stacked params as an unrolled loop (layer_stack): the same values as the scan.
+            rows = None if last_layer_rows is None else last_layer_rows.astype(jnp.int32)
             x = layer_stack.run_unrolled(DecoderLayer(cfg, self.execution, parent=None),
                                          self.variables["params"]["layers"], x, positions, None, None, key_mask,
                                          remat=cfg.remat,
-                                         policy=_REMAT_POLICIES[cfg.remat_policy] if cfg.remat else None)
+                                         policy=_REMAT_POLICIES[cfg.remat_policy] if cfg.remat else None,
+                                         last_layer_args=None if rows is None else (positions, None, rows, key_mask))
             return self.norm(x), None
         x, new_cache = self.layers(x, positions, cache, None, key_mask)
+        if last_layer_rows is not None:
+            x = jnp.take_along_axis(x, last_layer_rows.astype(jnp.int32)[..., None], axis=1)
         return self.norm(x), new_cache
 
     def _check_cache(self, cache, B, T, positions):

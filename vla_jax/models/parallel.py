@@ -117,6 +117,9 @@ def forward_hidden(model, pixel_values, input_ids, attention_mask, action_mask, 
     keys = jnp.asarray(attention_mask).astype(bool)
     key_mask = jnp.concatenate([keys[:, :1], jnp.ones((b, cfg.num_inserted_tokens), bool), keys[:, 1:]], axis=1)
     positions = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))
-    hidden, _ = model.llm(x, positions, None, key_mask)
+    # Only the R readout states are used (here and in training), so the last layer computes its
+    # queries, attention output and MLP at those rows only (keys/values still for every token), as
+    # the autoregressive prefill does; the work saved is counted in BENCHMARKS.md (OFT section).
     idx = readout_positions(action_mask, cfg.num_inserted_tokens, r)
-    return jnp.take_along_axis(hidden, idx[..., None], axis=1)
+    hidden, _ = model.llm(x, positions, None, key_mask, last_layer_rows=idx)
+    return hidden
