@@ -1,6 +1,6 @@
 """Per-device memory of OpenVLA-7B, measured from XLA's compiled programs on simulated CPU devices.
 
-    python bench/plan_7b_memory.py [--parts=train,infer] [--infer_devices=1,2,4,8] [--infer_batches=1,8,32]
+    python bench/plan_7b_memory.py [--parts=train,infer,oft] [--infer_devices=1,2,4,8] [--infer_batches=1,8,32]
         [--backend=cpu|tpu]
 
 (a) train: the LoRA fine-tuning step of `configs/finetune.py:lora=True` (OpenVLA's recipe: r=32 on
@@ -11,6 +11,10 @@
 (b) infer: the policy's greedy decoder (prefill + 7 action tokens, prompt bucket 32 tokens) for
     bf16 7B parameters placed over a (data=1, fsdp=1, tensor=N) mesh by `vla_jax.policy.mesh`, at
     batch 1, 8 and 32 and N = 1, 2, 4, 8 devices.
+(c) oft: OpenVLA-OFT's single parallel pass (`vla_jax.models.parallel_decode`: K=8 chunks of 7-D
+    actions, 56 zeroed slots + </s> after a 32-token prompt, bidirectional, no KV cache, the L1
+    head) for the same bf16 7B weights (+ the bf16 L1 head) over the same meshes and batches
+    (`--infer_devices` / `--infer_batches`; not part of the default --parts).
 
 Peak per device = XLA argument + output - aliased + temporary bytes (`compiled.memory_analysis()`).
 --backend=cpu compiles for simulated CPU devices: its temporaries are XLA:CPU's buffer assignment,
@@ -46,6 +50,7 @@ def _child_env(devices: int) -> dict:
 
 TPU_TRAIN_TOPOLOGY = "v5p:2x2x1"  # one v5p chip (95 GB HBM) holds the 7B LoRA step
 TPU_INFER_TOPOLOGY = "v5e:2x4"    # v5e chips (16 GB HBM): the v5e-4 serving target
+OFT_CHUNK = 8                     # OpenVLA-OFT's LIBERO recipe (configs/oft.py): K=8, L1 head
 
 
 def _tpu_devices(topology: str) -> list:
@@ -80,7 +85,12 @@ def train_part(variant: str, backend: str = "cpu") -> dict:
     return report
 
 
-def infer_part(devices_list, batches, prompt_len: int = 32, num_tokens: int = 7, backend: str = "cpu") -> list:
+def infer_part(devices_list, batches, prompt_len: int = 32, num_tokens: int = 7, backend: str = "cpu",
+               oft_chunk: int = 0) -> list:
+    """Rows of per-device memory of the policy's compiled decoder. oft_chunk > 0: OpenVLA-OFT's single
+    pass with the L1 head and chunks of that many actions instead of the greedy decoder."""
+    import dataclasses
+
     import jax
 
     from vla_jax.policy import mesh as policy_mesh
@@ -88,16 +98,21 @@ def infer_part(devices_list, batches, prompt_len: int = 32, num_tokens: int = 7,
     from vla_jax.models.openvla import OpenVLA
 
     cfg = with_dtypes(get_preset("openvla-7b"), "bfloat16", "bfloat16", remat=False)
+    if oft_chunk:
+        cfg = dataclasses.replace(cfg, parallel_decoding=True, chunk_size=oft_chunk, action_head="l1")
+        num_tokens = cfg.num_action_slots + 1  # the slots + </s>, all in one pass
     model = OpenVLA(cfg)
     out = []
     devices = _tpu_devices(TPU_INFER_TOPOLOGY) if backend == "tpu" else jax.devices()
     for n in devices_list:
         mesh = policy_mesh.as_mesh((1, 1, n), devices[:n])
-        params = policy_mesh.abstract_split_params(cfg, mesh)
+        params = (policy_mesh.abstract_params if oft_chunk else policy_mesh.abstract_split_params)(cfg, mesh)
         for b in batches:
             t0 = time.perf_counter()
             row = {"devices": n, "mesh": dict(mesh.shape), "batch": b, "prompt_len": prompt_len,
                    "num_tokens": num_tokens, "backend": backend}
+            if oft_chunk:
+                row.update(decoder="oft_parallel_l1", chunk=oft_chunk)
             try:
                 compiled = policy_mesh.compile_decoder(model, params, mesh, b, prompt_len, num_tokens)
             except Exception as e:  # the TPU compiler refuses programs larger than a chip's memory
@@ -150,7 +165,7 @@ def main() -> None:
             print(json.dumps(train_part(arg, args.backend)), flush=True)
         else:
             infer_part([int(x) for x in args.infer_devices.split(",")], [int(x) for x in args.infer_batches.split(",")],
-                       backend=args.backend)
+                       backend=args.backend, oft_chunk=OFT_CHUNK if kind == "oft" else 0)
         return
 
     parts = args.parts.split(",")
@@ -163,12 +178,18 @@ def main() -> None:
         result["train" + sfx] = [_run_child(["--child", f"train:{v}"], 1, args.backend)[0]
                                  for v in ("merged", "per_layer")]
         json.dump(result, open(args.out, "w"), indent=2)
-    if "infer" in parts:
-        def save(rows):
-            result["infer" + sfx] = list(rows)
+    for part in ("infer", "oft"):
+        if part not in parts:
+            continue
+        key = ("infer" if part == "infer" else "infer_oft") + sfx
+        previous = [r for r in result.get(key, []) if (r["devices"], r["batch"]) not in {
+            (int(d), int(b)) for d in args.infer_devices.split(",") for b in args.infer_batches.split(",")}]
+
+        def save(rows, key=key, previous=previous):  # rows of other (devices, batch) points are kept
+            result[key] = sorted(previous + list(rows), key=lambda r: (r["devices"], r["batch"]))
             json.dump(result, open(args.out, "w"), indent=2)
 
-        save(_run_child(["--child", "infer", "--infer_devices", args.infer_devices, "--infer_batches",
+        save(_run_child(["--child", part, "--infer_devices", args.infer_devices, "--infer_batches",
                          args.infer_batches], max(int(x) for x in args.infer_devices.split(",")), args.backend, save))
     bits = []
     if "train" + sfx in result:
@@ -179,6 +200,10 @@ def main() -> None:
         bits.append(f"[{args.backend}] 7B bf16 decode peak GB/device " + ", ".join(
             f"b{r['batch']}x{r['devices']}dev=" + (f"{r['per_device_bytes']['peak'] / GB:.2f}" if "error" not in r
                                                    else "does-not-fit") for r in result["infer" + sfx]))
+    if "infer_oft" + sfx in result:
+        bits.append(f"[{args.backend}] 7B bf16 OFT pass (K={OFT_CHUNK}, L1) peak GB/device " + ", ".join(
+            f"b{r['batch']}x{r['devices']}dev=" + (f"{r['per_device_bytes']['peak'] / GB:.2f}" if "error" not in r
+                                                   else "does-not-fit") for r in result["infer_oft" + sfx]))
     print("; ".join(bits))
 
 

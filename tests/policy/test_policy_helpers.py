@@ -69,17 +69,19 @@ def random_params(cfg, seed: int = 0) -> dict:
 
 
 def write_checkpoint(workdir: str, cfg, params: dict, stats: dict, tokenizer_path: str, image_aug: bool = False,
-                     step: int = 1, image_aug_ops=None, batch_spec=None) -> str:
+                     step: int = 1, image_aug_ops=None, batch_spec=None, lora=None) -> str:
     """Saves params + assets as training does (`Checkpointer.save`); returns `workdir`.
     image_aug_ops: recorded in the run config's data section when given (else absent, as in old runs).
-    batch_spec: a vla_jax.spec.BatchSpec written as the `batch_spec` asset (else absent, as in old runs)."""
+    batch_spec: a vla_jax.spec.BatchSpec written as the `batch_spec` asset (else absent, as in old runs).
+    lora: the run config's lora section (e.g. {"enabled": True, "rank": 4, "alpha": 8.0}) for params
+    holding adapters under params['lora'], as a LoRA run saves them (default: LoRA off)."""
     from vla_jax.checkpoints import Checkpointer, encode_data_states, tokenizer_asset
     from vla_jax.tokenizer import VLATokenizer
 
     tok = VLATokenizer.from_file(tokenizer_path, max_len=40)
     data = {"image_aug": image_aug} if image_aug_ops is None else {"image_aug": image_aug,
                                                                     "image_aug_ops": list(image_aug_ops)}
-    assets = {"config": {"data": data, "lora": {"enabled": False}},
+    assets = {"config": {"data": data, "lora": dict(lora) if lora is not None else {"enabled": False}},
               "dataset_statistics": stats, "tokenizer": tokenizer_asset(tok, cfg.action_dim)}
     if batch_spec is not None:
         assets["batch_spec"] = batch_spec.to_json()

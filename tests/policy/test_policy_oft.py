@@ -218,11 +218,3 @@ def test_dataset_gripper_convention_applies_to_every_chunk_row(llama_tokenizer_p
     want0[:, 6] = 1.0 - want0[:, 6]  # absolute_inverted: 1 = closed, for all K rows
     np.testing.assert_array_equal(got.rows[0], want0)
     np.testing.assert_array_equal(got.rows[1], base.actions[1])
-
-
-def test_sharded_inference_refused_for_parallel_codecs(llama_tokenizer_path):
-    from vla_jax.policy import Policy
-
-    with pytest.raises(ValueError, match=r"sharded inference \(mesh=\) runs the autoregressive decoder only.*"
-                                         r"decoding='parallel'"):
-        Policy.load(oft_checkpoint(str(llama_tokenizer_path), "l1"), mesh=(8, 1, 1), compilation_cache=False)

@@ -173,8 +173,8 @@ def _abstract_params(state_dir, param_dtype: Optional[str], device, placement=No
         for p, m in flat.items()})
 
 
-def _merge_lora(params: dict, run_config: Mapping[str, Any]) -> dict:
-    """{..., 'lora': adapters} -> base params with W + (alpha/r) A @ B folded in (run config's LoRA settings)."""
+def _lora_config(run_config: Mapping[str, Any]):
+    """The run config's LoRA settings (rank, alpha, targets) -> lora.LoraConfig."""
     from vla_jax.models import lora
 
     settings = dict(run_config.get("lora") or {})
@@ -183,8 +183,39 @@ def _merge_lora(params: dict, run_config: Mapping[str, Any]) -> dict:
     kw = {k: settings[k] for k in ("rank", "alpha", "targets") if k in settings}
     if isinstance(kw.get("targets"), list):
         kw["targets"] = tuple(kw["targets"])
+    return lora.LoraConfig(**kw)
+
+
+def _merge_lora(params: dict, run_config: Mapping[str, Any], shardings: Any = None) -> dict:
+    """{..., 'lora': adapters} -> base params with W + (alpha/r) A @ B folded in (run config's LoRA settings).
+
+    One jitted program; the adapted kernels are donated, so the merge needs no second copy of them.
+    shardings: the base params' NamedShardings (sharded inference): each device folds its own shard
+    (the adapters are placed by `mesh.lora_shardings`); None keeps the kernels' device."""
+    from flax import traverse_util
+
+    from vla_jax.models import lora
+
+    lcfg = _lora_config(run_config)
     base, adapters = lora.split_lora(params)
-    return lora.merge(base, adapters, lora.LoraConfig(**kw))
+    kernels = {t for tgt in lora.targets(base, lcfg) for t in tgt.kernels}
+    flat = traverse_util.flatten_dict(base)
+    adapted = {k: v for k, v in flat.items() if k in kernels}
+    rest = {k: v for k, v in flat.items() if k not in kernels}
+    out_shardings = None
+    if shardings is not None:
+        flat_shardings = traverse_util.flatten_dict(shardings)
+        out_shardings = {k: flat_shardings[k] for k in adapted}
+
+    def fold(adapted, rest, adapters):
+        base = traverse_util.unflatten_dict({**adapted, **rest})
+        merged = traverse_util.flatten_dict(lora.merge(base, adapters, lcfg))
+        return {k: merged[k] for k in adapted}
+
+    fold = jax.jit(fold, donate_argnums=(0,), out_shardings=out_shardings)
+    # The jit takes flat dicts: tuple keys are fine pytree keys for JAX.
+    merged = fold(adapted, rest, adapters)
+    return traverse_util.unflatten_dict({**rest, **merged})
 
 
 def _check_param_tree(cfg: OpenVLAConfig, params: dict, where: str) -> None:
@@ -226,9 +257,15 @@ def load_vla_checkpoint(path: str, *, dtype: Optional[str] = None, param_dtype: 
     spec = checkpoint_batch_spec(assets, cfg, tok, str(step_dir))
     device = device or jax.devices()[0]
     placement = placement_fn(cfg, spec) if placement_fn is not None else None
-    params = ckpt_lib.load_params(str(step_dir), _abstract_params(step_dir / "state", param_dtype, device, placement))
+    abstract = _abstract_params(step_dir / "state", param_dtype, device, placement)
+    if placement is not None and "lora" in abstract:
+        # Adapters beside their kernels' shards, so that the merge below runs shard by shard.
+        mesh = next(iter(jax.tree.leaves(placement))).mesh
+        adapters = policy_mesh.lora_shardings(cfg, _lora_config(assets.get("config") or {}), mesh)
+        abstract = _abstract_params(step_dir / "state", param_dtype, device, dict(placement, lora=adapters))
+    params = ckpt_lib.load_params(str(step_dir), abstract)
     if "lora" in params:
-        params = _merge_lora(params, assets.get("config") or {})
+        params = _merge_lora(params, assets.get("config") or {}, placement)
     _check_param_tree(cfg, params, str(step_dir))
     return cfg, params, dict(assets.get("dataset_statistics") or {}), tok, spec
 
@@ -293,15 +330,16 @@ def load_policy(cls, path: str, *, center_crop: Optional[bool] = None, action_to
         mesh = policy_mesh.as_mesh(mesh)
 
         def place(cfg, spec):
-            if spec.codec.decoding == "parallel":
-                raise ValueError(f"{path}: sharded inference (mesh=) runs the autoregressive decoder only; this "
-                                 f"checkpoint's codec has decoding='parallel' (OpenVLA-OFT): load it without mesh=")
             shardings = policy_mesh.param_shardings(cfg, mesh)  # checks the mesh divides the dimensions
+            parallel = spec.codec.decoding == "parallel"  # OpenVLA-OFT: one pass on the stacked layout
+            num_tokens = spec.codec.num_action_tokens + (1 if parallel else 0)  # Policy.default_num_tokens
             batch = min(int(b) for b in kw.get("batch_buckets", DEFAULT_BATCH_BUCKETS))
-            key = (spec.codec.num_action_tokens, batch, 2 * int(kw.get("prompt_bucket", DEFAULT_PROMPT_BUCKET)))
+            limit = cfg.llama.max_seq_len - cfg.num_patches - num_tokens  # Policy.max_prompt_len
+            length = min(2 * int(kw.get("prompt_bucket", DEFAULT_PROMPT_BUCKET)), limit)
+            key = (num_tokens, batch, length)
+            abstract = (policy_mesh.abstract_params if parallel else policy_mesh.abstract_split_params)(cfg, mesh)
             t0 = time.perf_counter()
-            compiled = policy_mesh.compile_decoder(OpenVLA(cfg), policy_mesh.abstract_split_params(cfg, mesh),
-                                                   mesh, key[1], key[2], key[0])
+            compiled = policy_mesh.compile_decoder(OpenVLA(cfg), abstract, mesh, key[1], key[2], key[0])
             policy_mesh.check_fits(compiled, mesh, device_memory, what=path)
             if not action_tokens_only:  # same program as the policy's own for this bucket
                 precompiled[key] = (compiled, time.perf_counter() - t0)

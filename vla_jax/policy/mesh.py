@@ -3,13 +3,25 @@
     policy = Policy.load(path, mesh=(1, 1, 4))      # data, fsdp, tensor sizes, or a jax Mesh
     python -m vla_jax.serve --checkpoint=PATH --mesh=1,1,4
 
+The compiled program is the checkpoint's decoder: the greedy autoregressive decoder (prefill into a
+KV cache + one cached step per action token, on `decode.split_layers`' layout), or for an
+OpenVLA-OFT checkpoint (`parallel_decoding=True`) the single bidirectional pass of
+`models.parallel_decode` with its discrete argmax or its L1 head (stacked layout, no cache).
+
 Placement uses training's logical-axis rules (`vla_jax.sharding.LOGICAL_RULES`): over `tensor` the
 attention heads, MLP width and vocabulary rows are split (Megatron-style: each device holds
 1/tensor of every layer and the partial sums meet in one all-reduce after o_proj / down_proj);
 over `fsdp` the model width (weights all-gathered layer by layer, for memory). The KV cache is
 sharded over heads (`llama.init_cache` carries the logical names, which these rules map to
-`tensor`). Activations are sharded over the batch axes (`data`, `fsdp`) when the batch bucket
-divides by their size, else replicated.
+`tensor`). OFT's L1 head follows the same table (`action_head.py`'s names): its matrices are split
+over `tensor` on the head width W, which is the LLM width (heads x head_dim), so a tensor axis that
+divides the heads divides W too; their input side (D x H, W) goes over `fsdp`. Activations are
+sharded over the batch axes (`data`, `fsdp`) when the batch bucket divides by their size, else
+replicated.
+
+LoRA checkpoints: the adapters are placed beside their kernels' shards (`lora_shardings`: A over the
+kernel's input axes, B over its output axes) and folded in on the mesh (`loading._merge_lora`), so
+each device computes only the shard of each merged kernel that it holds.
 
 Before anything is placed on a device, `check_divisible` rejects a mesh whose axes do not divide the
 sharded dimensions (naming the parameter, the dimension and both sizes), and `check_fits` compiles
@@ -29,8 +41,10 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from vla_jax import sharding as shd
 from vla_jax.models.config import OpenVLAConfig
+from vla_jax.models import lora
 from vla_jax.models.decode import greedy_decode
 from vla_jax.models.openvla import OpenVLA
+from vla_jax.models.parallel_decode import parallel_decode
 
 GB = 1e9
 MeshSpec = Union[Mesh, str, Sequence[int]]
@@ -54,12 +68,18 @@ def as_mesh(spec: MeshSpec, devices: Optional[Sequence[jax.Device]] = None) -> M
     return shd.make_mesh(sizes, devices)
 
 
+def _boxed_shapes(cfg: OpenVLAConfig) -> Any:
+    """The model's params (stacked layout, OFT's params['action_head'] included) as ShapeDtypeStructs
+    boxed with their logical names (nn.LogicallyPartitioned)."""
+    s = cfg.image_size
+    return jax.eval_shape(lambda: OpenVLA(cfg).init(jax.random.PRNGKey(0), np.zeros((1, s, s, 3), np.uint8),
+                                                    np.ones((1, 4), np.int32)))["params"]
+
+
 def logical_specs(cfg: OpenVLAConfig) -> Dict[str, Any]:
     """{'shapes', 'specs'}: the model's params (stacked layout) as ShapeDtypeStructs in cfg.param_dtype
     and their logical PartitionSpecs (names such as 'embed', 'heads', 'layers')."""
-    s = cfg.image_size
-    boxed = jax.eval_shape(lambda: OpenVLA(cfg).init(jax.random.PRNGKey(0), np.zeros((1, s, s, 3), np.uint8),
-                                                     np.ones((1, 4), np.int32)))["params"]
+    boxed = _boxed_shapes(cfg)
     return {"shapes": nn.meta.unbox(boxed), "specs": nn.get_partition_spec(boxed)}
 
 
@@ -107,6 +127,14 @@ def param_shardings(cfg: OpenVLAConfig, mesh: Mesh, rules=shd.LOGICAL_RULES, spl
     return _split_tree(dict(shardings, llm=dict(shardings["llm"], layers=layer)), cfg.llama.num_layers)
 
 
+def abstract_params(cfg: OpenVLAConfig, mesh: Mesh, rules=shd.LOGICAL_RULES) -> Any:
+    """The stacked-layout params (what OFT's single pass runs on) as ShapeDtypeStructs carrying their
+    shardings (no memory)."""
+    shapes = logical_specs(cfg)["shapes"]
+    shardings = param_shardings(cfg, mesh, rules)
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
+
+
 def abstract_split_params(cfg: OpenVLAConfig, mesh: Mesh, rules=shd.LOGICAL_RULES) -> Any:
     """The decoding-layout params as ShapeDtypeStructs carrying their shardings (no memory)."""
     shapes = logical_specs(cfg)["shapes"]
@@ -128,22 +156,47 @@ def activation_rules(mesh: Mesh, batch: int, rules=shd.LOGICAL_RULES):
     return tuple((k, (axes or None) if k == "act_batch" else v) for k, v in rules)
 
 
+def lora_shardings(cfg: OpenVLAConfig, lora_cfg: lora.LoraConfig, mesh: Mesh, rules=shd.LOGICAL_RULES) -> Any:
+    """NamedShardings for a LoRA tree (`lora.init_lora`'s layout) of `cfg`'s params: A [*batch, *in, r]
+    split like its kernel's input axes, B [*batch, r, *out] like its output axes, the rank replicated.
+    A fold `W + scale * A @ B` then yields each device's shard of W from its own shards of A and B."""
+    flat = {}
+    for t in lora.targets(_boxed_shapes(cfg), lora_cfg):
+        for leaf, names in ((lora.LORA_A, t.a_names), (lora.LORA_B, t.b_names)):
+            flat[t.path + (leaf,)] = NamedSharding(mesh, nn.logical_to_mesh_axes(names, rules))
+    return traverse_util.unflatten_dict(flat)
+
+
 def compile_decoder(model: OpenVLA, params: Any, mesh: Mesh, batch: int, length: int, num_tokens: int,
                     allowed_range: Optional[Tuple[int, int]] = None, rules=shd.LOGICAL_RULES):
-    """AOT-compiles `greedy_decode` over `mesh` for one (batch, prompt length) bucket.
+    """AOT-compiles the model's decoder over `mesh` for one (batch, prompt length) bucket.
 
-    params: decoding-layout arrays or ShapeDtypeStructs carrying NamedShardings on `mesh`.
+    Autoregressive models: `greedy_decode` on decoding-layout params (`decode.split_layers`) ->
+    tokens int32 [B, num_tokens]. OpenVLA-OFT models (config.parallel_decoding): `parallel_decode`'s
+    single pass on stacked-layout params -> int32 token ids [B, K, D] (action_head 'tokens') or float32
+    normalized actions [B, K, D] ('l1'); num_tokens must then be the K * D slots + </s> and
+    allowed_range None (the argmax runs over the full vocabulary, as upstream).
+    params: arrays or ShapeDtypeStructs carrying NamedShardings on `mesh`.
     Returns the compiled executable: (params, pixels uint8 [B, S, S, 3], ids int32 [B, T],
-    lengths int32 [B]) -> tokens int32 [B, num_tokens], replicated.
+    lengths int32 [B]) -> the output above, replicated.
     """
-    s = model.config.image_size
+    cfg = model.config
+    s = cfg.image_size
+    if cfg.parallel_decoding:
+        if num_tokens != cfg.num_action_slots + 1 or allowed_range is not None:
+            raise ValueError(f"a parallel-decoding model fills its {cfg.num_action_slots} action slots + </s> = "
+                             f"{cfg.num_action_slots + 1} positions over the full vocabulary; got num_tokens="
+                             f"{num_tokens}, allowed_range={allowed_range}")
+        decoder = functools.partial(parallel_decode, model)
+    else:
+        decoder = functools.partial(greedy_decode, model, num_tokens=num_tokens, allowed_range=allowed_range)
     axes = batch_parallel(mesh, batch)
     lead = NamedSharding(mesh, PartitionSpec(axes or None))
     images = NamedSharding(mesh, PartitionSpec(axes or None, None, None, None))
     ids = NamedSharding(mesh, PartitionSpec(axes or None, None))
     p_shardings = jax.tree.map(lambda x: x.sharding, params)
-    fn = jax.jit(functools.partial(greedy_decode, model, num_tokens=num_tokens, allowed_range=allowed_range),
-                 in_shardings=(p_shardings, images, ids, lead), out_shardings=NamedSharding(mesh, PartitionSpec()))
+    fn = jax.jit(decoder, in_shardings=(p_shardings, images, ids, lead),
+                 out_shardings=NamedSharding(mesh, PartitionSpec()))
     args = (params, jax.ShapeDtypeStruct((batch, s, s, 3), np.uint8, sharding=images),
             jax.ShapeDtypeStruct((batch, length), np.int32, sharding=ids),
             jax.ShapeDtypeStruct((batch,), np.int32, sharding=lead))

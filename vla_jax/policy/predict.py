@@ -28,10 +28,11 @@ OpenVLA-OFT checkpoints (codec decoding 'parallel'): step 3 is one jitted bidire
 (batch, prompt length) bucket (`vla_jax.models.parallel_decode`) predicting the whole chunk; tokens are
 decoded as in step 4, the L1 head's normalized chunk goes straight to the un-normalization;
 `predict_action` returns the chunk [K, action_dim]. Autoregressive-only options (stop_at_eos,
-num_tokens, action_tokens_only) and mesh= are refused.
+num_tokens, action_tokens_only) are refused.
 
-Sharded inference: `Policy.load(path, mesh=(data, fsdp, tensor))` runs the same decoder over a mesh
-(`vla_jax.policy.mesh`: training's rules, KV cache split over heads, memory checked before loading).
+Sharded inference: `Policy.load(path, mesh=(data, fsdp, tensor))` runs the same decoder (or OFT's single
+pass) over a mesh (`vla_jax.policy.mesh`: training's rules, KV cache split over heads, memory checked
+before loading).
 
 Compilation: `warmup()` compiles chosen buckets up front; the persistent XLA cache (opt-in:
 `Policy.load(compilation_cache=...)` or VLA_JAX_COMPILATION_CACHE) lets later processes skip it.
@@ -92,10 +93,6 @@ class Policy:
         # OpenVLA-OFT (codec.decoding 'parallel'): one bidirectional pass per call on the stacked params.
         self.parallel = self.spec.codec.decoding == "parallel"
         if self.parallel:
-            if mesh is not None:
-                raise ValueError(f"{source or 'Policy'}: sharded inference (mesh={mesh!r}) runs the autoregressive "
-                                 f"decoder only; this checkpoint's codec has decoding='parallel' (OpenVLA-OFT): "
-                                 f"load it without mesh=")
             if action_tokens_only:
                 raise ValueError(f"{source or 'Policy'}: action_tokens_only=True restricts an autoregressive argmax; "
                                  f"this checkpoint's codec has decoding='parallel', head={self.spec.codec.head!r}")
@@ -108,7 +105,7 @@ class Policy:
         self.mesh = None if mesh is None else policy_mesh.as_mesh(mesh)
         if self.mesh is not None:
             self.decode_params = jax.device_put(self.decode_params,
-                                                policy_mesh.param_shardings(config, self.mesh, split=True))
+                                                policy_mesh.param_shardings(config, self.mesh, split=not self.parallel))
         self.norm_stats = {k: v for k, v in dict(norm_stats).items()}
         # {dataset name: DatasetConfig fields} the checkpoint trained on (its gripper convention).
         self.dataset_configs = {k: dict(v) for k, v in dict(dataset_configs or {}).items()}
