@@ -25,6 +25,7 @@ from vla_jax.models.decode import split_layers
 from vla_jax.models.openvla import OpenVLA
 from vla_jax.policy import mesh as policy_mesh
 from vla_jax.policy.decoding import DEFAULT_BATCH_BUCKETS, DEFAULT_PROMPT_BUCKET
+from vla_jax.policy.observation import default_camera_names
 from vla_jax.spec import BATCH_SPEC_ASSET, BatchSpec
 from vla_jax.tokenizer import VLATokenizer
 
@@ -76,13 +77,21 @@ def derive_batch_spec(cfg: OpenVLAConfig, tokenizer: VLATokenizer, norm_stats: M
     random_crop = bool(data.get("image_aug", False)) and "random_resized_crop" in data.get("image_aug_ops",
                                                                                         ("random_resized_crop",))
     datasets = sum(1 for v in dict(norm_stats).values() if isinstance(v, Mapping) and "action" in v)
+    n_images, p_dim = model_inputs(cfg)  # camera names: upstream's orders (observation.default_camera_names)
     return BatchSpec.for_model(cfg, text_len=tokenizer.max_len, num_datasets=max(1, datasets),
-                               test_center_crop=random_crop)
+                               test_center_crop=random_crop, cameras=default_camera_names(n_images),
+                               proprio_dim=p_dim or None)
+
+
+def model_inputs(cfg: OpenVLAConfig) -> Tuple[int, int]:
+    """(cameras, proprio dims) a model config takes: `num_images` (1 when the config predates it) and
+    `proprio_dim` (0 = no proprio token)."""
+    return int(getattr(cfg, "num_images", 1) or 1), int(getattr(cfg, "proprio_dim", 0) or 0)
 
 
 def check_runnable(spec: BatchSpec, cfg: OpenVLAConfig, where: str) -> None:
-    """ValueError naming the field and value when `spec` is not what this policy runs: one camera, no
-    proprio, the model's image size and bins, and an action codec the model config runs: OpenVLA's
+    """ValueError naming the field and value when `spec` is not what this policy runs: the model's
+    cameras and proprio, its image size and bins, and an action codec the model config runs: OpenVLA's
     autoregressive decoding of one action, or (OpenVLA-OFT) parallel decoding with the config's
     chunk_size, action_head and action_dim."""
     codec = spec.codec
@@ -95,9 +104,11 @@ def check_runnable(spec: BatchSpec, cfg: OpenVLAConfig, where: str) -> None:
                          f"parallel_decoding={cfg.parallel_decoding}, chunk_size={cfg.chunk_size}, "
                          f"action_head={cfg.action_head!r}, action_dim={cfg.action_dim}: the checkpoint's "
                          f"batch_spec and its model do not belong together")
-    if len(spec.cameras) != 1 or spec.proprio_dim is not None:
-        raise ValueError(f"{where}: cameras={list(spec.cameras)}, proprio_dim={spec.proprio_dim}; Policy takes one "
-                         f"camera image and no proprioception")
+    n_images, p_dim = model_inputs(cfg)
+    if len(spec.cameras) != n_images or (spec.proprio_dim or 0) != p_dim:
+        raise ValueError(f"{where}: cameras={list(spec.cameras)}, proprio_dim={spec.proprio_dim}, but the model "
+                         f"config has num_images={n_images}, proprio_dim={p_dim or None}: the checkpoint's "
+                         f"batch_spec and its model do not belong together")
     model = (cfg.image_size, cfg.n_action_bins, cfg.base_vocab_size)
     if (spec.image_size, codec.n_bins, codec.base_vocab_size) != model:
         raise ValueError(f"{where}: image_size={spec.image_size}, n_bins={codec.n_bins}, "
@@ -296,6 +307,9 @@ def load_policy(cls, path: str, *, center_crop: Optional[bool] = None, action_to
             if spec.codec.decoding == "parallel":
                 raise ValueError(f"{path}: sharded inference (mesh=) runs the autoregressive decoder only; this "
                                  f"checkpoint's codec has decoding='parallel' (OpenVLA-OFT): load it without mesh=")
+            if len(spec.cameras) != 1 or spec.proprio_dim:
+                raise ValueError(f"{path}: sharded inference (mesh=) takes one camera and no proprio; this checkpoint "
+                                 f"has cameras={list(spec.cameras)}, proprio_dim={spec.proprio_dim}: load it without mesh=")
             shardings = policy_mesh.param_shardings(cfg, mesh)  # checks the mesh divides the dimensions
             batch = min(int(b) for b in kw.get("batch_buckets", DEFAULT_BATCH_BUCKETS))
             key = (spec.codec.num_action_tokens, batch, 2 * int(kw.get("prompt_bucket", DEFAULT_PROMPT_BUCKET)))
