@@ -256,11 +256,11 @@ def train_part(a, lora: bool) -> dict:
             times.append(time.perf_counter() - t0)
     stats = summarize(times)
     med = stats["median_ms"] / 1e3
-    tokens = batch_size * (a.text_len + cfg.num_patches)
+    tokens = batch_size * (a.text_len + cfg.num_inserted_tokens)
     flops = batch_size * mlib.train_flops_per_example(cfg, a.text_len, NUM_SUPERVISED, mlib.parts_trainable(mask))
     out = {"llama_layers": cfg.llama.num_layers, "lora": lora, "params": count(state.params),
            "trainable": st.param_summary(state.params, mask)["trainable"], "batch": batch_size,
-           "tokens_per_example": a.text_len + cfg.num_patches, "init_s": round(init_s, 1),
+           "tokens_per_example": a.text_len + cfg.num_inserted_tokens, "init_s": round(init_s, 1),
            "compile_s": round(compile_s, 1), "step_median_ms": stats["median_ms"], "step_p90_ms": stats["p90_ms"],
            "tokens_per_s": round(tokens / med, 1), "model_tflop_per_step": round(flops / 1e12, 6),
            "achieved_tflops": round(flops / med / 1e12, 6), "mfu": round(flops / med / (a.peak_tflops * 1e12), 8),

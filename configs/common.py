@@ -24,6 +24,12 @@ def base_config() -> ml_collections.ConfigDict:
         parallel_decoding=False,
         chunk_size=1,
         action_head="tokens",
+        # Inputs (OpenVLA-OFT §7): camera images per example (must equal data.cameras; their patches
+        # follow BOS in camera order) and the proprio size P (0: none; P > 0 adds one proprio token
+        # after the patches and needs data.use_proprio=True with a P-dimensional state).
+        num_images=1,
+        proprio_dim=0,
+        film=False,             # OFT+'s FiLM: not implemented (True is refused)
     ))
 
     # Input. data_source 'rlds' is the real pipeline (vla_jax/data/pipeline.py); 'synthetic' gives

@@ -13,19 +13,30 @@ the action bins: the 'demo' preset of vla_jax/models/config.py.
 """
 
 from configs.common import base_config, parse_arg
+from vla_jax.sim.observation import PROPRIO_DIM
 
 DEMO_DATASET = "metaworld_demo"
+DEMO_PROPRIO_DIM = PROPRIO_DIM  # the demo data's state: hand x, y, z and gripper opening
 
 
 def get_config(arg=None):
-    """arg: 'steps=N,batch=B,recipe=openvla|oft,chunk=K,head=l1|tokens' (defaults 3000, 64, openvla, 8, l1).
+    """arg: 'steps=N,batch=B,recipe=openvla|oft,chunk=K,head=l1|tokens,cameras=N,proprio=0|1' (defaults
+    3000, 64, openvla, 8, l1, 1, 0).
 
     recipe=oft: OpenVLA-OFT's model side at demo scale (configs/oft.py): parallel decoding of a chunk of
     K actions (the data carries K actions per frame), head 'l1' (continuous, L1 loss) or 'tokens'
-    (256-bin CE). The optimizer stays the demo's (a from-scratch model, not OFT's LoRA fine-tune)."""
-    args = parse_arg(arg, steps=3000, batch=64, recipe="openvla", chunk=8, head="l1")
+    (256-bin CE). The optimizer stays the demo's (a from-scratch model, not OFT's LoRA fine-tune).
+    cameras=2: the demo data's wrist camera as well (make_demo_data --wrist_camera; the model reads both
+    images); proprio=1: the 4-D proprio state (make_demo_data --proprio: hand xyz + gripper opening) as
+    one token. Both work with either recipe."""
+    args = parse_arg(arg, steps=3000, batch=64, recipe="openvla", chunk=8, head="l1", cameras=1, proprio=0)
     if args["recipe"] not in ("openvla", "oft"):
         raise ValueError(f"configs/demo.py: recipe={args['recipe']!r}; expected 'openvla' or 'oft'")
+    if args["cameras"] not in (1, 2):
+        raise ValueError(f"configs/demo.py: cameras={args['cameras']}; the demo data has 1 (primary) or 2 "
+                         f"(primary + wrist) cameras")
+    if args["proprio"] not in (0, 1):
+        raise ValueError(f"configs/demo.py: proprio={args['proprio']}; expected 0 (off) or 1 (the 4-D demo state)")
     c = base_config()
 
     c.model.preset = "demo"
@@ -50,6 +61,10 @@ def get_config(arg=None):
         c.model.action_head = args["head"]
         c.data.action_chunk = k
         c.data.max_seq_len = 20 + 7 * (k - 1)  # K x 7 action tokens instead of 7
+    c.model.num_images = c.data.cameras = args["cameras"]
+    if args["proprio"]:
+        c.model.proprio_dim = DEMO_PROPRIO_DIM
+        c.data.use_proprio = True
     c.data.threads = 2
     c.data.ram_budget_gb = 1.0
 

@@ -6,15 +6,18 @@
 Arguments (after the colon): dataset=<registered name> (default libero_spatial_no_noops),
 head=l1|tokens (continuous L1 head, upstream's default, or the 256-bin token head), chunk=K (actions
 per prediction, LIBERO 8), steps=N (LIBERO Spatial/Object/10: 150005; Goal: 50000), decay=N (the step
-of the x0.1 learning-rate drop; LIBERO 100000).
+of the x0.1 learning-rate drop; LIBERO 100000), cameras=N (LIBERO OFT: 2, the third-person `image` and
+the `wrist_image`; 1 = third person only, the paper's "3rd-person" rows), proprio=P (LIBERO OFT: 8,
+`state[:6] + state[-2:]`; 0 = no proprio token).
 Values: OFT_REFERENCE.md §9 ("Training recipe"; FT = upstream vla-scripts/finetune.py,
 LIBERO.md = upstream's LIBERO instructions, PAPER = the OFT paper).
 
-What differs from upstream's LIBERO runs (the model side of this project does not have them yet):
-one camera (upstream: 3rd-person + wrist), no proprioception input, no FiLM; the L1 head reads the
+The released LIBERO checkpoints (97.1%) use 3rd-person + wrist images and the 8-D proprio, no FiLM
+(§6, §9 table: "Inputs"): those are the defaults here. The patches of both images follow BOS, then one
+proprio token (§7). What differs from upstream: no FiLM (OFT+, ALOHA only). The L1 head reads the
 readout states exactly as upstream (§4-§6). LoRA covers what PEFT's "all-linear" covers (every Linear
-of both towers, the projector and the LLM incl. lm_head, plus the patch-embed convs; vla_jax/models/lora.py),
-the L1 head trains in full beside it, as upstream.
+of both towers, the projector and the LLM incl. lm_head, plus the patch-embed convs; vla_jax/models/lora.py);
+the L1 head and the proprio projector train in full beside it, as upstream.
 """
 
 from ml_collections import config_dict
@@ -23,7 +26,8 @@ from configs.common import base_config, parse_arg
 
 
 def get_config(arg=None):
-    a = parse_arg(arg, dataset="libero_spatial_no_noops", head="l1", chunk=8, steps=150_005, decay=100_000)
+    a = parse_arg(arg, dataset="libero_spatial_no_noops", head="l1", chunk=8, steps=150_005, decay=100_000,
+                  cameras=2, proprio=8)
     c = base_config()
 
     c.model.preset = "openvla-7b"
@@ -33,10 +37,14 @@ def get_config(arg=None):
     c.model.parallel_decoding = True  # one bidirectional pass over the zeroed action slots (§2-§3)
     c.model.chunk_size = a["chunk"]   # LIBERO: K=8 (§9 per-platform table, LIBERO.md:96-126)
     c.model.action_head = a["head"]   # use_l1_regression=True by default (FT:69-119) -> 'l1'
+    c.model.num_images = a["cameras"]  # num_images_in_input=2 for LIBERO OFT (§7; LIBERO.md:104-108)
+    c.model.proprio_dim = a["proprio"]  # use_proprio, PROPRIO_DIM=8 for LIBERO (§1, §7)
     c.init_from = config_dict.placeholder(str)  # required: an OpenVLA checkpoint (HF folder or vla_jax)
 
     c.data.mixture = a["dataset"]
     c.data.action_chunk = a["chunk"]  # must equal model.chunk_size (train.py checks)
+    c.data.cameras = a["cameras"]     # image + wrist_image (the LIBERO registry entries' image_keys)
+    c.data.use_proprio = a["proprio"] > 0  # the registry's proprio_key 'state', dims [:6] + [-2:]
     c.data.image_aug = True           # image_aug=True (FT:69-119); ops as OpenVLA's: crop 0.9 area ratio 1,
     #                                   brightness 0.2, contrast/saturation [0.8, 1.2], hue 0.05 (§9 DS:151-165)
     c.data.shuffle_buffer = 100_000   # upstream finetune.py's shuffle_buffer_size (as configs/finetune.py)

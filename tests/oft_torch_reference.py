@@ -12,6 +12,9 @@ transformers' Llama), independently of the JAX code:
     prompt of n_b tokens (BOS and SPACE included): the states of [SPACE, a_0 .. a_{A-2}];
   * the L1 head: upstream's MLPResNet (LN -> Linear -> ReLU -> 2 x [x + ReLU(Linear(LN(x)))] -> LN
     -> Linear) on the states reshaped row-major to (B, K, D * H).
+Several cameras and proprio (§7): each image through both towers, the per-image features concatenated
+on the sequence axis and then through the shared projector, then one proprio token from upstream's
+`ProprioProjector` (fc1 -> GELU -> fc2) appended after the patches, all spliced in after BOS.
 """
 
 from __future__ import annotations
@@ -80,6 +83,40 @@ def head_params(head: TorchMLPResNet) -> dict:
     return out
 
 
+class TorchProprioProjector(torch.nn.Module):
+    """Upstream's `ProprioProjector(llm_dim, proprio_dim)`: fc1 (P -> H) -> GELU (exact) -> fc2 (H -> H)."""
+
+    def __init__(self, proprio_dim: int, llm_dim: int):
+        super().__init__()
+        self.fc1 = torch.nn.Linear(proprio_dim, llm_dim, bias=True)
+        self.act_fn1 = torch.nn.GELU()
+        self.fc2 = torch.nn.Linear(llm_dim, llm_dim, bias=True)
+
+    def forward(self, proprio):
+        return self.fc2(self.act_fn1(self.fc1(proprio)))
+
+    def randomize(self, seed: int) -> "TorchProprioProjector":
+        """Non-zero biases too, so that each one matters."""
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for name, p in self.named_parameters():
+                scale = 0.1 if p.ndim == 1 else p.shape[-1] ** -0.5
+                p.copy_(scale * torch.randn(p.shape, generator=g))
+        return self.eval()
+
+
+def proprio_params(proj: TorchProprioProjector) -> dict:
+    """torch state dict -> the Flax params of `vla_jax.models.proprio.ProprioProjector` (numpy)."""
+    sd = {k: v.detach().numpy().copy() for k, v in proj.state_dict().items()}
+    return {f: {"kernel": sd[f"{f}.weight"].T.copy(), "bias": sd[f"{f}.bias"]} for f in ("fc1", "fc2")}
+
+
+def camera_images(pixel_values) -> list:
+    """uint8 [B, S, S, 3] (one camera) or [B, N, S, S, 3] -> N arrays [B, S, S, 3], primary first."""
+    x = np.asarray(pixel_values)
+    return [x] if x.ndim == 4 else [x[:, i] for i in range(x.shape[1])]
+
+
 def oft_rows(prompts: Sequence[Sequence[int]], num_slots: int, eos_id: int, pad_id: int, placeholder: int = 1):
     """-> (input_ids [B, T], attention_mask [B, T], prompt lengths) as upstream's
     `_prepare_input_for_action_prediction` builds one row, right-padded to the longest row."""
@@ -93,22 +130,57 @@ def oft_rows(prompts: Sequence[Sequence[int]], num_slots: int, eos_id: int, pad_
 class TorchOFT:
     """OFT parallel decoding over a `TorchOpenVLA` (its weights, SDPA attention)."""
 
-    def __init__(self, base: TorchOpenVLA, chunk_size: int, action_dim: int, head: TorchMLPResNet = None):
+    def __init__(self, base: TorchOpenVLA, chunk_size: int, action_dim: int, head: TorchMLPResNet = None,
+                 proprio_projector: TorchProprioProjector = None):
         self.base, self.k, self.d, self.head = base, chunk_size, action_dim, head
+        self.proprio_projector = proprio_projector
         base.language_model.set_attn_implementation("sdpa")
 
-    def _patches(self, pixel_values):
+    def _patches(self, pixel_values, proprio=None):
+        """-> the embeddings spliced in after BOS [B, N * P (+ 1), H]: every camera's tower features
+        concatenated on the sequence axis, the shared projector, then the proprio token if given."""
         b = self.base
-        x = torch.from_numpy(np.asarray(pixel_values, np.float32) / 255.0).permute(0, 3, 1, 2)
-        feats = torch.cat([penultimate_features(b.featurizer, b._normalized(x, b.cfg.dino)),
-                           penultimate_features(b.fused_featurizer, b._normalized(x, b.cfg.siglip))], dim=2)
+        feats = []
+        for image in camera_images(pixel_values):
+            x = torch.from_numpy(np.asarray(image, np.float32) / 255.0).permute(0, 3, 1, 2)
+            feats.append(torch.cat([penultimate_features(b.featurizer, b._normalized(x, b.cfg.dino)),
+                                    penultimate_features(b.fused_featurizer, b._normalized(x, b.cfg.siglip))], dim=2))
+        feats = torch.cat(feats, dim=1)
         p = b.projector
         gelu = torch.nn.functional.gelu
-        return p["fc3"](gelu(p["fc2"](gelu(p["fc1"](feats)))))
+        out = p["fc3"](gelu(p["fc2"](gelu(p["fc1"](feats)))))
+        if proprio is None:
+            return out
+        token = self.proprio_projector(torch.from_numpy(np.asarray(proprio, np.float32)))
+        return torch.cat([out, token[:, None, :]], dim=1)
+
+    def num_inserted(self, pixel_values, proprio=None) -> int:
+        return len(camera_images(pixel_values)) * self.base.cfg.num_patches + int(proprio is not None)
 
     @torch.no_grad()
-    def last_hidden(self, pixel_values, input_ids, attention_mask, prompt_lengths: List[int], causal: bool = False):
-        """-> post-norm hidden states [B, T + P, H] of the whole fused sequence. causal=True runs the
+    def causal_logits(self, pixel_values, input_ids, proprio=None):
+        """OpenVLA's autoregressive forward with the same inserted embeddings: logits [B, T + I, V] of
+        `[BOS][patches of every camera][proprio]?[text]` under the default causal mask."""
+        lm = self.base.language_model
+        text = lm.get_input_embeddings()(torch.as_tensor(input_ids).long())
+        embeds = torch.cat([text[:, :1], self._patches(pixel_values, proprio), text[:, 1:]], dim=1)
+        return lm(inputs_embeds=embeds).logits
+
+    @torch.no_grad()
+    def causal_greedy(self, pixel_values, input_ids, num_tokens: int, proprio=None) -> np.ndarray:
+        """Greedy decoding by recomputing the causal forward at every step (no cache): [B, num_tokens]."""
+        ids = torch.as_tensor(input_ids).long()
+        new = []
+        for _ in range(num_tokens):
+            nxt = self.causal_logits(pixel_values, ids, proprio)[:, -1].argmax(-1)
+            new.append(nxt)
+            ids = torch.cat([ids, nxt[:, None]], dim=1)
+        return torch.stack(new, dim=1).numpy()
+
+    @torch.no_grad()
+    def last_hidden(self, pixel_values, input_ids, attention_mask, prompt_lengths: List[int], causal: bool = False,
+                    proprio=None):
+        """-> post-norm hidden states [B, T + I, H] of the whole fused sequence. causal=True runs the
         stock causal + padding mask instead (what a port without the fork's patch computes)."""
         lm = self.base.language_model
         ids = torch.as_tensor(input_ids)
@@ -117,7 +189,7 @@ class TorchOFT:
         for row, n in enumerate(prompt_lengths):
             actions[row, n:n + a] = True
         text = lm.get_input_embeddings()(ids) * (~actions)[..., None].to(torch.float32)
-        patches = self._patches(pixel_values)
+        patches = self._patches(pixel_values, proprio)
         embeds = torch.cat([text[:, :1], patches, text[:, 1:]], dim=1)
         bsz, s = embeds.shape[:2]
         mask2d = torch.as_tensor(attention_mask).bool()
@@ -129,26 +201,29 @@ class TorchOFT:
             mask4d = mask4d[:, :, -1:, :].expand(bsz, 1, s, s)  # the fork: the last row for every query
         return lm.model(inputs_embeds=embeds, attention_mask=mask4d).last_hidden_state
 
-    def readout(self, hidden, prompt_lengths: List[int], extra: int = 0):
-        """[B, S, H] -> [B, A + extra, H]: the states of [SPACE, a_0, ...] (upstream's slice)."""
-        p = self.base.cfg.num_patches
+    def readout(self, hidden, prompt_lengths: List[int], extra: int = 0, inserted: int = None):
+        """[B, S, H] -> [B, A + extra, H]: the states of [SPACE, a_0, ...] (upstream's slice, which starts
+        at NUM_PATCHES + NUM_PROMPT_TOKENS; NUM_PATCHES = `inserted`, default one image's patches)."""
+        p = self.base.cfg.num_patches if inserted is None else inserted
         a = self.k * self.d + extra
         return torch.stack([hidden[row, p + n - 1:p + n - 1 + a] for row, n in enumerate(prompt_lengths)])
 
     @torch.no_grad()
-    def logits(self, pixel_values, input_ids, attention_mask, prompt_lengths, causal: bool = False):
+    def logits(self, pixel_values, input_ids, attention_mask, prompt_lengths, causal: bool = False, proprio=None):
         """lm_head at the A + 1 readout positions: [B, A + 1, V] (row A predicts </s>)."""
-        hidden = self.last_hidden(pixel_values, input_ids, attention_mask, prompt_lengths, causal)
-        return self.base.language_model.lm_head(self.readout(hidden, prompt_lengths, extra=1))
+        hidden = self.last_hidden(pixel_values, input_ids, attention_mask, prompt_lengths, causal, proprio)
+        return self.base.language_model.lm_head(
+            self.readout(hidden, prompt_lengths, extra=1, inserted=self.num_inserted(pixel_values, proprio)))
 
     @torch.no_grad()
-    def chunk_tokens(self, pixel_values, input_ids, attention_mask, prompt_lengths):
+    def chunk_tokens(self, pixel_values, input_ids, attention_mask, prompt_lengths, proprio=None):
         """argmax over the full vocabulary at the A readouts -> [B, K, D] token ids."""
-        logits = self.logits(pixel_values, input_ids, attention_mask, prompt_lengths)[:, :self.k * self.d]
+        logits = self.logits(pixel_values, input_ids, attention_mask, prompt_lengths, proprio=proprio)[:, :self.k * self.d]
         return logits.argmax(-1).reshape(-1, self.k, self.d).numpy()
 
     @torch.no_grad()
-    def l1_actions(self, pixel_values, input_ids, attention_mask, prompt_lengths):
+    def l1_actions(self, pixel_values, input_ids, attention_mask, prompt_lengths, proprio=None):
         """The MLPResNet on the A readouts reshaped to (B, K, D * H) -> [B, K, D]."""
-        hidden = self.readout(self.last_hidden(pixel_values, input_ids, attention_mask, prompt_lengths), prompt_lengths)
+        hidden = self.readout(self.last_hidden(pixel_values, input_ids, attention_mask, prompt_lengths, proprio=proprio),
+                              prompt_lengths, inserted=self.num_inserted(pixel_values, proprio))
         return self.head(hidden.reshape(hidden.shape[0], self.k, -1)).numpy()

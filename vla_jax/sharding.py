@@ -39,6 +39,11 @@ LOGICAL_RULES: Tuple[Tuple[str, object], ...] = (
     ("action_embed", "fsdp"),
     ("action_hidden", "tensor"),
     ("action_out", None),
+    # OpenVLA-OFT's proprio projector (vla_jax.models.proprio): the few state inputs replicated, the
+    # LLM width like the action head's (input side over fsdp, output side over tensor).
+    ("proprio_in", None),
+    ("proprio_embed", "fsdp"),
+    ("proprio_hidden", "tensor"),
 )
 
 BATCH_AXES = ("data", "fsdp")

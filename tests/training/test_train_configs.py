@@ -74,8 +74,13 @@ def test_config_builds_and_its_train_state_fits_the_mesh(name, arg):
             assert (head > 0) == (cfg.model.action_head == "l1")
             if head:  # OFT_REFERENCE.md §6: the LIBERO head (D=7, width 4096)
                 assert round(head / 1e6, 2) == 151.12
+            proprio = summary.get("proprio_projector", 0)  # so does OFT's proprio projector
+            assert (proprio > 0) == (cfg.model.proprio_dim > 0)
+            if cfg.model.proprio_dim == 8:  # OFT_REFERENCE.md §7: 16.82M for LIBERO (the paper's "17M")
+                assert proprio == 8 * 4096 + 4096 + 4096 * 4096 + 4096 and round(proprio / 1e6, 2) == 16.82
             assert summary["lora"] == LORA_R32_PARAMS
-            assert 0.95 * LORA_R32_PARAMS + head < summary["trainable"] <= LORA_R32_PARAMS + head
+            extra = head + proprio
+            assert 0.95 * LORA_R32_PARAMS + extra < summary["trainable"] <= LORA_R32_PARAMS + extra
         elif cfg.freeze.vision:
             assert summary["trainable"] == summary["projector"] + summary["llm"]
         else:  # everything but the never-run vision parameters
@@ -85,18 +90,22 @@ def test_config_builds_and_its_train_state_fits_the_mesh(name, arg):
         assert emb.sharding.shard_shape(emb.shape) == (32064, 4096 // jax.device_count())
 
 
-def test_analytic_forward_flops_match_xla_count():
+@pytest.mark.parametrize("cameras, proprio", [(1, 0), (2, 8)])
+def test_analytic_forward_flops_match_xla_count(cameras, proprio):
     # One scanned layer per stack, so XLA's count (a scan body counted once) is the true count; XLA also
     # counts the element-wise work (norms, softmax, GELU) that the matmul-only formula leaves out.
     cfg = with_dtypes(get_preset("mid"), "float32")
     cfg = dataclasses.replace(cfg, dino=dataclasses.replace(cfg.dino, depth=2),
                               siglip=dataclasses.replace(cfg.siglip, depth=2),
-                              llama=dataclasses.replace(cfg.llama, num_layers=1))
+                              llama=dataclasses.replace(cfg.llama, num_layers=1), num_images=cameras,
+                              proprio_dim=proprio)
     model = OpenVLA(cfg)
     b, t, k = 2, 32, 8
-    px, ids, pos = np.zeros((b, 224, 224, 3), np.uint8), np.ones((b, t), np.int32), np.zeros((b, k), np.int32)
+    px = np.zeros((b, 224, 224, 3) if cameras == 1 else (b, cameras, 224, 224, 3), np.uint8)
+    ids, pos = np.ones((b, t), np.int32), np.zeros((b, k), np.int32)
+    pr = np.zeros((b, proprio), np.float32) if proprio else None
     params = nn.meta.unbox(jax.eval_shape(model.init, jax.random.PRNGKey(0), px, ids))
-    xla = jax.jit(lambda p, x, i, q: model.apply(p, x, i, q)).lower(params, px, ids, pos).cost_analysis()["flops"]
+    xla = jax.jit(lambda p, x, i, q, r: model.apply(p, x, i, q, proprio=r)).lower(params, px, ids, pos, pr).cost_analysis()["flops"]
     ours = b * sum(mlib.forward_flops(cfg, t, k).values())
     assert 1.0 <= xla / ours < 1.03, (xla, ours)
 

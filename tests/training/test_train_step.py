@@ -60,7 +60,7 @@ def test_supervised_positions_follow_the_fused_layout():
     labels = np.full((2, 10), IGNORE_INDEX, np.int32)
     labels[0, 4:7] = [5, 6, 2]
     labels[1, 7:9] = [9, 2]
-    pos, tgt, valid = jax.device_get(sp.supervised_positions(jnp.asarray(labels), num_patches=16, k=3))
+    pos, tgt, valid = jax.device_get(sp.supervised_positions(jnp.asarray(labels), num_inserted=16, k=3))
     # text token t >= 1 sits at fused index t + 16 and is predicted from fused index t + 15
     np.testing.assert_array_equal(pos[0], [4 + 15, 5 + 15, 6 + 15])
     np.testing.assert_array_equal(tgt[0], [5, 6, 2])

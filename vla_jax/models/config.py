@@ -126,6 +126,15 @@ class OpenVLAConfig:
     'l1' = the continuous MLPResNet head (`vla_jax.models.action_head`, params['action_head'],
     trained with an L1 loss); 'l1' needs parallel_decoding.
     `execution`: how the model runs on the backend (same values for every setting; `ExecutionConfig`).
+
+    Several cameras and proprioception (OFT_REFERENCE.md §7; the defaults are OpenVLA's one image):
+    `num_images` (N): camera images per example, `pixel_values` [B, N, S, S, 3] (primary first); each
+    goes through the same towers and projector, their patches follow BOS in camera order.
+    `proprio_dim` (P): None (or 0) = no proprio input; else `proprio` float32 [B, P] (normalized) is
+    projected to one token placed after the last image's patches (`vla_jax.models.proprio`,
+    params['proprio_projector']). The fused sequence is
+    `[BOS] [img_0 patches] .. [img_{N-1} patches] [proprio]? [text ...]`; `num_inserted_tokens` counts
+    what sits between BOS and the text. `film`: OFT+'s FiLM (§8); not implemented here, True is refused.
     """
 
     dino: ViTConfig
@@ -142,6 +151,9 @@ class OpenVLAConfig:
     parallel_decoding: bool = False
     chunk_size: int = 1
     action_head: str = "tokens"
+    num_images: int = 1
+    proprio_dim: Optional[int] = None
+    film: bool = False
     execution: ExecutionConfig = ExecutionConfig()
 
     @property
@@ -159,7 +171,16 @@ class OpenVLAConfig:
 
     @property
     def num_patches(self) -> int:
+        """Patches of ONE image (256 at 224 px); see `num_inserted_tokens` for the whole prefix."""
         return self.dino.num_patches
+
+    @property
+    def num_inserted_tokens(self) -> int:
+        """Embeddings spliced in between BOS and the text: num_images x num_patches image patches, plus
+        the proprio token when proprio_dim is set (upstream's NUM_PATCHES). Text token t >= 1 sits at
+        fused index t + num_inserted_tokens. Every sequence offset (loss positions, KV-cache prefill,
+        the parallel readout) reads it from here."""
+        return self.num_images * self.num_patches + int(self.proprio_dim is not None)
 
     def __post_init__(self):
         if self.dino.image_size != self.siglip.image_size or self.dino.num_patches != self.siglip.num_patches:
@@ -168,6 +189,23 @@ class OpenVLAConfig:
                 f"{self.dino.image_size}/{self.dino.patch_size} and SigLIP "
                 f"{self.siglip.image_size}/{self.siglip.patch_size}")
         self._check_action_options()
+        self._check_input_options()
+
+    def _check_input_options(self):
+        n = self.num_images
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"OpenVLAConfig.num_images must be an integer >= 1 (cameras per example), got {n!r}")
+        p = self.proprio_dim
+        if p is not None and (isinstance(p, bool) or not isinstance(p, int) or p < 0):
+            raise ValueError(f"OpenVLAConfig.proprio_dim must be None, 0 (no proprio input) or an integer >= 1 "
+                             f"(the proprio vector's size, e.g. 8 for LIBERO), got {p!r}")
+        if p == 0:  # 0 and None both mean no proprio token; one spelling in stored configs
+            object.__setattr__(self, "proprio_dim", None)
+        if not isinstance(self.film, bool):
+            raise ValueError(f"OpenVLAConfig.film must be True or False, got {self.film!r}")
+        if self.film:
+            raise ValueError("OpenVLAConfig.film=True (OpenVLA-OFT+'s FiLM, OFT_REFERENCE.md §8) is not implemented "
+                             "in this version; use film=False")
 
     def _check_action_options(self):
         if not isinstance(self.parallel_decoding, bool):

@@ -108,10 +108,11 @@ def _head(model: OpenVLA, shared, h):
 
 
 def greedy_decode(model: OpenVLA, params, pixel_values, input_ids, lengths, num_tokens: int,
-                  allowed_range: Optional[Tuple[int, int]] = None):
+                  allowed_range: Optional[Tuple[int, int]] = None, proprio=None):
     """Greedy decoding of `num_tokens` new tokens.
 
-    params: the decoding layout, `split_layers(params)`. pixel_values: uint8 `[B, S, S, 3]`;
+    params: the decoding layout, `split_layers(params)`. pixel_values: uint8 `[B, N, S, S, 3]`
+    (`[B, S, S, 3]` with one camera); proprio: float32 `[B, P]` exactly when the model has proprio_dim;
     input_ids: int32 `[B, T]` right-padded prompts (ending with 29871 for OpenVLA); lengths: int32
     `[B]` real tokens per row. allowed_range: optional inclusive (lo, hi) id range the argmax is
     restricted to (e.g. the 256 action ids); None = the whole vocabulary, as OpenVLA's `generate`
@@ -128,16 +129,18 @@ def greedy_decode(model: OpenVLA, params, pixel_values, input_ids, lengths, num_
             logits = jnp.where((ids >= allowed_range[0]) & (ids <= allowed_range[1]), logits, -jnp.inf)
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
-    # Prefill: BOS, the P patches and the text fill slots 0..T+P-1; the first token comes from each
-    # row's last real position (right padding sits after it and is never attended to).
-    caches = init_layer_caches(model, b, t + cfg.num_patches + num_tokens)
-    x = model.apply({"params": shared}, pixel_values, input_ids, method=OpenVLA.embed_inputs)
+    # Prefill: BOS, the I inserted positions (every camera's patches, the proprio token) and the text
+    # fill slots 0..T+I-1; the first token comes from each row's last real position (right padding
+    # sits after it and is never attended to).
+    inserted = cfg.num_inserted_tokens
+    caches = init_layer_caches(model, b, t + inserted + num_tokens)
+    x = model.apply({"params": shared}, pixel_values, input_ids, proprio, method=OpenVLA.embed_inputs)
     positions = jnp.broadcast_to(jnp.arange(x.shape[1], dtype=jnp.int32), x.shape[:2])
-    last = lengths.astype(jnp.int32) + cfg.num_patches - 1
+    last = lengths.astype(jnp.int32) + inserted - 1
     hidden, caches = _layers(model, layer_params, x, positions, caches, last_layer_rows=last[:, None])
     first = pick(_head(model, shared, hidden))
     tokens = jnp.zeros((b, num_tokens), jnp.int32).at[:, 0].set(first)
-    start = lengths.astype(jnp.int32) + cfg.num_patches  # position of the first generated token
+    start = lengths.astype(jnp.int32) + inserted  # position of the first generated token
 
     def body(i, carry):
         tokens, caches = carry

@@ -109,9 +109,10 @@ PEFT_BASE_NAMES = tuple(sorted({v[0] for v in _TABLE.values()}))
 # get no gradient; torch's AdamW skips parameters without a gradient, so they stay at their init.
 _UNUSED = (("dino", "last_block"), ("dino", "attn_pool"), ("siglip", "last_block"), ("siglip", "attn_pool"))
 
-# OpenVLA-OFT's L1 action head (params['action_head']) is a module beside the PEFT-wrapped VLA in
-# upstream's finetune.py: it gets no adapters and is trained in full (OFT_REFERENCE.md §9).
-FULLY_TRAINED = ("action_head",)
+# OpenVLA-OFT's L1 action head (params['action_head']) and proprio projector (params['proprio_projector'])
+# are modules beside the PEFT-wrapped VLA in upstream's finetune.py: they get no adapters and are
+# trained in full (OFT_REFERENCE.md §9).
+FULLY_TRAINED = ("action_head", "proprio_projector")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -360,7 +361,7 @@ def trainable_mask(tree: Any) -> Any:
     """Bool tree over `tree` (a LoRA tree or a combined params tree, boxed or not; boxes are leaves):
     True for lora_A/lora_B leaves, except the adapters of modules the model never runs (towers'
     last_block and attn_pool: no gradient, so torch's AdamW never touches them), and for every leaf
-    of a FULLY_TRAINED module (OFT's params['action_head']); False elsewhere."""
+    of a FULLY_TRAINED module (OFT's params['action_head'], params['proprio_projector']); False elsewhere."""
 
     def leaf(path, _):
         keys = tuple(getattr(k, "key", str(k)) for k in path)

@@ -3,7 +3,10 @@
 The sequence (OFT_REFERENCE.md §2), per row, right-padded to a common length T of text tokens:
 
     text:   [BOS] [prompt ... SPACE] [a_0 ... a_{A-1}] [</s>] [pad ...]
-    fused:  [BOS] [P image patches] [prompt ... SPACE] [A action slots] [</s>] [pad ...]
+    fused:  [BOS] [I inserted] [prompt ... SPACE] [A action slots] [</s>] [pad ...]
+
+I = `OpenVLAConfig.num_inserted_tokens`: the patches of each of the N camera images, in camera order,
+then the proprio token when the model has one (§7).
 
 A = chunk_size * action_dim. The input embeddings at the A action slots are zeros (whatever ids sit
 there: ground-truth action ids in training, placeholders at inference), so the slots differ only
@@ -79,21 +82,24 @@ def check_parallel_inputs(config: OpenVLAConfig, input_ids, attention_mask, acti
                              f"inside the attention mask, got {got} at position {start + a} (length {int(lengths[b])})")
 
 
-def readout_positions(action_mask, num_patches: int, num_readout: int):
+def readout_positions(action_mask, num_inserted: int, num_readout: int):
     """action_mask bool [B, T] (A contiguous slots per row) -> int32 [B, num_readout] indices into the
     fused sequence: the position before each slot (and, past A, the slots themselves: index A is the
-    last slot, the input of </s>). Text index t sits at fused index t + P for t >= 1."""
+    last slot, the input of </s>). Text index t sits at fused index t + I for t >= 1, I = num_inserted
+    (`OpenVLAConfig.num_inserted_tokens`)."""
     first = jnp.argmax(action_mask.astype(jnp.int32), axis=1).astype(jnp.int32)  # [B]
-    return first[:, None] + num_patches - 1 + jnp.arange(num_readout, dtype=jnp.int32)[None, :]
+    return first[:, None] + num_inserted - 1 + jnp.arange(num_readout, dtype=jnp.int32)[None, :]
 
 
-def forward_hidden(model, pixel_values, input_ids, attention_mask, action_mask, num_readout: Optional[int] = None):
+def forward_hidden(model, pixel_values, input_ids, attention_mask, action_mask, num_readout: Optional[int] = None,
+                   proprio=None):
     """The parallel forward inside a bound `OpenVLA` (called from its methods).
 
-    pixel_values uint8 [B, S, S, 3]; input_ids int32 [B, T]; attention_mask [B, T] (1 = real token,
-    0 = pad); action_mask bool [B, T] (the A slots). Returns float hidden states [B, R, H] after the
-    final RMSNorm at the readout positions, R = num_readout (default A). The image/id checks of
-    `openvla.check_inputs` are the caller's.
+    pixel_values uint8 [B, N, S, S, 3] (or [B, S, S, 3], one camera); input_ids int32 [B, T];
+    attention_mask [B, T] (1 = real token, 0 = pad); action_mask bool [B, T] (the A slots); proprio
+    float32 [B, P] for a model with a proprio token. Returns float hidden states [B, R, H] after the
+    final RMSNorm at the readout positions, R = num_readout (default A). The image/id/proprio checks
+    of `openvla.check_inputs` are the caller's.
     """
     cfg = model.config
     a = cfg.num_action_slots
@@ -105,12 +111,12 @@ def forward_hidden(model, pixel_values, input_ids, attention_mask, action_mask, 
     text = model.llm.embed(input_ids)
     # Zero, not multiply: the same zeros for finite embeddings, and no NaN from a non-finite row.
     text = jnp.where(action_mask[..., None], jnp.zeros((), text.dtype), text)
-    patches = model.encode_image(pixel_values).astype(text.dtype)
-    x = jnp.concatenate([text[:, :1], patches, text[:, 1:]], axis=1)
+    inserted = model.inserted_embeddings(pixel_values, proprio).astype(text.dtype)
+    x = jnp.concatenate([text[:, :1], inserted, text[:, 1:]], axis=1)
     b, n = x.shape[:2]
     keys = jnp.asarray(attention_mask).astype(bool)
-    key_mask = jnp.concatenate([keys[:, :1], jnp.ones((b, cfg.num_patches), bool), keys[:, 1:]], axis=1)
+    key_mask = jnp.concatenate([keys[:, :1], jnp.ones((b, cfg.num_inserted_tokens), bool), keys[:, 1:]], axis=1)
     positions = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))
     hidden, _ = model.llm(x, positions, None, key_mask)
-    idx = readout_positions(action_mask, cfg.num_patches, r)
+    idx = readout_positions(action_mask, cfg.num_inserted_tokens, r)
     return jnp.take_along_axis(hidden, idx[..., None], axis=1)

@@ -50,11 +50,13 @@ def _check_prompts(prompt_ids, lengths) -> None:
                              f"got {lens.tolist()}")
 
 
-def parallel_decode(model: OpenVLA, params, pixel_values, prompt_ids, lengths):
+def parallel_decode(model: OpenVLA, params, pixel_values, prompt_ids, lengths, proprio=None):
     """One OFT forward pass for a batch of prompts.
 
-    params: the stacked params tree (with params['action_head'] for action_head='l1').
-    pixel_values uint8 [B, S, S, 3]; prompt_ids int32 [B, L] right-padded `[BOS] prompt SPACE` rows
+    params: the stacked params tree (with params['action_head'] for action_head='l1', and
+    params['proprio_projector'] for a model with proprio_dim).
+    pixel_values uint8 [B, N, S, S, 3] (or [B, S, S, 3], one camera); proprio float32 [B, P] (normalized)
+    exactly when the model has proprio_dim; prompt_ids int32 [B, L] right-padded `[BOS] prompt SPACE` rows
     (`VLATokenizer.inference_ids`; upstream appends 29871 when it is missing, here the caller's
     tokenizer does); lengths int32 [B]. Returns, per config.action_head:
       'tokens': int32 action-token ids [B, K, D] (argmax over the whole vocabulary, as upstream; decode
@@ -70,19 +72,19 @@ def parallel_decode(model: OpenVLA, params, pixel_values, prompt_ids, lengths):
     variables = {"params": params}
     b = ids.shape[0]
     if cfg.action_head == "l1":
-        return model.apply(variables, pixel_values, ids, attn, slots, method=OpenVLA.parallel_actions)
-    logits = model.apply(variables, pixel_values, ids, attn, slots, method=OpenVLA.parallel_logits)
+        return model.apply(variables, pixel_values, ids, attn, slots, proprio=proprio, method=OpenVLA.parallel_actions)
+    logits = model.apply(variables, pixel_values, ids, attn, slots, proprio=proprio, method=OpenVLA.parallel_logits)
     tokens = jnp.argmax(logits[:, :cfg.num_action_slots], axis=-1).astype(jnp.int32)
     return tokens.reshape(b, cfg.chunk_size, cfg.action_dim)
 
 
 def make_parallel_decoder(model: OpenVLA):
-    """-> `fn(params, pixel_values, prompt_ids, lengths)` -> [B, K, D] (see `parallel_decode`): the
-    prompt shapes and lengths are checked on the host, then the jitted forward runs."""
+    """-> `fn(params, pixel_values, prompt_ids, lengths, proprio=None)` -> [B, K, D] (see
+    `parallel_decode`): the prompt shapes and lengths are checked on the host, then the jitted forward runs."""
     jitted = jax.jit(functools.partial(parallel_decode, model))
 
-    def decode(params, pixel_values, prompt_ids, lengths):
+    def decode(params, pixel_values, prompt_ids, lengths, proprio=None):
         _check_prompts(prompt_ids, lengths)
-        return jitted(params, pixel_values, prompt_ids, lengths)
+        return jitted(params, pixel_values, prompt_ids, lengths, proprio)
 
     return decode

@@ -90,7 +90,7 @@ def compile_predict_action(devices: Sequence[Any], mesh_shape=(1, 1, -1), batch:
     counted = hlo_cost.analyze(hlo)
     return {"_hlo": hlo,
         "program": "predict_action", "preset": preset, "dtype": dtype, "batch": batch, "text_len": text_len,
-        "sequence_len": text_len + model_cfg.num_patches, "new_tokens": new_tokens,
+        "sequence_len": text_len + model_cfg.num_inserted_tokens, "new_tokens": new_tokens,
         "devices": mesh.devices.size, "device_kind": mesh.devices.flat[0].device_kind, "mesh": dict(mesh.shape),
         "per_device_bytes": dict(params=shard_bytes(params), inputs=shard_bytes(inputs), **memory_report(compiled)),
         "compiled_flops_per_device": counted["flops"], "compiled_bytes_per_device": counted["bytes"],

@@ -8,9 +8,9 @@ TensorFlow, the model or the training code (the bottom layer, with `models/`).
 """
 
 from vla_jax.spec.actions import DECODINGS, HEADS, ActionCodec
-from vla_jax.spec.batch import IGNORE_INDEX, BatchSpec
+from vla_jax.spec.batch import IGNORE_INDEX, BatchSpec, camera_names
 
 # Checkpoint asset names of the contract (JSON written with each checkpoint).
 BATCH_SPEC_ASSET = "batch_spec"
 
-__all__ = ["ActionCodec", "BatchSpec", "DECODINGS", "HEADS", "IGNORE_INDEX", "BATCH_SPEC_ASSET"]
+__all__ = ["ActionCodec", "BatchSpec", "DECODINGS", "HEADS", "IGNORE_INDEX", "BATCH_SPEC_ASSET", "camera_names"]

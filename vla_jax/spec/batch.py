@@ -26,6 +26,15 @@ from vla_jax.spec.actions import ActionCodec, known_fields
 IGNORE_INDEX = -100
 
 
+def camera_names(n: int) -> Tuple[str, ...]:
+    """The camera names of a run with N cameras (the data's image_keys in order, primary first):
+    'primary', then 'wrist' (OFT's LIBERO `wrist_image`, the Meta-World demo's gripper camera), then
+    'wrist_2', ... (ALOHA's second wrist). A policy's observation dict names images by these."""
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+        raise ValueError(f"the number of cameras must be an integer >= 1, got {n!r}")
+    return ("primary", "wrist", *(f"wrist_{i}" for i in range(2, int(n))))[:int(n)]
+
+
 @dataclasses.dataclass(frozen=True)
 class BatchSpec:
     image_size: int
@@ -137,9 +146,20 @@ class BatchSpec:
 
     @classmethod
     def for_model(cls, model_config, text_len: int, *, num_datasets: int = 1, action_dim: Optional[int] = None,
-                  test_center_crop: bool = False, cameras: Tuple[str, ...] = ("primary",),
+                  test_center_crop: bool = False, cameras: Optional[Tuple[str, ...]] = None,
                   proprio_dim: Optional[int] = None) -> "BatchSpec":
-        """The layout a model config and a data config (text length, datasets, augmentation) imply."""
+        """The layout a model config and a data config (text length, datasets, augmentation) imply.
+
+        cameras: the camera names, one per model image (default `camera_names(model num_images)`);
+        proprio_dim: must be the model's (default: the model's). A disagreement is a ValueError."""
+        n = int(getattr(model_config, "num_images", 1))
+        model_p = getattr(model_config, "proprio_dim", None)
+        cameras = camera_names(n) if cameras is None else tuple(cameras)
+        if len(cameras) != n:
+            raise ValueError(f"BatchSpec.for_model: cameras={list(cameras)} ({len(cameras)}) but the model takes "
+                             f"num_images={n}")
+        if proprio_dim is not None and proprio_dim != model_p:
+            raise ValueError(f"BatchSpec.for_model: proprio_dim={proprio_dim} but the model has proprio_dim={model_p}")
         return cls(image_size=int(model_config.image_size), text_len=int(text_len),
-                   codec=ActionCodec.for_model(model_config, action_dim), cameras=tuple(cameras),
-                   proprio_dim=proprio_dim, num_datasets=int(num_datasets), test_center_crop=bool(test_center_crop))
+                   codec=ActionCodec.for_model(model_config, action_dim), cameras=cameras,
+                   proprio_dim=model_p, num_datasets=int(num_datasets), test_center_crop=bool(test_center_crop))

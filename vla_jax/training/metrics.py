@@ -49,8 +49,10 @@ def vit_forward_flops(cfg: ViTConfig) -> float:
 
 
 def projector_forward_flops(cfg: OpenVLAConfig) -> float:
-    p, v, d = cfg.num_patches, cfg.vision_dim, cfg.llama.hidden_size
-    return 2.0 * p * (v * 4 * v + 4 * v * d + d * d)
+    """Every camera's patches through the fused projector, plus the proprio projector if any."""
+    p, v, d = cfg.num_images * cfg.num_patches, cfg.vision_dim, cfg.llama.hidden_size
+    proprio = 0.0 if cfg.proprio_dim is None else 2.0 * (cfg.proprio_dim * d + d * d)
+    return 2.0 * p * (v * 4 * v + 4 * v * d + d * d) + proprio
 
 
 def llm_forward_flops(cfg: LlamaConfig, seq_len: int, num_logits: int) -> float:
@@ -64,9 +66,9 @@ def llm_forward_flops(cfg: LlamaConfig, seq_len: int, num_logits: int) -> float:
 
 def forward_flops(cfg: OpenVLAConfig, text_len: int, num_logits: int) -> Dict[str, float]:
     """Per-example forward FLOPs by part: {'vision', 'projector', 'llm'}."""
-    return {"vision": vit_forward_flops(cfg.dino) + vit_forward_flops(cfg.siglip),
+    return {"vision": cfg.num_images * (vit_forward_flops(cfg.dino) + vit_forward_flops(cfg.siglip)),
             "projector": projector_forward_flops(cfg),
-            "llm": llm_forward_flops(cfg.llama, text_len + cfg.num_patches, num_logits)}
+            "llm": llm_forward_flops(cfg.llama, text_len + cfg.num_inserted_tokens, num_logits)}
 
 
 def train_flops_per_example(cfg: OpenVLAConfig, text_len: int, num_logits: int,

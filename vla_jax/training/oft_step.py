@@ -73,7 +73,7 @@ def make_parallel_loss_fn(model: OpenVLA, cfg, hooks: ParamHooks, token_sums):
 
     cfg: step.LossConfig (its codec has decoding='parallel'); token_sums: step.py's `_metric_sums`
     (the token head reuses the autoregressive metrics). batch: pixel_values, input_ids, attention_mask,
-    labels, dataset_index (+ actions [B, K, D] for head 'l1')."""
+    labels, dataset_index (+ actions [B, K, D] for head 'l1', + proprio [B, P] with a proprio input)."""
     codec = cfg.codec
     if codec.decoding != "parallel":
         raise ValueError(f"make_parallel_loss_fn needs an ActionCodec with decoding='parallel', got {codec.decoding!r}")
@@ -90,11 +90,12 @@ def make_parallel_loss_fn(model: OpenVLA, cfg, hooks: ParamHooks, token_sums):
             params = hooks.apply_params(params)
         slots = action_slots(batch["labels"], codec)
         args = (batch["pixel_values"], batch["input_ids"], batch["attention_mask"], slots)
+        kw = dict(proprio=batch.get("proprio"), rngs={"dropout": rng})
         if codec.head == "l1":
-            pred = model.apply({"params": params}, *args, method=OpenVLA.parallel_actions, rngs={"dropout": rng})
+            pred = model.apply({"params": params}, *args, method=OpenVLA.parallel_actions, **kw)
             sums = _l1_sums(pred, batch["actions"], batch["dataset_index"], cfg.num_datasets, codec)
         else:
-            logits = model.apply({"params": params}, *args, method=OpenVLA.parallel_logits, rngs={"dropout": rng})
+            logits = model.apply({"params": params}, *args, method=OpenVLA.parallel_logits, **kw)
             targets, valid = oft_losses.chunk_token_targets(batch["labels"], codec.num_supervised)
             sums = token_sums(logits, targets, valid, batch["dataset_index"], cfg)
         return sums["ce_sum"] / total, sums

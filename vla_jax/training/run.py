@@ -14,7 +14,7 @@ import numpy as np
 
 from vla_jax import sharding as shd
 from vla_jax.models.config import OpenVLAConfig, get_preset, with_dtypes
-from vla_jax.spec import BatchSpec
+from vla_jax.spec import BatchSpec, camera_names
 
 log = logging.getLogger(__name__)
 
@@ -52,17 +52,18 @@ def maybe_initialize_distributed(mode: str = "auto", coordinator: str = "", num_
 
 
 def model_config(model_cfg) -> OpenVLAConfig:
-    """config.model (preset, dtype, param_dtype, remat, image_size, and OpenVLA-OFT's parallel_decoding,
-    chunk_size, action_head: the one place a run sets them) -> OpenVLAConfig. A recorded config without
-    the OFT keys (older checkpoints) is OpenVLA's autoregressive model."""
+    """config.model (preset, dtype, param_dtype, remat, image_size, OpenVLA-OFT's parallel_decoding,
+    chunk_size, action_head, and the inputs num_images, proprio_dim, film: the one place a run sets
+    them) -> OpenVLAConfig. A recorded config without the OFT or input keys (older checkpoints) is
+    OpenVLA's autoregressive one-camera model."""
     cfg = with_dtypes(get_preset(model_cfg.preset), model_cfg.dtype, model_cfg.param_dtype, remat=model_cfg.remat)
     oft = dict(parallel_decoding=model_cfg.get("parallel_decoding", False), chunk_size=model_cfg.get("chunk_size", 1),
-               action_head=model_cfg.get("action_head", "tokens"))
+               action_head=model_cfg.get("action_head", "tokens"), num_images=model_cfg.get("num_images", 1),
+               proprio_dim=model_cfg.get("proprio_dim", 0) or None, film=model_cfg.get("film", False))
     try:
         cfg = dataclasses.replace(cfg, **oft)  # OpenVLAConfig checks the combination
     except ValueError as e:
-        raise ValueError(f"config.model (parallel_decoding={oft['parallel_decoding']!r}, chunk_size="
-                         f"{oft['chunk_size']!r}, action_head={oft['action_head']!r}): {e}") from None
+        raise ValueError("config.model (" + ", ".join(f"{k}={v!r}" for k, v in oft.items()) + f"): {e}") from None
     if model_cfg.image_size:
         if model_cfg.image_size % cfg.dino.patch_size:
             raise ValueError(f"config.model.image_size={model_cfg.image_size} must be a multiple of the patch size "
@@ -152,20 +153,40 @@ def test_center_crop(data_cfg) -> bool:
     return bool(data_cfg.get("image_aug", False)) and "random_resized_crop" in tuple(ops)
 
 
+def check_inputs_agree(data_cfg, model_cfg: OpenVLAConfig) -> None:
+    """The data's cameras and proprio must be the model's: config.data.cameras == config.model.num_images
+    and config.data.use_proprio == (config.model.proprio_dim > 0); ValueError naming both flags."""
+    n = int(data_cfg.get("cameras", 1))
+    if n != model_cfg.num_images:
+        raise ValueError(f"config.data.cameras={n} but config.model.num_images={model_cfg.num_images}: the model "
+                         f"reads one image per camera the data delivers (set both to N)")
+    use = bool(data_cfg.get("use_proprio", False))
+    if use != (model_cfg.proprio_dim is not None):
+        raise ValueError(f"config.data.use_proprio={use} but config.model.proprio_dim={model_cfg.proprio_dim or 0}: "
+                         f"a proprio token needs the data's proprio and the data's proprio needs the token (set "
+                         f"use_proprio=True with proprio_dim=P, the dataset's state size, or False with 0)")
+
+
 def batch_spec(cfg, model_cfg: OpenVLAConfig, num_datasets: int = 1) -> BatchSpec:
     """The run's batch layout (stored with every checkpoint): the model's image size and action codec,
-    config.data.max_seq_len text tokens, the mixture's `num_datasets`, the test-time crop rule.
-    The data's actions per frame (config.data.action_chunk) must be the model's chunk_size."""
+    config.data.max_seq_len text tokens, the mixture's `num_datasets`, the test-time crop rule, the
+    cameras (`spec.camera_names(config.data.cameras)`: 'primary', 'wrist', ...) and proprio_dim.
+    The data's actions per frame (config.data.action_chunk) must be the model's chunk_size, its
+    cameras and proprio the model's num_images and proprio_dim (`check_inputs_agree`)."""
     k = int(cfg.data.get("action_chunk", 1))
     if k != model_cfg.chunk_size:
         raise ValueError(f"config.data.action_chunk={k} but config.model.chunk_size={model_cfg.chunk_size}: the model "
                          f"predicts chunk_size actions per frame and the data must carry as many (set both to K)")
+    check_inputs_agree(cfg.data, model_cfg)
     return BatchSpec.for_model(model_cfg, int(cfg.data.max_seq_len), num_datasets=int(num_datasets),
-                               test_center_crop=test_center_crop(cfg.data))
+                               test_center_crop=test_center_crop(cfg.data),
+                               cameras=camera_names(int(cfg.data.get("cameras", 1))),
+                               proprio_dim=model_cfg.proprio_dim)
 
 
 def example_inputs(spec: BatchSpec) -> Tuple[np.ndarray, np.ndarray]:
-    """model.init arguments from the layout: pixel_values uint8 [1, S, S, 3] and input_ids int32
+    """model.init arguments from the layout: pixel_values uint8 [1, S, S, 3] ([1, N, S, S, 3] with N cameras;
+    init creates the proprio projector from a zero state) and input_ids int32
     [1, text_len] (numpy: concrete for the model's checks)."""
     z = spec.zeros(1)
     return z["pixel_values"], np.ones_like(z["input_ids"])
@@ -210,7 +231,10 @@ def load_pretrained(path: str, abstract_params, model_cfg: OpenVLAConfig):
     except ImportError:
         hf = None
     if hf is not None and hf.is_hf_dir(path):
-        return hf.load_hf_params(path, base, expect_config=model_cfg)
+        # Cameras and proprio are run settings, not in an HF config.json (OFT_REFERENCE.md §7, §9): the
+        # folder's geometry is compared with the model's one-camera, no-proprio form.
+        expect = dataclasses.replace(model_cfg, num_images=1, proprio_dim=None)
+        return hf.load_hf_params(path, base, expect_config=expect)
     return ckpt_lib.load_params(path, base)
 
 
@@ -268,8 +292,20 @@ def make_data(cfg, model_cfg: OpenVLAConfig, per_process_batch: int, mesh) -> Da
 
     record = training_data_record(cfg.data.data_dir, cfg.data.mixture, cfg.data.split, cfg.data.dataset_configs,
                                   cfg.tokenizer)
+    check_proprio_statistics(it.dataset_statistics, model_cfg)
     return Data(it, list(it.dataset_names), it.dataset_statistics, tokenizer_asset(tok, model_cfg.action_dim),
                 batch_spec(cfg, model_cfg, len(it.dataset_names)), record)
+
+
+def check_proprio_statistics(statistics: Dict[str, Any], model_cfg: OpenVLAConfig) -> None:
+    """With a proprio token, every dataset's proprio (its statistics' size) must have the model's P."""
+    if model_cfg.proprio_dim is None:
+        return
+    dims = {name: len(entry["proprio"]["q01"]) for name, entry in statistics.items()}
+    bad = {name: d for name, d in dims.items() if d != model_cfg.proprio_dim}
+    if bad:
+        raise ValueError(f"config.model.proprio_dim={model_cfg.proprio_dim} but the data's proprio has "
+                         f"{bad} dimensions (dataset: size; proprio_key, cut by proprio_indices)")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -145,17 +145,21 @@ def make_optimizer(cfg: OptimConfig, num_steps: int) -> Tuple[optax.GradientTran
 # leave them out of the optimizer (no moments, no decay).
 UNUSED_VISION_PARAMS = ("last_block", "norm", "attn_pool")
 VISION_TOWERS = ("dino", "siglip")
+# OpenVLA-OFT's modules that an OpenVLA checkpoint does not have: created from their init when a run
+# starts from one, and always trained (upstream trains them in full beside the LoRA adapters).
+NEW_MODULES = ("action_head", "proprio_projector")
 
 
 def trainable_mask(params: Params, *, vision: bool = True, projector: bool = True, llm: bool = True) -> Any:
     """Bool tree over `params` (boxed or not): which parameters the optimizer updates."""
     params = nn.meta.unbox(params)
     expected = {"dino", "siglip", "projector", "llm"}
-    # OpenVLA-OFT's L1 action head (action_head='l1') is new at fine-tuning: always trained.
-    if set(params) - {"action_head"} != expected:
+    # OpenVLA-OFT's modules that are new at fine-tuning are always trained: the L1 action head
+    # (action_head='l1') and the proprio projector (proprio_dim set).
+    if set(params) - set(NEW_MODULES) != expected:
         raise ValueError(f"parameter tree has top-level keys {sorted(params)}, expected {sorted(expected)} "
-                         f"(+ 'action_head' with OpenVLA-OFT's L1 head)")
-    flags = {"dino": vision, "siglip": vision, "projector": projector, "llm": llm, "action_head": True}
+                         f"(+ 'action_head' with OpenVLA-OFT's L1 head, 'proprio_projector' with a proprio input)")
+    flags = {"dino": vision, "siglip": vision, "projector": projector, "llm": llm, **{k: True for k in NEW_MODULES}}
 
     def leaf(path, _):
         top = path[0].key
@@ -206,6 +210,17 @@ def abstract_params(model: nn.Module, example_inputs: Tuple[Any, ...], hooks: Pa
     return jax.eval_shape(init, jax.random.PRNGKey(0))
 
 
+def _model_modules(model: nn.Module) -> Tuple[str, ...]:
+    """The NEW_MODULES a model (an OpenVLA, by its config) creates."""
+    cfg = getattr(model, "config", None)
+    out = []
+    if getattr(cfg, "action_head", "tokens") == "l1":
+        out.append("action_head")
+    if getattr(cfg, "proprio_dim", None) is not None:
+        out.append("proprio_projector")
+    return tuple(out)
+
+
 def _state_init_fn(model: nn.Module, tx: optax.GradientTransformation, example_inputs, mask, hooks: ParamHooks):
     """rng -> boxed TrainState (params from model.init, or the model's `params` when given; then
     hooks.extend_params adds e.g. adapters)."""
@@ -214,10 +229,13 @@ def _state_init_fn(model: nn.Module, tx: optax.GradientTransformation, example_i
         init_rng, state_rng = jax.random.split(rng)
         if params is None:
             params = model.init(init_rng, *example_inputs)["params"]
-        elif getattr(getattr(model, "config", None), "action_head", "tokens") == "l1" and "action_head" not in params:
-            # OpenVLA-OFT fine-tuning from an OpenVLA checkpoint: the L1 head starts from its init (the
-            # rest of this init is unused and dropped by the compiler).
-            params = dict(params, action_head=model.init(init_rng, *example_inputs)["params"]["action_head"])
+        else:
+            # OpenVLA-OFT fine-tuning from an OpenVLA checkpoint: the L1 head and the proprio projector
+            # start from their init (the rest of this init is unused and dropped by the compiler).
+            missing = [k for k in NEW_MODULES if k in _model_modules(model) and k not in params]
+            if missing:
+                fresh = model.init(init_rng, *example_inputs)["params"]
+                params = dict(params, **{k: fresh[k] for k in missing})
         if hooks.extend_params:
             params = hooks.extend_params(params, init_rng)
         opt_state = tx.init(select(params, mask, True))

@@ -2,9 +2,10 @@
 
 Loss (OPENVLA_REFERENCE.md §1.5, §7): HF's shifted causal-LM cross-entropy restricted to the
 supervised positions (7 action tokens + EOS per example), softmax over the full vocabulary in
-fp32, mean over every supervised token of the global batch. With the image patches inserted after
-BOS (fused = [t_0, p_1..p_P, t_1, t_2, ...]), text token t >= 1 sits at fused index t + P and is
-predicted by the logit at fused index t + P - 1; the lm_head runs only there.
+fp32, mean over every supervised token of the global batch. With I embeddings inserted after BOS
+(fused = [t_0, p_1..p_I, t_1, t_2, ...]: every camera's patches, then the proprio token if any;
+I = `OpenVLAConfig.num_inserted_tokens`), text token t >= 1 sits at fused index t + I and is
+predicted by the logit at fused index t + I - 1; the lm_head runs only there.
 """
 
 from __future__ import annotations
@@ -29,12 +30,12 @@ SUM_KEYS = ("ce_sum", "tokens", "correct", "l1_sum", "actions", "ds_correct", "d
 
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
-    """What the loss reads, all from the run's BatchSpec: num_patches P (image patches inserted after
-    BOS, a model fact), the batch layout (which keys the step takes) and through it the ActionCodec
-    (supervised positions per example, the action-id range and its decoding) and the mixture size
-    (per-dataset metrics)."""
+    """What the loss reads, all from the run's BatchSpec: num_inserted I (the positions inserted after
+    BOS, a model fact: `OpenVLAConfig.num_inserted_tokens`), the batch layout (which keys the step
+    takes: cameras, proprio) and through it the ActionCodec (supervised positions per example, the
+    action-id range and its decoding) and the mixture size (per-dataset metrics)."""
 
-    num_patches: int
+    num_inserted: int
     spec: BatchSpec
 
     @property
@@ -53,10 +54,21 @@ class LossConfig:
     def for_model(cls, model_config, spec: BatchSpec) -> "LossConfig":
         if spec.image_size != model_config.image_size:
             raise ValueError(f"BatchSpec.image_size={spec.image_size} but the model takes {model_config.image_size}")
-        return cls(num_patches=model_config.num_patches, spec=spec)
+        check_inputs_match(model_config, spec)
+        return cls(num_inserted=model_config.num_inserted_tokens, spec=spec)
 
 
-def supervised_positions(labels, num_patches: int, k: int):
+def check_inputs_match(model_config, spec: BatchSpec) -> None:
+    """ValueError unless the batch layout's cameras and proprio are what the model takes."""
+    n, p = int(getattr(model_config, "num_images", 1)), getattr(model_config, "proprio_dim", None)
+    if len(spec.cameras) != n:
+        raise ValueError(f"the batch layout has {len(spec.cameras)} camera(s) {list(spec.cameras)} but the model "
+                         f"takes num_images={n}")
+    if spec.proprio_dim != p:
+        raise ValueError(f"the batch layout has proprio_dim={spec.proprio_dim} but the model has proprio_dim={p}")
+
+
+def supervised_positions(labels, num_inserted: int, k: int):
     """labels int32 [B, L] (-100 = unsupervised) -> (logit positions [B, K] into the fused sequence,
     targets [B, K], valid [B, K] bool). The first K supervised tokens of each row, in order; rows with
     fewer than K are padded with invalid entries (the host-side check rejects rows with more)."""
@@ -66,7 +78,7 @@ def supervised_positions(labels, num_patches: int, k: int):
     targets = jnp.take_along_axis(labels, order, axis=1)
     valid = targets != IGNORE_INDEX
     # Label index 0 (BOS) is never supervised, so order >= 1 wherever valid.
-    positions = jnp.maximum(order + num_patches - 1, 0)
+    positions = jnp.maximum(order + num_inserted - 1, 0)
     return positions, jnp.where(valid, targets, 0), valid
 
 
@@ -107,9 +119,9 @@ def make_loss_fn(model: nn.Module, cfg: LossConfig, hooks: ParamHooks = ParamHoo
     def loss_fn(params, batch, total_tokens, rng):
         if hooks.apply_params is not None:
             params = hooks.apply_params(params)
-        positions, targets, valid = supervised_positions(batch["labels"], cfg.num_patches, cfg.num_supervised)
+        positions, targets, valid = supervised_positions(batch["labels"], cfg.num_inserted, cfg.num_supervised)
         logits = model.apply({"params": params}, batch["pixel_values"], batch["input_ids"], positions,
-                             rngs={"dropout": rng})
+                             proprio=batch.get("proprio"), rngs={"dropout": rng})
         sums = _metric_sums(logits, targets, valid, batch["dataset_index"], cfg)
         return sums["ce_sum"] / total_tokens, sums
 
@@ -147,9 +159,10 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule
                     hooks: ParamHooks = ParamHooks(), mesh=None, return_grads: bool = False) -> Callable:
     """-> train_step(state, batch) -> (new state, metrics) (not jitted; see `jit_train_step`).
 
-    batch: the keys of loss_cfg.spec (pixel_values uint8 [B, S, S, 3], input_ids/labels int32 [B, L],
-    dataset_index int32 [B] for OpenVLA; with OFT's parallel decoding also attention_mask int32 [B, L]
-    and, for the L1 head, actions float32 [B, K, D]; other keys are ignored). Gradients flow only into the
+    batch: the keys of loss_cfg.spec (pixel_values uint8 [B, S, S, 3] or [B, N, S, S, 3] with N cameras,
+    input_ids/labels int32 [B, L], dataset_index int32 [B] for OpenVLA; proprio float32 [B, P] with a
+    proprio input; with OFT's parallel decoding also attention_mask int32 [B, L] and, for the L1 head,
+    actions float32 [B, K, D]; other keys are ignored). Gradients flow only into the
     trainable subtree of `mask`. mesh: keeps each micro-batch spread over the data-parallel devices
     (grad_accum_steps > 1). return_grads: add the trainable gradients to the metrics as metrics['grads'] (tests, debugging).
     """
