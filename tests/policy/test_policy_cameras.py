@@ -37,17 +37,27 @@ def reference_actions(policy, prim, wrist, state, instructions):
     entry = camera_stats_entry()
     q01, q99 = np.array(entry["proprio"]["q01"]), np.array(entry["proprio"]["q99"])
     proprio = np.clip(2.0 * (state - q01) / (q99 - q01 + 1e-8) - 1.0, -1.0, 1.0).astype(np.float32)
+    import jax
+
     params = policy.params
+    inserted = policy.config.num_inserted_tokens  # 2 x 16 patches + the proprio token
+    assert inserted == 2 * 16 + 1
+    prompts = [list(policy.tokenizer.inference_ids(text)) for text in instructions]
+    length = max(len(p) for p in prompts) + 7
+    # One compiled forward: ids right-padded to a fixed length (causal: the padding after position t
+    # changes nothing at t), the lm_head read at the last real position of the fused sequence.
+    forward = jax.jit(lambda x, ids, pos, pr: policy.model.apply({"params": params}, x, ids, pos, proprio=pr))
     tokens = []
-    for i, text in enumerate(instructions):
+    for i, ids in enumerate(prompts):
         pixels = np.stack([np.asarray(resize_image(prim[i], IMAGE_SIZE)),
                            np.asarray(resize_image(wrist[i], IMAGE_SIZE))])[None]  # [1, 2, S, S, 3]
-        ids = list(policy.tokenizer.inference_ids(text))
         out = []
         for _ in range(7):
-            logits = policy.model.apply({"params": params}, pixels, np.array([ids + out], np.int32),
-                                        proprio=proprio[i:i + 1])
-            out.append(int(np.argmax(np.asarray(logits[0, -1], np.float32))))
+            seq = ids + out
+            padded = np.zeros((1, length), np.int32)
+            padded[0, :len(seq)] = seq
+            logits = forward(pixels, padded, np.array([[inserted + len(seq) - 1]], np.int32), proprio[i:i + 1])
+            out.append(int(np.argmax(np.asarray(logits[0, 0], np.float32))))
         tokens.append(out)
     tokens = np.array(tokens)
     return tokens, np.stack([openvla_unnormalize(t, entry) for t in tokens]), proprio

@@ -28,9 +28,6 @@ def test_camera_keys_and_aliases():
     # ALOHA's order: two wrist cameras, so 'wrist_image' names neither (ambiguous).
     aloha = obs_lib.camera_keys(("primary", "left_wrist", "right_wrist"))
     assert "wrist_image" not in aloha and aloha["right_wrist"] == 2
-    assert obs_lib.default_camera_names(1) == ("primary",)
-    assert obs_lib.default_camera_names(2) == TWO
-    assert obs_lib.default_camera_names(3) == ("primary", "wrist", "wrist_2")
 
 
 def test_rows_by_name_alias_and_batched_dict_agree():

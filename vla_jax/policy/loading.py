@@ -25,7 +25,6 @@ from vla_jax.models.decode import split_layers
 from vla_jax.models.openvla import OpenVLA
 from vla_jax.policy import mesh as policy_mesh
 from vla_jax.policy.decoding import DEFAULT_BATCH_BUCKETS, DEFAULT_PROMPT_BUCKET
-from vla_jax.policy.observation import default_camera_names
 from vla_jax.spec import BATCH_SPEC_ASSET, BatchSpec
 from vla_jax.tokenizer import VLATokenizer
 
@@ -77,10 +76,9 @@ def derive_batch_spec(cfg: OpenVLAConfig, tokenizer: VLATokenizer, norm_stats: M
     random_crop = bool(data.get("image_aug", False)) and "random_resized_crop" in data.get("image_aug_ops",
                                                                                         ("random_resized_crop",))
     datasets = sum(1 for v in dict(norm_stats).values() if isinstance(v, Mapping) and "action" in v)
-    n_images, p_dim = model_inputs(cfg)  # camera names: upstream's orders (observation.default_camera_names)
+    # cameras and proprio: the model config's (camera names `vla_jax.spec.batch.camera_names`)
     return BatchSpec.for_model(cfg, text_len=tokenizer.max_len, num_datasets=max(1, datasets),
-                               test_center_crop=random_crop, cameras=default_camera_names(n_images),
-                               proprio_dim=p_dim or None)
+                               test_center_crop=random_crop)
 
 
 def model_inputs(cfg: OpenVLAConfig) -> Tuple[int, int]:
@@ -201,9 +199,12 @@ def _merge_lora(params: dict, run_config: Mapping[str, Any]) -> dict:
 def _check_param_tree(cfg: OpenVLAConfig, params: dict, where: str) -> None:
     from flax import traverse_util
 
-    example = (np.zeros((1, cfg.image_size, cfg.image_size, 3), np.uint8), np.ones((1, 4), np.int32))
-    want = traverse_util.flatten_dict(
-        jax.eval_shape(lambda: OpenVLA(cfg).init(jax.random.PRNGKey(0), *example))["params"])
+    n_images, p_dim = model_inputs(cfg)  # the model's inputs: its cameras and proprio (projector params)
+    s = cfg.image_size
+    pixels = np.zeros((1, n_images, s, s, 3) if n_images > 1 else (1, s, s, 3), np.uint8)
+    kw = {"proprio": np.zeros((1, p_dim), np.float32)} if p_dim else {}
+    want = traverse_util.flatten_dict(jax.eval_shape(
+        lambda: OpenVLA(cfg).init(jax.random.PRNGKey(0), pixels, np.ones((1, 4), np.int32), **kw))["params"])
     have = traverse_util.flatten_dict(params)
     want = {k: tuple(getattr(v, "value", v).shape) for k, v in want.items()}
     bad = sorted(set(want) ^ set(have)) + [k for k in want if k in have and tuple(have[k].shape) != want[k]]

@@ -33,12 +33,6 @@ WRIST_ALIAS = "wrist_image"
 STATE_KEYS = ("state", "proprio")
 
 
-def default_camera_names(n: int) -> Tuple[str, ...]:
-    """Camera names for a model that records no spec (training's naming): 'primary', then 'wrist' (LIBERO's
-    wrist camera, the Meta-World demo's gripper camera), then 'wrist_2', ... (ALOHA's second wrist)."""
-    return ("primary", "wrist", *(f"wrist_{i}" for i in range(2, int(n))))[:int(n)]
-
-
 def camera_keys(cameras: Sequence[str]) -> Dict[str, int]:
     """{observation key: camera index} of every name an observation may use for these cameras."""
     cameras = tuple(cameras)
