@@ -68,6 +68,7 @@ def policy(llama_tokenizer_path):
     return camera_policy(str(llama_tokenizer_path))
 
 
+@pytest.mark.slow  # the reference: 14 full forward passes, ~2 min on a 2-core CPU shared with other jobs
 def test_observation_dict_equals_the_model_called_directly(policy):
     assert policy.cameras == ("primary", "wrist") and policy.spec.proprio_dim == 4
     prim, wrist, state = observations()
