@@ -58,13 +58,21 @@ def run_sim(policy):
 
     if FLAGS.sim != "metaworld":
         raise app.UsageError(f"--sim={FLAGS.sim!r}: the only simulator is 'metaworld'")
+    from vla_jax.policy.loading import is_hf_dir
+    from vla_jax.sim.checkpoint_policy import SimPolicy
     from vla_jax.sim.closed_loop import run_evaluation
 
-    rep = run_evaluation(lambda images, instructions: policy.predict(images, instructions, FLAGS.unnorm_key).actions,
-                         FLAGS.sim_tasks, FLAGS.sim_episodes, FLAGS.out, name="model",
+    data_dir = FLAGS.data_dir
+    if not data_dir and not is_hf_dir(FLAGS.checkpoint):  # the demo dataset it trained on: its second camera
+        from vla_jax import checkpoints
+
+        data_dir = (checkpoints.load_assets(FLAGS.checkpoint).get("training_data") or {}).get("data_dir")
+    # The checkpoint's spec decides what the policy sees: a second camera and/or the proprio state.
+    sim_policy = SimPolicy(policy, FLAGS.unnorm_key, data_dir=data_dir)
+    rep = run_evaluation(sim_policy, FLAGS.sim_tasks, FLAGS.sim_episodes, FLAGS.out, name="model",
                          image_size=FLAGS.sim_image_size, max_steps=FLAGS.sim_max_steps, workers=FLAGS.sim_workers,
                          videos_per_task=FLAGS.sim_videos, reference_cache=FLAGS.sim_reference_cache or None,
-                         execute=FLAGS.sim_execute or None)
+                         execute=FLAGS.sim_execute or None, wrist_camera=sim_policy.wrist_camera)
     print(json.dumps({n: round(r["mean_success_rate"], 4) for n, r in rep["results"].items()}
                      | {"report": f"{FLAGS.out}/report.json"}))
 

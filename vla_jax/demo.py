@@ -1,6 +1,6 @@
 """`make demo`: closed-loop robot control in Meta-World with a tiny OpenVLA trained on this CPU.
 
-    python -m vla_jax.demo [--out=DIR] [--minutes=16] [--episodes=10]
+    python -m vla_jax.demo [--out=DIR] [--minutes=16] [--episodes=10] [--recipe=NAME] [--cameras=2] [--proprio]
 
 Phases (each a subprocess except the tokenizer, so TensorFlow and the simulator never share one):
   1. data       Meta-World expert demonstrations -> RLDS (vla_jax.sim.demos; cached)
@@ -13,6 +13,14 @@ Phases (each a subprocess except the tokenizer, so TensorFlow and the simulator 
 and prints a summary with the file locations. Re-running with the same --out resumes: the data
 and tokenizer are cached and a finished training run is kept. The result (recipe, success per task,
 steps, wall time, machine, commit) is also written to bench/results/demo_<recipe>.json.
+
+Several cameras and proprio: `--cameras=2` adds the demo data's wrist camera (gripperPOV) and `--proprio`
+the 4-D proprio state (hand xyz, gripper opening): the data variant make_demo_data writes with
+`--wrist_camera=gripperPOV [--proprio]` (its default folder; generated if missing), configs/demo.py
+`cameras=2,proprio=1`, its own train folder (train[_<recipe>]_cams2_proprio) and evaluation folders, and
+the result file demo_<recipe>_cams2_proprio.json (its `cameras` and `proprio_dim` read from the trained
+checkpoint's spec). Evaluation gives the policy what its spec asks for (eval.py, vla_jax.sim.checkpoint_policy);
+OpenVLA's HF layout has one image and no proprio, so such a model skips the HF export.
 """
 
 from __future__ import annotations
@@ -145,11 +153,27 @@ def config_recipe(recipe: str) -> str:
     return "oft" if recipe == "oft" or recipe.startswith("oft_") else "openvla"
 
 
+def input_suffix(cameras: int = 1, proprio: bool = False) -> str:
+    """'' for the one-camera demo, else e.g. '_cams2_proprio': names the train folder and the result file, so
+    a variant with a wrist camera and/or proprio never resumes or overwrites the one-camera run."""
+    return (f"_cams{cameras}" if cameras > 1 else "") + ("_proprio" if proprio else "")
+
+
+def train_folder(out: str, recipe: str, cameras: int = 1, proprio: bool = False) -> str:
+    """out/train (the OpenVLA recipe, one camera), out/train_<recipe> (OFT recipes), plus `input_suffix`."""
+    base = "train" if config_recipe(recipe) == "openvla" else f"train_{recipe}"
+    return os.path.join(out, base + input_suffix(cameras, proprio))
+
+
 def train_command(workdir: str, data_dir: str, tokenizer: str, steps: int, batch: int = 0, recipe: str = "openvla",
-                  chunk: int = 8, head: str = "l1") -> List[str]:
+                  chunk: int = 8, head: str = "l1", cameras: int = 1, proprio: bool = False) -> List[str]:
     arg = f"steps={steps}" + (f",batch={batch}" if batch else "")
     if config_recipe(recipe) == "oft":
         arg += f",recipe=oft,chunk={chunk},head={head}"
+    if cameras > 1:  # configs/demo.py: the wrist camera of the demo data (model num_images, data.cameras)
+        arg += f",cameras={cameras}"
+    if proprio:  # ... and its proprio state (model proprio_dim, data.use_proprio)
+        arg += ",proprio=1"
     return [sys.executable, "train.py", f"--config=configs/demo.py:{arg}",
             f"--workdir={workdir}",
             f"--config.tokenizer={tokenizer}", f"--config.data.data_dir={data_dir}",
@@ -220,7 +244,8 @@ def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m vla_jax.demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=None, help=f"output folder (default {default_out_dir()})")
-    p.add_argument("--data", default=None, help="demo dataset folder (default: the make_demo_data cache, 64 px)")
+    p.add_argument("--data", default=None, help="demo dataset folder (default: the make_demo_data cache, 64 px, with "
+                   "the wrist camera and/or proprio when asked for)")
     # Defaults sized for ~20 minutes in all on 2 cores: <= 16 min of training (calibration included),
     # then ~3.5 min of evaluation and export.
     p.add_argument("--minutes", type=float, default=16.0, help="training time budget (sets the step count)")
@@ -232,6 +257,10 @@ def parse_args(argv):
                         "OpenVLA-OFT (configs/demo.py recipe=oft: parallel decoding of --chunk actions, --head)")
     p.add_argument("--chunk", type=int, default=8, help="OFT recipes: actions per chunk K")
     p.add_argument("--head", default="l1", choices=("l1", "tokens"), help="OFT recipes: the action head")
+    p.add_argument("--cameras", type=int, default=1, choices=(1, 2),
+                   help="2: add the demo data's wrist camera (gripperPOV) as a second camera (configs/demo.py cameras=2)")
+    p.add_argument("--proprio", action="store_true",
+                   help="feed the proprio state (hand xyz, gripper opening) as one token (configs/demo.py proprio=1)")
     p.add_argument("--batch", type=int, default=0, help="global batch size (default: configs/demo.py's)")
     p.add_argument("--episodes", type=int, default=10, help="closed-loop episodes per task (held-out configs)")
     p.add_argument("--workers", type=int, default=2, help="simulator worker processes")
@@ -242,7 +271,8 @@ def parse_args(argv):
 def main(argv=None) -> Dict:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     from vla_jax.sim.demos import DemoSpec, generate, is_complete
-    from vla_jax.sim.make_demo_data import default_out_dir as data_root
+    from vla_jax.sim.make_demo_data import default_data_dir
+    from vla_jax.sim.observation import WRIST_CAMERA
 
     out = os.path.abspath(args.out or default_out_dir())
     os.makedirs(out, exist_ok=True)
@@ -252,8 +282,8 @@ def main(argv=None) -> Dict:
     say = lambda m: print(f"[demo] {m}", flush=True)  # noqa: E731
 
     t = time.perf_counter()
-    spec = DemoSpec(image_size=DEMO_IMAGE)
-    data_dir = os.path.abspath(args.data or os.path.join(data_root(), f"{spec.name}_{spec.image_size}"))
+    spec = DemoSpec(image_size=DEMO_IMAGE, wrist_camera=WRIST_CAMERA if args.cameras == 2 else "", proprio=args.proprio)
+    data_dir = os.path.abspath(args.data or default_data_dir(spec))
     say(f"1/6 data: {data_dir}" + (" (cached)" if is_complete(data_dir, spec) else " (generating, ~5 min)"))
     generate(data_dir, spec, workers=args.workers, say=say)
     times["data"] = time.perf_counter() - t
@@ -264,9 +294,11 @@ def main(argv=None) -> Dict:
     say(f"2/6 tokenizer: {tok}")
 
     t = time.perf_counter()
-    recipe = dict(recipe=args.recipe, chunk=args.chunk, head=args.head)  # configs/demo.py's model recipe
-    # An OFT recipe trains in its own folder: the kept OpenVLA run is not resumed with another model.
-    workdir = os.path.join(out, "train" if config_recipe(args.recipe) == "openvla" else f"train_{args.recipe}")
+    # configs/demo.py's model recipe and inputs
+    recipe = dict(recipe=args.recipe, chunk=args.chunk, head=args.head, cameras=args.cameras, proprio=args.proprio)
+    # Each recipe and input variant trains in its own folder: a kept run is never resumed with another model.
+    workdir = train_folder(out, args.recipe, args.cameras, args.proprio)
+    label = args.recipe + input_suffix(args.cameras, args.proprio)  # bench/results/demo_<label>.json
     budget_s = args.minutes * 60
     steps = args.steps
     if not steps and latest_step(workdir) is None:
@@ -293,29 +325,34 @@ def main(argv=None) -> Dict:
         say(f"training reached the {budget_s / 60:.1f}-min limit; evaluating step {trained} of {steps}")
 
     t = time.perf_counter()
-    offline_dir = os.path.join(out, "eval_offline")
+    tag = input_suffix(args.cameras, args.proprio)  # '' for one camera: the paths as before
+    offline_dir = os.path.join(out, f"eval_offline{tag}")
     say(f"4/6 offline evaluation on the held-out 'val' split -> {offline_dir}")
     _run(offline_command(workdir, data_dir, offline_dir), log_path)
     times["offline_eval"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    closed_dir = os.path.join(out, "eval_closed_loop")
+    closed_dir = os.path.join(out, f"eval_closed_loop{tag}")
     say(f"5/6 closed-loop evaluation: {args.episodes} held-out episodes per task -> {closed_dir}")
     # The expert and random reference lines are kept next to the demo data: they are the same every run.
     refs = os.path.join(os.path.dirname(data_dir), "reference_lines")
     _run(closed_loop_command(workdir, closed_dir, args.episodes, args.workers, refs), log_path)
     times["closed_loop_eval"] = time.perf_counter() - t
 
-    hf_dir = os.path.join(out, "hf_export")
-    if not args.skip_export:
+    hf_dir = os.path.join(out, f"hf_export{tag}")
+    # OpenVLA's HF layout has one image and no proprio projector: a model with either is not exported there.
+    export = not args.skip_export and args.cameras == 1 and not args.proprio
+    if not export and not args.skip_export:
+        say("6/6 HF export skipped: OpenVLA's HF layout takes one camera and no proprio")
+    if export:
         t = time.perf_counter()
         say(f"6/6 HF export -> {hf_dir}")
         _run(export_command(workdir, hf_dir), log_path)
         times["export"] = time.perf_counter() - t
-    summary = summarize(out, offline_dir, closed_dir, hf_dir if not args.skip_export else None, times)
-    with open(os.path.join(out, "summary.json"), "w") as f:
+    summary = summarize(out, offline_dir, closed_dir, hf_dir if export else None, times, workdir)
+    with open(os.path.join(out, f"summary{tag}.json"), "w") as f:
         json.dump(summary, f, indent=1)
-    result_path = write_result(args.recipe, summary, trained, time.perf_counter() - t_start)
+    result_path = write_result(label, summary, trained, time.perf_counter() - t_start, workdir)
     print(format_summary(summary) + f"\nresult: {result_path}", flush=True)
     return summary
 
@@ -351,11 +388,26 @@ def git_commit() -> str:
         return "unknown"
 
 
-def write_result(recipe: str, summary: Dict, train_steps: Optional[int], wall_s: float) -> str:
-    """bench/results/demo_<recipe>.json: the run's held-out closed-loop result in a fixed schema."""
+def checkpoint_inputs(workdir: Optional[str]) -> tuple:
+    """(camera count, proprio_dim or None) of the checkpoint under `workdir`, from its batch_spec asset (the
+    contract it was trained with); (1, None) without a workdir or for a checkpoint without the asset."""
+    if not workdir:
+        return 1, None
+    from vla_jax.checkpoints import load_assets
+
+    spec = load_assets(workdir).get("batch_spec") or {}
+    return len(spec.get("cameras") or ["primary"]), spec.get("proprio_dim")
+
+
+def write_result(recipe: str, summary: Dict, train_steps: Optional[int], wall_s: float,
+                 workdir: Optional[str] = None) -> str:
+    """bench/results/demo_<recipe>.json: the run's held-out closed-loop result in a fixed schema; `cameras`
+    and `proprio_dim` are the trained checkpoint's (`checkpoint_inputs(workdir)`)."""
     c = summary["closed_loop"]
     name = "model" if "model" in c["per_task"] else next(iter(c["per_task"]))
-    result = {"recipe": recipe, "cameras": 1, "mean_success": float(c["mean_success"][name]),
+    cameras, proprio_dim = checkpoint_inputs(workdir)
+    result = {"recipe": recipe, "cameras": cameras, "proprio_dim": proprio_dim,
+              "mean_success": float(c["mean_success"][name]),
               "per_task": {t: float(v) for t, v in c["per_task"][name].items()},
               "train_steps": train_steps, "wall_s_total": round(wall_s, 1), "times_s": summary["times_s"],
               "offline": {k: summary["offline"][k] for k in ("action_token_accuracy", "l1_normalized")},
@@ -375,7 +427,8 @@ def _first_success_gif(closed_dir: str, name: str = "model") -> Optional[str]:
     return os.path.join(folder, hits[0]) if hits else None
 
 
-def summarize(out: str, offline_dir: str, closed_dir: str, hf_dir: Optional[str], times: Dict[str, float]) -> Dict:
+def summarize(out: str, offline_dir: str, closed_dir: str, hf_dir: Optional[str], times: Dict[str, float],
+              workdir: Optional[str] = None) -> Dict:
     with open(os.path.join(offline_dir, "report.json")) as f:
         off = json.load(f)
     m = off.get("overall") or next(iter(off["per_dataset"].values()))
@@ -393,7 +446,7 @@ def summarize(out: str, offline_dir: str, closed_dir: str, hf_dir: Optional[str]
                         "per_task": per_task, "table": closed["table"],
                         "report": os.path.join(closed_dir, "report.json"),
                         "success_gif": _first_success_gif(closed_dir)},
-        "checkpoint": os.path.join(out, "train", "checkpoints"), "hf_export": hf_dir,
+        "checkpoint": os.path.join(workdir or os.path.join(out, "train"), "checkpoints"), "hf_export": hf_dir,
     }
 
 

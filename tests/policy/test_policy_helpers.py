@@ -45,9 +45,12 @@ def random_params(cfg, seed: int = 0) -> dict:
 
     from vla_jax.models.openvla import OpenVLA
 
-    s = cfg.image_size
-    shapes = jax.eval_shape(lambda: OpenVLA(cfg).init(jax.random.PRNGKey(0), np.zeros((1, s, s, 3), np.uint8),
-                                                      np.ones((1, 4), np.int32)))["params"]
+    s, n = cfg.image_size, int(getattr(cfg, "num_images", 1))
+    pixels = np.zeros((1, n, s, s, 3) if n > 1 else (1, s, s, 3), np.uint8)
+    p_dim = getattr(cfg, "proprio_dim", None)
+    kw = {"proprio": np.zeros((1, p_dim), np.float32)} if p_dim else {}
+    shapes = jax.eval_shape(lambda: OpenVLA(cfg).init(jax.random.PRNGKey(0), pixels, np.ones((1, 4), np.int32),
+                                                      **kw))["params"]
     flat = traverse_util.flatten_dict(nn.meta.unbox(shapes))
     rng = np.random.default_rng(seed)
     out = {}
@@ -124,3 +127,40 @@ def openvla_unnormalize(tokens, entry: dict) -> np.ndarray:
     low, high = np.array(a["q01"]), np.array(a["q99"])
     mask = np.array(a.get("mask", np.ones_like(low, dtype=bool)))
     return np.where(mask, 0.5 * (normalized + 1) * (high - low) + low, normalized)
+
+
+PROPRIO_DIM = 4
+
+
+def camera_stats_entry() -> dict:
+    """`stats_entry` plus 4-D proprio statistics; dim 3 was constant in training (min == max == q01 == q99),
+    where upstream's inference rule and the training rule disagree (OFT_REFERENCE.md §7)."""
+    entry = stats_entry(0.01)
+    entry["proprio"] = {"q01": [-0.5, -0.2, 0.0, 0.3], "q99": [0.5, 0.4, 1.0, 0.3], "min": [-0.6, -0.3, -0.1, 0.3],
+                        "max": [0.6, 0.5, 1.1, 0.3], "mean": [0.0, 0.1, 0.5, 0.3], "std": [0.3, 0.2, 0.3, 0.0]}
+    return entry
+
+
+def camera_model_config():
+    """The debug geometry at 56 px with two cameras and a 4-D proprio token."""
+    return dataclasses.replace(model_config(), num_images=2, proprio_dim=PROPRIO_DIM)
+
+
+@functools.lru_cache(maxsize=None)
+def camera_checkpoint(tokenizer_path: str) -> str:
+    """A checkpoint of `camera_model_config` (random weights) whose batch_spec says cameras ('primary',
+    'wrist') and proprio_dim 4, with `camera_stats_entry` statistics for 'bridge_dataset'."""
+    from vla_jax.spec import BatchSpec
+
+    cfg = camera_model_config()
+    workdir = tempfile.mkdtemp(prefix="vla_policy_cams_")
+    return write_checkpoint(workdir, cfg, random_params(cfg, seed=1), {"bridge_dataset": camera_stats_entry()},
+                            str(tokenizer_path), batch_spec=BatchSpec.for_model(cfg, text_len=40))
+
+
+@functools.lru_cache(maxsize=None)
+def camera_policy(tokenizer_path: str):
+    """Policy.load of `camera_checkpoint` with batch buckets (1, 4)."""
+    from vla_jax.policy import Policy
+
+    return Policy.load(camera_checkpoint(str(tokenizer_path)), batch_buckets=(1, 4), compilation_cache=False)

@@ -82,7 +82,9 @@ def test_derived_spec_crops_only_after_the_random_crop(llama_tokenizer_path):
     (dict(decoding="parallel"), r"decoding='parallel'.*but the model config has parallel_decoding=False"),
     (dict(image_size=224), r"image_size=224, n_bins=256, base_vocab_size=32000 do not match the model config "
                            r"\(56, 256, 32000\)"),
-    (dict(cameras=("primary", "wrist")), r"cameras=\['primary', 'wrist'\].*one camera"),
+    (dict(cameras=("primary", "wrist")), r"cameras=\['primary', 'wrist'\].*model config has num_images=1, "
+                                         r"proprio_dim=None"),
+    (dict(proprio_dim=4), r"proprio_dim=4, but the model config has num_images=1, proprio_dim=None"),
 ])
 def test_a_spec_the_policy_cannot_run_is_refused(llama_tokenizer_path, cfg_params, tmp_path, monkeypatch, kw, match):
     import dataclasses

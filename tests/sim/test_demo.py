@@ -144,3 +144,55 @@ def test_demo_oft_recipe_builds_and_is_wired(tmp_path):
     assert demo.config_recipe("oft_k4") == "oft" and demo.config_recipe("openvla") == "openvla"
     args = demo.parse_args(["--recipe=oft", "--chunk=4", "--head=tokens"])
     assert (args.recipe, args.chunk, args.head) == ("oft", 4, "tokens")
+
+
+def test_cameras_and_proprio_variant_is_wired(tmp_path, monkeypatch):
+    """`--cameras=2 --proprio`: configs/demo.py's args, the make_demo_data folder of that data variant, a
+    train folder and result file of its own (the one-camera run is neither resumed nor overwritten)."""
+    from vla_jax.sim import make_demo_data
+    from vla_jax.sim.demos import DemoSpec
+
+    d = str(tmp_path)
+    assert "--config=configs/demo.py:steps=100,cameras=2,proprio=1" in demo.train_command(
+        d, d, d, 100, cameras=2, proprio=True)
+    assert "--config=configs/demo.py:steps=100,recipe=oft,chunk=4,head=l1,cameras=2" in demo.train_command(
+        d, d, d, 100, recipe="oft", chunk=4, cameras=2)
+    assert "--config=configs/demo.py:steps=100" in demo.train_command(d, d, d, 100)  # one camera: unchanged
+    args = demo.parse_args(["--cameras=2", "--proprio"])
+    assert (args.cameras, args.proprio) == (2, True)
+    assert (demo.parse_args([]).cameras, demo.parse_args([]).proprio) == (1, False)
+    with pytest.raises(SystemExit):
+        demo.parse_args(["--cameras=3"])
+    assert demo.train_folder(d, "openvla") == os.path.join(d, "train")
+    assert demo.train_folder(d, "oft") == os.path.join(d, "train_oft")
+    assert demo.train_folder(d, "openvla", 2, True) == os.path.join(d, "train_cams2_proprio")
+    assert demo.train_folder(d, "oft_k4", 2, False) == os.path.join(d, "train_oft_k4_cams2")
+    # The data folder make_demo_data writes by default (the demo reads the same one).
+    monkeypatch.setenv("VLA_JAX_CACHE_DIR", d)
+    root = os.path.join(d, "demo_data")
+    assert make_demo_data.default_data_dir(DemoSpec(image_size=64)) == os.path.join(root, "metaworld_demo_64")
+    assert make_demo_data.default_data_dir(DemoSpec(image_size=64, wrist_camera="gripperPOV", proprio=True)) == \
+        os.path.join(root, "metaworld_demo_64_gripperPOV_proprio")
+
+
+def test_result_records_the_checkpoint_cameras_and_config_builds(tmp_path, monkeypatch, llama_tokenizer_path):
+    """The result's `cameras` / `proprio_dim` come from the trained checkpoint's spec, not from the flags;
+    configs/demo.py builds the 2-camera + proprio model and contract the demo's command line asks for."""
+    from configs import demo as demo_cfg
+    from tests.policy.test_policy_helpers import camera_checkpoint, random_checkpoint
+    from vla_jax.training import run
+
+    monkeypatch.setattr(demo, "REPO", str(tmp_path))
+    summary = {"times_s": {"train": 900.0}, "offline": {"action_token_accuracy": 0.5, "l1_normalized": 0.1},
+               "closed_loop": {"mean_success": {"model": 0.7}, "per_task": {"model": {"reach-v3": 0.7}}}}
+    path = demo.write_result("openvla_cams2_proprio", summary, 10, 1.0, camera_checkpoint(str(llama_tokenizer_path)))
+    assert path == str(tmp_path / "bench" / "results" / "demo_openvla_cams2_proprio.json")
+    with open(path) as f:
+        got = json.load(f)
+    assert (got["recipe"], got["cameras"], got["proprio_dim"]) == ("openvla_cams2_proprio", 2, 4)
+    # a checkpoint written before the batch_spec asset: one camera, no proprio
+    assert demo.checkpoint_inputs(random_checkpoint(str(llama_tokenizer_path))) == (1, None)
+    c = demo_cfg.get_config("steps=50,cameras=2,proprio=1")
+    m = run.model_config(c.model)
+    spec = run.batch_spec(c, m)
+    assert (m.num_images, m.proprio_dim, spec.cameras, spec.proprio_dim) == (2, 4, ("primary", "wrist"), 4)

@@ -225,15 +225,18 @@ def dataset_statistics(data_cfg: DataConfig) -> Dict[str, dict]:
 def standardized_trajectories(data_cfg: DataConfig, dataset: Optional[str] = None, split: str = "all",
                               process_index: int = 0, process_count: int = 1) -> tf.data.Dataset:
     """One dataset's standardized trajectories in file order, neither normalized nor filtered
-    (for inspection and tests): 'image' encoded tf.string [T], 'action' float32 [T, A],
-    'language_instruction' [T], 'dataset_index' int32 [T]. `dataset` defaults to the first of the mixture."""
+    (for inspection, offline evaluation and tests): 'image' encoded tf.string [T] ([T, N] with
+    data_cfg.cameras = N > 1, the image_keys order), 'action' float32 [T, A], 'language_instruction' [T],
+    'dataset_index' int32 [T], and with data_cfg.use_proprio the raw 'proprio' float32 [T, P].
+    `dataset` defaults to the first of the mixture."""
     sources = _open_sources(data_cfg)
     names = [s.cfg.name for s in sources]
     if dataset is not None and dataset not in names:
         raise ValueError(f"dataset {dataset!r} is not in mixture {data_cfg.mixture!r} ({names})")
     src = sources[names.index(dataset) if dataset else 0]
     return _standardized(src, split, shuffle=False, seed=None, threads=1, deterministic=True,
-                         process_index=process_index, process_count=process_count)
+                         process_index=process_index, process_count=process_count, cameras=data_cfg.cameras,
+                         proprio=data_cfg.use_proprio)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -28,7 +28,9 @@ def run_offline(policy, *, checkpoint: str, data_dir: str, dataset: str, out_dir
     for key in keys.values():
         policy.check_gripper(gripper, key)
     os.makedirs(out_dir, exist_ok=True)
-    eps = iter_episodes(data_dir, dataset, split, episodes, dataset_configs)
+    # the checkpoint's cameras and proprio decide what is read (its spec)
+    eps = iter_episodes(data_dir, dataset, split, episodes, dataset_configs, cameras=len(policy.cameras),
+                        proprio=bool(policy.spec.proprio_dim))
     result = offline.evaluate(policy, eps, unnorm_key=unnorm_key, batch_size=batch_size, keep_episodes=num_plots,
                               progress=progress, total=episodes * len(names) if episodes else None, gripper=gripper)
     plots = offline.plot_episodes(result, out_dir, gripper) if num_plots else []

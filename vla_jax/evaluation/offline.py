@@ -77,6 +77,8 @@ def evaluate(policy, episodes: Iterable[Episode], *, unnorm_key: Optional[str] =
     skipped, no_chunk, t0 = 0, 0, time.perf_counter()
     chunk = policy.codec.chunk_size if getattr(policy, "parallel", False) else None
     tokens = policy.codec.head == "tokens"
+    cameras, proprio = tuple(policy.cameras), bool(policy.spec.proprio_dim)
+    multi = len(cameras) > 1 or proprio
     bar = _progress(total, progress)
     for ep in episodes:
         key = policy.resolve_unnorm_key(unnorm_key or ep.dataset)
@@ -98,10 +100,14 @@ def evaluate(policy, episodes: Iterable[Episode], *, unnorm_key: Optional[str] =
             true_raw = ep.actions[keep].astype(np.float64)
         else:
             true_raw = np.stack([ep.actions[t:t + chunk] for t in np.flatnonzero(keep)]).astype(np.float64)
-        images = ep.images[keep]
         instructions = [s for s, k in zip(ep.instructions, keep) if k]
-        preds = [policy.predict(images[lo:lo + batch_size], instructions[lo:lo + batch_size], key, gripper)
-                 for lo in range(0, len(instructions), batch_size)]
+        frames = np.flatnonzero(keep)
+        preds = []
+        for lo in range(0, len(frames), batch_size):
+            rows = frames[lo:lo + batch_size]
+            # several cameras / proprio: every camera by name and the raw state (the policy normalizes it)
+            inputs = ep.observations(cameras, rows, proprio) if multi else ep.images[rows]
+            preds.append(policy.predict(inputs, instructions[lo:lo + batch_size], key, gripper))
         pred_norm = np.concatenate([p.normalized for p in preds])
         pred_tokens = np.concatenate([p.tokens for p in preds]) if tokens else None
         pred_raw = np.concatenate([p.actions for p in preds])  # gripper already in the `gripper` convention

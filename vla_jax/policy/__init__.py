@@ -4,14 +4,18 @@
     policy = Policy.load("runs/debug")                  # vla_jax workdir / step folder, or an HF OpenVLA folder
     pred = policy.predict(images, instructions)         # Prediction(tokens, normalized, actions)
 
-predict.py      Policy: prompts, decoding, statistics and gripper, the public prediction calls
+predict.py      Policy: prompts, decoding, the public prediction calls
+statistics.py   the checkpoint's dataset statistics: unnorm keys, action dims, un-normalization, gripper
 inputs.py       image checks and the resize / test-time crop, as the training pipeline does them
+observation.py  observation dicts: cameras by name (OFT's full_image/wrist_image too), the proprio state
+                and its inference-time normalization
 decoding.py     batch / prompt-length buckets and upstream's early-EOS ids (pure helpers of predict.py)
 loading.py      checkpoint -> (config, params, statistics, tokenizer, BatchSpec); Policy.load's body;
                 the persistent XLA compilation cache
 mesh.py         sharded inference: parameters over a device mesh, the decoder compiled for it
 serve.py        `python -m vla_jax.serve` (vla_jax/serve.py is its entry point)
 server.py       POST /act (OpenVLA deploy.py payloads), GET /health; the error contract
+payload.py      /act request bodies -> checked requests (images, state, control fields)
 batcher.py      bounded queue + batching window: concurrent requests share one model call
 connections.py  the stdlib threaded server hardened: backlog, per-connection deadlines, connection cap
 json_numpy.py   OpenVLA's wire format for arrays (the json-numpy package, behind size/shape checks)

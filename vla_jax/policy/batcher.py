@@ -1,6 +1,6 @@
 """Request batching: concurrent requests share one accelerator call.
 
-Request threads `submit` a validated example (image, prompt ids, unnorm key) and wait
+Request threads `submit` a validated example (observation, prompt ids, unnorm key) and wait
 on its future. One worker thread takes the first waiting request, then keeps collecting for at
 most `window_ms` (or until `max_batch` are in hand), and runs them as one batch. The queue is
 bounded: when `max_queue` requests already wait, `submit` raises `QueueFull` at once (HTTP 503)
@@ -15,7 +15,7 @@ import queue
 import threading
 import time
 from concurrent.futures import Future
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -28,11 +28,12 @@ class QueueFull(RuntimeError):
 
 @dataclasses.dataclass
 class Example:
-    """image: validated uint8 [H, W, 3] (resized by the worker, one call per batch and image size);
+    """observation: validated {camera name: uint8 [H, W, 3], 'state': float64 [P] with proprio}
+    (`Policy.check_observation`; resized by the worker, one call per batch, camera and image size);
     prompt: its token ids (checked by the handler); instruction: the text; unnorm_key: resolved dataset
     key; gripper: the output convention ('openvla' or 'dataset')."""
 
-    image: np.ndarray
+    observation: Dict[str, np.ndarray]
     prompt: List[int]
     unnorm_key: str
     instruction: str

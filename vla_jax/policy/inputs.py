@@ -8,22 +8,24 @@ actually needs resizing.
 
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
 
-def check_image(image, index: int = 0) -> np.ndarray:
-    """PIL image or uint8 [H, W, 3] array -> uint8 [H, W, 3]; ValueError naming the image otherwise."""
+def check_image(image, index: int = 0, camera: Optional[str] = None) -> np.ndarray:
+    """PIL image or uint8 [H, W, 3] array -> uint8 [H, W, 3]; ValueError naming the image (and its camera,
+    when given) otherwise."""
     if hasattr(image, "convert") and hasattr(image, "size"):  # a PIL image
         image = np.asarray(image.convert("RGB"))
     a = np.asarray(image)
+    what = f"image {index}" if camera is None else f"camera {camera!r} image {index}"
     if a.ndim != 3 or a.shape[-1] != 3:
-        raise ValueError(f"image {index}: expected an RGB image of shape [H, W, 3], got shape {a.shape}")
+        raise ValueError(f"{what}: expected an RGB image of shape [H, W, 3], got shape {a.shape}")
     if a.dtype != np.uint8:
-        raise ValueError(f"image {index}: expected dtype uint8 (raw RGB 0..255), got {a.dtype}")
+        raise ValueError(f"{what}: expected dtype uint8 (raw RGB 0..255), got {a.dtype}")
     if min(a.shape[:2]) < 1:
-        raise ValueError(f"image {index}: empty image of shape {a.shape}")
+        raise ValueError(f"{what}: empty image of shape {a.shape}")
     return a
 
 
@@ -42,10 +44,11 @@ def tf_image_fn(size: int, crop: bool) -> Callable:
     return tf.function(fn, reduce_retracing=True)
 
 
-def preprocess(images: Sequence, size: int, crop: bool, image_fn: Callable[[], Callable]) -> np.ndarray:
+def preprocess(images: Sequence, size: int, crop: bool, image_fn: Callable[[], Callable],
+               camera: Optional[str] = None) -> np.ndarray:
     """B images (list or uint8 [B, H, W, 3]) -> uint8 [B, size, size, 3]; image_fn() gives the TF function
-    (built on first use), called once per distinct input image size."""
-    imgs = [check_image(im, i) for i, im in enumerate(images)]
+    (built on first use), called once per distinct input image size; camera: its name, for errors."""
+    imgs = [check_image(im, i, camera) for i, im in enumerate(images)]
     if not imgs:
         raise ValueError("no images given")
     out = np.empty((len(imgs), size, size, 3), np.uint8)

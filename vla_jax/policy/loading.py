@@ -76,13 +76,20 @@ def derive_batch_spec(cfg: OpenVLAConfig, tokenizer: VLATokenizer, norm_stats: M
     random_crop = bool(data.get("image_aug", False)) and "random_resized_crop" in data.get("image_aug_ops",
                                                                                         ("random_resized_crop",))
     datasets = sum(1 for v in dict(norm_stats).values() if isinstance(v, Mapping) and "action" in v)
+    # cameras and proprio: the model config's (camera names `vla_jax.spec.batch.camera_names`)
     return BatchSpec.for_model(cfg, text_len=tokenizer.max_len, num_datasets=max(1, datasets),
                                test_center_crop=random_crop)
 
 
+def model_inputs(cfg: OpenVLAConfig) -> Tuple[int, int]:
+    """(cameras, proprio dims) a model config takes: `num_images` (1 when the config predates it) and
+    `proprio_dim` (0 = no proprio token)."""
+    return int(getattr(cfg, "num_images", 1) or 1), int(getattr(cfg, "proprio_dim", 0) or 0)
+
+
 def check_runnable(spec: BatchSpec, cfg: OpenVLAConfig, where: str) -> None:
-    """ValueError naming the field and value when `spec` is not what this policy runs: one camera, no
-    proprio, the model's image size and bins, and an action codec the model config runs: OpenVLA's
+    """ValueError naming the field and value when `spec` is not what this policy runs: the model's
+    cameras and proprio, its image size and bins, and an action codec the model config runs: OpenVLA's
     autoregressive decoding of one action, or (OpenVLA-OFT) parallel decoding with the config's
     chunk_size, action_head and action_dim."""
     codec = spec.codec
@@ -95,9 +102,11 @@ def check_runnable(spec: BatchSpec, cfg: OpenVLAConfig, where: str) -> None:
                          f"parallel_decoding={cfg.parallel_decoding}, chunk_size={cfg.chunk_size}, "
                          f"action_head={cfg.action_head!r}, action_dim={cfg.action_dim}: the checkpoint's "
                          f"batch_spec and its model do not belong together")
-    if len(spec.cameras) != 1 or spec.proprio_dim is not None:
-        raise ValueError(f"{where}: cameras={list(spec.cameras)}, proprio_dim={spec.proprio_dim}; Policy takes one "
-                         f"camera image and no proprioception")
+    n_images, p_dim = model_inputs(cfg)
+    if len(spec.cameras) != n_images or (spec.proprio_dim or 0) != p_dim:
+        raise ValueError(f"{where}: cameras={list(spec.cameras)}, proprio_dim={spec.proprio_dim}, but the model "
+                         f"config has num_images={n_images}, proprio_dim={p_dim or None}: the checkpoint's "
+                         f"batch_spec and its model do not belong together")
     model = (cfg.image_size, cfg.n_action_bins, cfg.base_vocab_size)
     if (spec.image_size, codec.n_bins, codec.base_vocab_size) != model:
         raise ValueError(f"{where}: image_size={spec.image_size}, n_bins={codec.n_bins}, "
@@ -221,9 +230,12 @@ def _merge_lora(params: dict, run_config: Mapping[str, Any], shardings: Any = No
 def _check_param_tree(cfg: OpenVLAConfig, params: dict, where: str) -> None:
     from flax import traverse_util
 
-    example = (np.zeros((1, cfg.image_size, cfg.image_size, 3), np.uint8), np.ones((1, 4), np.int32))
-    want = traverse_util.flatten_dict(
-        jax.eval_shape(lambda: OpenVLA(cfg).init(jax.random.PRNGKey(0), *example))["params"])
+    n_images, p_dim = model_inputs(cfg)  # the model's inputs: its cameras and proprio (projector params)
+    s = cfg.image_size
+    pixels = np.zeros((1, n_images, s, s, 3) if n_images > 1 else (1, s, s, 3), np.uint8)
+    kw = {"proprio": np.zeros((1, p_dim), np.float32)} if p_dim else {}
+    want = traverse_util.flatten_dict(jax.eval_shape(
+        lambda: OpenVLA(cfg).init(jax.random.PRNGKey(0), pixels, np.ones((1, 4), np.int32), **kw))["params"])
     have = traverse_util.flatten_dict(params)
     want = {k: tuple(getattr(v, "value", v).shape) for k, v in want.items()}
     bad = sorted(set(want) ^ set(have)) + [k for k in want if k in have and tuple(have[k].shape) != want[k]]
@@ -330,11 +342,14 @@ def load_policy(cls, path: str, *, center_crop: Optional[bool] = None, action_to
         mesh = policy_mesh.as_mesh(mesh)
 
         def place(cfg, spec):
+            if len(spec.cameras) != 1 or spec.proprio_dim:
+                raise ValueError(f"{path}: sharded inference (mesh=) takes one camera and no proprio; this checkpoint "
+                                 f"has cameras={list(spec.cameras)}, proprio_dim={spec.proprio_dim}: load it without mesh=")
             shardings = policy_mesh.param_shardings(cfg, mesh)  # checks the mesh divides the dimensions
             parallel = spec.codec.decoding == "parallel"  # OpenVLA-OFT: one pass on the stacked layout
             num_tokens = spec.codec.num_action_tokens + (1 if parallel else 0)  # Policy.default_num_tokens
             batch = min(int(b) for b in kw.get("batch_buckets", DEFAULT_BATCH_BUCKETS))
-            limit = cfg.llama.max_seq_len - cfg.num_patches - num_tokens  # Policy.max_prompt_len
+            limit = cfg.llama.max_seq_len - cfg.num_inserted_tokens - num_tokens  # Policy.max_prompt_len
             length = min(2 * int(kw.get("prompt_bucket", DEFAULT_PROMPT_BUCKET)), limit)
             key = (num_tokens, batch, length)
             abstract = (policy_mesh.abstract_params if parallel else policy_mesh.abstract_split_params)(cfg, mesh)

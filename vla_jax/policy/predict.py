@@ -4,10 +4,14 @@
     action = policy.predict_action(image, "put the carrot on the plate")      # float64 [action_dim]
     actions = policy.predict_actions(images, instructions)                    # float64 [B, action_dim]
     pred = policy.predict(images, instructions, keys, grippers)  # Prediction: tokens, normalized, actions
+    # several cameras / proprio: an observation dict per row (vla_jax/policy/observation.py)
+    chunk = policy.predict_action({"full_image": img, "wrist_image": wrist, "state": raw_state}, "open the drawer")
 
 The checkpoint's contract (`vla_jax.spec.BatchSpec`, its `batch_spec` asset; derived for older
-checkpoints and HF folders, `loading.derive_batch_spec`) sets the image size, the test-time crop and
-the action codec; the codec (`vla_jax.spec.ActionCodec`) is the one decoder and un-normalizer.
+checkpoints and HF folders, `loading.derive_batch_spec`) sets the image size, the test-time crop, the
+cameras (pixels uint8 [B, N, S, S, 3] in its camera order), the proprio size (the raw state normalized
+with the dataset's statistics, upstream's inference rule) and the action codec; the codec
+(`vla_jax.spec.ActionCodec`) is the one decoder and un-normalizer.
 
 What happens (OPENVLA_REFERENCE.md §2-§4, §9):
 1. Image: uint8 RGB [H, W, 3] -> the training pipeline's lanczos3 squash to the spec's image size
@@ -53,10 +57,12 @@ from vla_jax.models.decode import greedy_decode, is_split, split_layers, stack_l
 from vla_jax.models.parallel_decode import parallel_decode
 from vla_jax.models.openvla import OpenVLA
 from vla_jax.policy import inputs
+from vla_jax.policy import observation as policy_obs
 from vla_jax.policy import mesh as policy_mesh
 from vla_jax.policy.decoding import DEFAULT_BATCH_BUCKETS, DEFAULT_PROMPT_BUCKET, bucket, upstream_eos_ids
 from vla_jax.policy.loading import check_runnable, derive_batch_spec, load_policy
 from vla_jax.policy.prediction import Prediction, _per_row  # noqa: F401 (Prediction: re-exported)
+from vla_jax.policy.statistics import DatasetStatistics
 from vla_jax.spec import ActionCodec, BatchSpec
 from vla_jax.tokenizer import VLATokenizer
 
@@ -64,8 +70,9 @@ _WARMUP_INSTRUCTION = "pick up the object and put it in the bowl"
 log = logging.getLogger(__name__)
 
 
-class Policy:
-    """A loaded OpenVLA checkpoint that maps (image, instruction) to actions. Thread-safe."""
+class Policy(DatasetStatistics):
+    """A loaded OpenVLA checkpoint that maps (observation, instruction) to actions. Thread-safe. Its dataset
+    statistics, un-normalization and gripper conventions: `vla_jax.policy.statistics.DatasetStatistics`."""
 
     def __init__(self, config: OpenVLAConfig, params: Any, tokenizer: VLATokenizer, norm_stats: Mapping[str, Any], *,
                  spec: Optional[BatchSpec] = None, center_crop: Optional[bool] = None, action_tokens_only: bool = False,
@@ -102,6 +109,10 @@ class Policy:
             # training layout are split here (a copy; Policy.load splits and frees its freshly loaded ones).
             self.decode_params = params if is_split(params) else split_layers(params)
         # Sharded inference (vla_jax.policy.mesh): params placed over the mesh with training's rules.
+        if mesh is not None and (len(self.spec.cameras) != 1 or self.spec.proprio_dim):
+            raise ValueError(f"{source or 'Policy'}: sharded inference (mesh={mesh!r}) takes one camera and no "
+                             f"proprio; this checkpoint has cameras={list(self.spec.cameras)}, "
+                             f"proprio_dim={self.spec.proprio_dim}: load it without mesh=")
         self.mesh = None if mesh is None else policy_mesh.as_mesh(mesh)
         if self.mesh is not None:
             self.decode_params = jax.device_put(self.decode_params,
@@ -169,33 +180,6 @@ class Policy:
                            param_dtype=param_dtype, tokenizer=tokenizer, compilation_cache=compilation_cache,
                            device=device, mesh=mesh, device_memory=device_memory, **kw)
 
-    # -- statistics -----------------------------------------------------------------------------
-
-    @property
-    def unnorm_keys(self) -> List[str]:
-        """Datasets whose action statistics the checkpoint carries."""
-        return sorted(k for k, v in self.norm_stats.items() if isinstance(v, Mapping) and "action" in v)
-
-    def resolve_unnorm_key(self, unnorm_key: Optional[str] = None) -> str:
-        """OpenVLA's rule: None is allowed only with exactly one dataset; otherwise the key must exist."""
-        keys = self.unnorm_keys
-        if not keys:
-            raise ValueError(f"the checkpoint ({self.source or 'in memory'}) carries no action statistics, so actions "
-                             f"cannot be un-normalized (dataset_statistics keys: {sorted(self.norm_stats)})")
-        if unnorm_key is None:
-            if len(keys) != 1:
-                raise ValueError(f"the checkpoint was trained on {len(keys)} datasets; pass unnorm_key, one of {keys}")
-            return keys[0]
-        if not isinstance(unnorm_key, str) or unnorm_key not in keys:
-            raise ValueError(f"unknown unnorm_key {unnorm_key!r}; the checkpoint has statistics for {keys}")
-        return unnorm_key
-
-    def action_dim(self, unnorm_key: Optional[str] = None) -> int:
-        """len(q01) of the dataset's statistics (sets how many tokens are decoded, as in OpenVLA): the one
-        place the policy, the server and the evaluators read it."""
-        key = self.resolve_unnorm_key(unnorm_key)
-        return len(self.codec.action_statistics(self.norm_stats[key], f"{key!r} statistics")[0])
-
     # -- inputs ---------------------------------------------------------------------------------
 
     def check_image(self, image, index: int = 0) -> np.ndarray:
@@ -208,9 +192,46 @@ class Policy:
             self._tf_image_fn = inputs.tf_image_fn(self.image_size, self.center_crop)
         return self._tf_image_fn
 
-    def preprocess(self, images) -> np.ndarray:
+    def preprocess(self, images, camera: Optional[str] = None) -> np.ndarray:
         """B images (list or uint8 [B, H, W, 3]) -> uint8 [B, S, S, 3], exactly as training saw them."""
-        return inputs.preprocess(images, self.image_size, self.center_crop, self._image_fn)
+        return inputs.preprocess(images, self.image_size, self.center_crop, self._image_fn, camera)
+
+    @property
+    def cameras(self) -> Tuple[str, ...]:
+        """The checkpoint's camera names, primary first (`BatchSpec.cameras`)."""
+        return self.spec.cameras
+
+    def pixel_shape(self, batch: int) -> Tuple[int, ...]:
+        """Shape of the model's uint8 pixel input: [B, S, S, 3] for one camera, [B, N, S, S, 3] for N."""
+        return (int(batch),) + self.spec.image_shape()
+
+    def rows(self, observations, instructions):
+        """`predict`'s inputs -> (per camera, its B images; raw state float64 [B, P] or None; B instructions):
+        observation dicts (`vla_jax.policy.observation`), or bare images for a one-camera model."""
+        return policy_obs.rows(observations, instructions, self.cameras, self.spec.proprio_dim)
+
+    def model_inputs(self, per_cam, state: Optional[np.ndarray], unnorm_keys: Sequence[str]):
+        """`rows` output -> (uint8 pixels `pixel_shape(B)`, normalized proprio float32 [B, P] or None).
+        Each row's state is normalized with its own dataset's statistics (unnorm_keys[i], resolved) by
+        upstream's inference-time rule (`vla_jax.policy.observation`)."""
+        pix = [self.preprocess(imgs, cam if len(self.cameras) > 1 else None) for cam, imgs in zip(self.cameras, per_cam)]
+        pixels = pix[0] if len(pix) == 1 else np.stack(pix, axis=1)
+        if state is None:
+            return pixels, None
+        proprio = np.empty(state.shape, np.float32)
+        for key in sorted(set(unnorm_keys)):
+            idx = [i for i, k in enumerate(unnorm_keys) if k == key]
+            proprio[idx] = policy_obs.normalize_state(state[idx], self.norm_stats[key], f"{key!r} statistics")
+        return pixels, proprio
+
+    def check_observation(self, obs: Mapping[str, Any]) -> Dict[str, Any]:
+        """One observation dict (any accepted keys) -> {camera name: uint8 [H, W, 3], 'state': float64 [P]};
+        ValueError naming the field otherwise. The server checks each request with it before batching."""
+        per_cam, state = policy_obs.single(obs, self.cameras, self.spec.proprio_dim)
+        out: Dict[str, Any] = {cam: inputs.check_image(im, 0, cam) for cam, im in zip(self.cameras, per_cam)}
+        if state is not None:
+            out["state"] = state
+        return out
 
     def prompt_ids(self, instruction) -> List[int]:
         """Instruction (str or utf-8 bytes) -> `[BOS] + prompt + [29871]`; ValueError when empty or too long."""
@@ -227,10 +248,12 @@ class Policy:
         return ids
 
     def max_prompt_len(self, num_tokens: Optional[int] = None) -> int:
-        """Most text tokens (BOS..29871) a prompt may have: max_seq_len - image patches - generated tokens
-        (parallel decoding: - the K * D action slots - </s>)."""
+        """Most text tokens (BOS..29871) a prompt may have: max_seq_len - image patches of every camera -
+        the proprio token (if any) - generated tokens (parallel decoding: - the K * D action slots - </s>)."""
         n = num_tokens if num_tokens is not None else self.default_num_tokens()
-        return self.config.llama.max_seq_len - self.config.num_patches - n
+        prefix = getattr(self.config, "num_inserted_tokens",  # the model config's count (N x patches + proprio)
+                         self.config.num_patches * len(self.cameras) + (1 if self.spec.proprio_dim else 0))
+        return self.config.llama.max_seq_len - prefix - n
 
     # -- decoding -------------------------------------------------------------------------------
 
@@ -239,6 +262,12 @@ class Policy:
         return self.codec.num_action_tokens + (1 if self.parallel else 0)
 
     def _decode_fn(self, num_tokens: int):
+        """fn(params, pixels, ids, lengths[, proprio]) -> tokens; the proprio argument exists only when the
+        spec has proprio."""
+        if self.spec.proprio_dim:
+            if self.parallel:
+                return lambda p, x, i, l, s: parallel_decode(self.model, p, x, i, l, proprio=s)
+            return lambda p, x, i, l, s: greedy_decode(self.model, p, x, i, l, num_tokens, self._allowed, proprio=s)
         if self.parallel:
             return lambda p, x, i, l: parallel_decode(self.model, p, x, i, l)
         return lambda p, x, i, l: greedy_decode(self.model, p, x, i, l, num_tokens, self._allowed)
@@ -250,9 +279,10 @@ class Policy:
             return exe
         with self._compile_lock:
             if key not in self._executables:
-                s = self.image_size
-                args = (self.decode_params, jax.ShapeDtypeStruct((batch, s, s, 3), np.uint8),
+                args = (self.decode_params, jax.ShapeDtypeStruct(self.pixel_shape(batch), np.uint8),
                         jax.ShapeDtypeStruct((batch, length), np.int32), jax.ShapeDtypeStruct((batch,), np.int32))
+                if self.spec.proprio_dim:
+                    args += (jax.ShapeDtypeStruct((batch, self.spec.proprio_dim), np.float32),)
                 fn = jax.jit(self._decode_fn(num_tokens))
                 log.info("compiling the decoder for batch %d, prompt length %d, %d tokens ...", batch, length,
                          num_tokens)
@@ -274,8 +304,9 @@ class Policy:
         length = min(-(-prompt_len // self.prompt_bucket) * self.prompt_bucket, limit)
         return bucket(batch, self.batch_buckets), max(length, prompt_len)
 
-    def decode_tokens(self, pixels: np.ndarray, prompts: Sequence[Sequence[int]], num_tokens: int) -> np.ndarray:
-        """Preprocessed uint8 [B, S, S, 3] + B prompt id lists -> greedy token ids int32 [B, num_tokens]
+    def decode_tokens(self, pixels: np.ndarray, prompts: Sequence[Sequence[int]], num_tokens: int,
+                      proprio: Optional[np.ndarray] = None) -> np.ndarray:
+        """Preprocessed uint8 `pixel_shape(B)` (+ normalized proprio float32 [B, P] when the spec has it) + B prompt id lists -> greedy token ids int32 [B, num_tokens]
         (parallel decoding, num_tokens = K * D + 1: `parallel_decode`'s output, int32 token ids [B, K, D]
         for head 'tokens', float32 normalized actions [B, K, D] for head 'l1').
 
@@ -285,8 +316,13 @@ class Policy:
                              f"{self.codec.chunk_size}, head={self.codec.head!r}) always fills "
                              f"{self.codec.num_action_tokens} action slots + </s> = {self.default_num_tokens()}")
         b = len(prompts)
-        if pixels.shape[0] != b:
-            raise ValueError(f"{pixels.shape[0]} images but {b} prompts")
+        if tuple(pixels.shape) != self.pixel_shape(b):
+            raise ValueError(f"pixels have shape {list(pixels.shape)}; {b} prompts need {list(self.pixel_shape(b))} "
+                             f"(cameras {list(self.cameras)})")
+        p_dim = self.spec.proprio_dim
+        if (proprio is None) != (not p_dim) or (p_dim and np.shape(proprio) != (b, p_dim)):
+            raise ValueError("proprio must be " + (f"float32 [{b}, {p_dim}]" if p_dim else "None (the spec has no proprio)")
+                             + f", got {None if proprio is None else list(np.shape(proprio))}")
         limit = self.max_prompt_len(num_tokens)
         longest = max(len(p) for p in prompts)
         if longest > limit:
@@ -301,67 +337,16 @@ class Policy:
             for i, r in enumerate(rows_padded):
                 ids[i, :len(prompts[r])] = prompts[r]
                 lengths[i] = len(prompts[r])
-            tokens = self._executable(num_tokens, bb, length)(self.decode_params, pixels[rows_padded], ids, lengths)
+            extra = () if proprio is None else (np.asarray(proprio, np.float32)[rows_padded],)
+            tokens = self._executable(num_tokens, bb, length)(self.decode_params, pixels[rows_padded], ids, lengths,
+                                                              *extra)
             out.append(np.asarray(tokens)[:len(rows)])
         return np.concatenate(out, axis=0)
 
-    def tokens_to_normalized(self, tokens) -> np.ndarray:
-        """Action token ids [..., D] -> float64 normalized actions (`ActionCodec.decode`: OpenVLA's bin centers;
-        non-action ids clipped)."""
-        return self.codec.decode(tokens)
-
-    def unnormalize(self, normalized: np.ndarray, unnorm_key: Optional[str] = None) -> np.ndarray:
-        """float64 [..., D] in [-1, 1] -> raw actions with the key's q01/q99 (`ActionCodec.unnormalize`)."""
-        key = self.resolve_unnorm_key(unnorm_key)
-        return self.codec.unnormalize(normalized, self.norm_stats[key], f"{key!r} statistics")
-
-    def dataset_config(self, unnorm_key: Optional[str] = None) -> Mapping[str, Any]:
-        """DatasetConfig fields of the dataset behind `unnorm_key`: as the checkpoint recorded them, else
-        as registered in this process (built-in datasets, `vla_jax.data.oxe.load_dataset_configs`)."""
-        key = self.resolve_unnorm_key(unnorm_key)
-        if key in self.dataset_configs:
-            return self.dataset_configs[key]
-        import dataclasses
-
-        from vla_jax.data import oxe  # the registry (and TensorFlow): only for checkpoints without the record
-
-        if key in oxe.registered_datasets():
-            return dataclasses.asdict(oxe.get_dataset_config(key))
-        raise ValueError(f"gripper='dataset': the checkpoint ({self.source or 'in memory'}) does not record how dataset "
-                         f"{key!r} was registered (written before checkpoints kept their dataset configs) and it is "
-                         f"not registered here; pass its dataset-config file (eval.py --dataset_configs=FILE.json, "
-                         f"or vla_jax.data.oxe.load_dataset_configs(FILE) before predicting)")
-
-    def check_gripper(self, gripper: str, unnorm_key: Optional[str] = None) -> None:
-        """ValueError unless actions for `unnorm_key` can be returned in convention `gripper`."""
-        from vla_jax.spec.gripper import check_gripper_output, dataset_convention
-
-        if check_gripper_output(gripper) == "dataset":
-            dataset_convention(self.dataset_config(unnorm_key))
-
-    def convert_gripper(self, actions: np.ndarray, unnorm_key: Optional[str] = None,
-                        gripper: str = "openvla") -> np.ndarray:
-        """float64 [..., D] actions in OpenVLA's gripper convention -> `gripper`'s: 'openvla' (unchanged,
-        1 = open, 0 = closed) or 'dataset' (the convention the dataset was registered with)."""
-        from vla_jax.spec.gripper import check_gripper_output, to_dataset_gripper
-
-        if check_gripper_output(gripper) == "openvla":
-            return actions
-        return to_dataset_gripper(actions, self.dataset_config(unnorm_key))
-
     # -- public prediction API ------------------------------------------------------------------
-
-    @staticmethod
-    def _rows(images, instructions) -> Tuple[List[Any], List[Any]]:
-        """B images (a list, uint8 [B, H, W, 3] or one [H, W, 3]) + B instructions (or one for all) -> two lists."""
-        images = list(images) if not isinstance(images, np.ndarray) or images.ndim == 4 else [images]
-        if isinstance(instructions, (str, bytes)):
-            instructions = [instructions] * len(images)
-        if len(instructions) != len(images):
-            raise ValueError(f"{len(images)} images but {len(instructions)} instructions")
-        if not images:
-            raise ValueError("no images given")
-        return images, list(instructions)
+    # `observations`: B observation dicts (camera images by name, 'state' raw; see
+    # vla_jax/policy/observation.py), one batched dict, or for one-camera models without proprio also
+    # bare images (a list, uint8 [B, H, W, 3] or one [H, W, 3]); instructions: B strings or one for all.
 
     def _check_autoregressive(self, option: str) -> None:
         if self.parallel:
@@ -369,11 +354,12 @@ class Policy:
                              f"decoding='parallel', head={self.codec.head!r}, chunk_size={self.codec.chunk_size} "
                              f"(OpenVLA-OFT: one pass predicts the whole chunk)")
 
-    def predict_tokens(self, images, instructions, num_tokens: Optional[int] = None, *,
-                       stop_at_eos: bool = False) -> np.ndarray:
-        """B images + B instructions (or one for all) -> int32 [B, num_tokens] (default: the codec's action
-        tokens). stop_at_eos: rows with an early EOS get OpenVLA's ids instead (`upstream_eos_ids`).
-        Parallel decoding with head 'tokens': int32 [B, K, D] (num_tokens and stop_at_eos are refused)."""
+    def predict_tokens(self, observations, instructions, num_tokens: Optional[int] = None, *,
+                       stop_at_eos: bool = False, unnorm_key: Optional[str] = None) -> np.ndarray:
+        """B observations + B instructions -> int32 [B, num_tokens] (default: the codec's action tokens).
+        stop_at_eos: rows with an early EOS get OpenVLA's ids instead (`upstream_eos_ids`). unnorm_key:
+        the statistics a proprio state is normalized with. Parallel decoding with head 'tokens':
+        int32 [B, K, D] (num_tokens and stop_at_eos are refused)."""
         if self.parallel:
             if num_tokens is not None:
                 self._check_autoregressive(f"num_tokens={num_tokens}")
@@ -381,89 +367,81 @@ class Policy:
                 self._check_autoregressive("stop_at_eos=True")
             if self.codec.head != "tokens":
                 self._check_autoregressive("predict_tokens (head 'l1' predicts no tokens)")
-            images, instructions = self._rows(images, instructions)
-            return self.decode_tokens(self.preprocess(images), [self.prompt_ids(s) for s in instructions],
-                                      self.default_num_tokens())
-        images, instructions = self._rows(images, instructions)
+        per_cam, state, instructions = self.rows(observations, instructions)
+        keys = [self.resolve_unnorm_key(unnorm_key)] * len(instructions) if state is not None else []
+        pixels, proprio = self.model_inputs(per_cam, state, keys)
         prompts = [self.prompt_ids(s) for s in instructions]
-        n = int(num_tokens or self.codec.num_action_tokens)
-        tokens = self.decode_tokens(self.preprocess(images), prompts, n)
+        return self._tokens(pixels, proprio, prompts, num_tokens, stop_at_eos)
+
+    def _tokens(self, pixels, proprio, prompts, num_tokens: Optional[int], stop_at_eos: bool) -> np.ndarray:
+        if self.parallel:
+            return self.decode_tokens(pixels, prompts, self.default_num_tokens(), proprio)
+        tokens = self.decode_tokens(pixels, prompts, int(num_tokens or self.codec.num_action_tokens), proprio)
         if stop_at_eos:
             eos = self.tokenizer.tokenizer.eos_id
             tokens = np.stack([upstream_eos_ids(p, t, eos) for p, t in zip(prompts, tokens)])
         return tokens
 
-    def predict(self, images, instructions, unnorm_key: Union[None, str, Sequence[str]] = None,
+    def predict(self, observations, instructions, unnorm_key: Union[None, str, Sequence[str]] = None,
                 gripper: Union[str, Sequence[str]] = "openvla", *, stop_at_eos: bool = False) -> Prediction:
-        """B images (uint8 [H, W, 3] each, or [B, H, W, 3]) + B instructions -> `Prediction` (tokens,
-        normalized and raw actions): the one call the server and the evaluators use.
+        """B observations + B instructions -> `Prediction` (tokens, normalized and raw actions): the one
+        call the server and the evaluators use.
 
         unnorm_key: one dataset key for every row (None: the only one) or B keys; each row decodes as
           many tokens as the largest action dim among them (greedy decoding is causal: a row's first d
-          tokens are the same as a d-token decode) and is un-normalized with its own statistics.
+          tokens are the same as a d-token decode) and is un-normalized with its own statistics (its
+          proprio state, if any, normalized with them too).
         gripper: 'openvla' (1 = open, 0 = closed, as OpenVLA returns it) or 'dataset' (the convention the
           dataset was registered with; see `vla_jax.spec.gripper`), for every row or B of them.
         stop_at_eos: upstream's early-EOS decoding, for parity studies (see `predict_action`)."""
-        images, instructions = self._rows(images, instructions)
-        b = len(images)
+        per_cam, state, instructions = self.rows(observations, instructions)
+        b = len(instructions)
         keys = [self.resolve_unnorm_key(k) for k in _per_row(unnorm_key, b, "unnorm_key")]
         grippers = _per_row(gripper, b, "gripper")
         for key, g in sorted(set(zip(keys, grippers))):
             self.check_gripper(g, key)  # before decoding: a non-invertible convention fails fast
         dims = [self.action_dim(k) for k in keys]
+        prompts = [self.prompt_ids(s) for s in instructions]
         if self.parallel:
-            return self._predict_parallel(images, instructions, keys, grippers, dims, stop_at_eos)
-        if stop_at_eos and len(set(dims)) > 1:
+            if stop_at_eos:
+                self._check_autoregressive("stop_at_eos=True")
+            d = self.codec.action_dim
+            bad = sorted({(k, n) for k, n in zip(keys, dims) if n != d})
+            if bad:
+                raise ValueError(f"the statistics of {[k for k, _ in bad]} have action dims {[n for _, n in bad]}, "
+                                 f"but this parallel-decoding checkpoint predicts chunks of action_dim={d} (codec)")
+        elif stop_at_eos and len(set(dims)) > 1:
             raise ValueError(f"stop_at_eos needs one action dim for all rows; the keys {sorted(set(keys))} have "
                              f"{sorted(set(dims))}")
-        tokens = self.predict_tokens(images, instructions, max(dims), stop_at_eos=stop_at_eos)
-        normalized = self.codec.decode(tokens)
+        pixels, proprio = self.model_inputs(per_cam, state, keys)
+        out = self._tokens(pixels, proprio, prompts, max(dims), stop_at_eos)
+        if self.parallel and self.codec.head != "tokens":
+            tokens, normalized = None, np.asarray(out, np.float64)  # the L1 head's normalized chunk [B, K, D]
+        else:
+            tokens = np.asarray(out, np.int32)
+            normalized = self.codec.decode(tokens)
         rows: List[Any] = [None] * b
         for key, g, d in sorted(set(zip(keys, grippers, dims))):
             idx = [i for i in range(b) if keys[i] == key and grippers[i] == g]
-            raw = self.convert_gripper(self.unnormalize(normalized[idx, :d], key), key, g)
+            part = normalized[idx] if self.parallel else normalized[idx, :d]
+            raw = self.convert_gripper(self.unnormalize(part, key), key, g)  # [n, d] or chunks [n, K, D]
             for j, i in enumerate(idx):
                 rows[i] = raw[j]
         return Prediction(tokens, normalized, tuple(rows), tuple(keys))
 
-    def _predict_parallel(self, images, instructions, keys, grippers, dims, stop_at_eos) -> Prediction:
-        """`predict` for parallel-decoding checkpoints: one pass -> tokens (or the L1 head's normalized
-        chunk) [B, K, D] -> float64 normalized -> raw per row with its statistics, gripper per chunk row."""
-        if stop_at_eos:
-            self._check_autoregressive("stop_at_eos=True")
-        d = self.codec.action_dim
-        bad = sorted({(k, n) for k, n in zip(keys, dims) if n != d})
-        if bad:
-            raise ValueError(f"the statistics of {[k for k, _ in bad]} have action dims {[n for _, n in bad]}, but "
-                             f"this parallel-decoding checkpoint predicts chunks of action_dim={d} (codec)")
-        out = self.decode_tokens(self.preprocess(images), [self.prompt_ids(s) for s in instructions],
-                                 self.default_num_tokens())
-        if self.codec.head == "tokens":
-            tokens = np.asarray(out, np.int32)
-            normalized = self.codec.decode(tokens)
-        else:
-            tokens, normalized = None, np.asarray(out, np.float64)
-        b = len(images)
-        rows: List[Any] = [None] * b
-        for key, g in sorted(set(zip(keys, grippers))):
-            idx = [i for i in range(b) if keys[i] == key and grippers[i] == g]
-            raw = self.convert_gripper(self.unnormalize(normalized[idx], key), key, g)  # [n, K, D]
-            for j, i in enumerate(idx):
-                rows[i] = raw[j]
-        return Prediction(tokens, normalized, tuple(rows), tuple(keys))
-
-    def predict_actions(self, images, instructions, unnorm_key: Optional[str] = None,
+    def predict_actions(self, observations, instructions, unnorm_key: Optional[str] = None,
                         gripper: str = "openvla", *, stop_at_eos: bool = False) -> np.ndarray:
-        """B images (uint8 [H, W, 3] each, or [B, H, W, 3]) + B instructions -> float64 [B, action_dim]
-        ([B, K, action_dim] for parallel-decoding checkpoints; `predict(...).actions`; gripper and
-        stop_at_eos as there)."""
-        return self.predict(images, instructions, unnorm_key, gripper, stop_at_eos=stop_at_eos).actions
+        """B observations + B instructions -> float64 [B, action_dim] ([B, K, action_dim] for
+        parallel-decoding checkpoints; `predict(...).actions`; gripper and stop_at_eos as there)."""
+        return self.predict(observations, instructions, unnorm_key, gripper, stop_at_eos=stop_at_eos).actions
 
-    def predict_action(self, image, instruction: str, unnorm_key: Optional[str] = None,
+    def predict_action(self, observation, instruction: str, unnorm_key: Optional[str] = None,
                        gripper: str = "openvla", *, stop_at_eos: bool = False) -> np.ndarray:
-        """One uint8 RGB image [H, W, 3] (or PIL image) + instruction -> float64 [action_dim]
-        (gripper: see `predict_actions`). For a parallel-decoding (OpenVLA-OFT) checkpoint: the whole
-        chunk, float64 [K, action_dim] ([1, action_dim] when K = 1), the first row the action for now.
+        """One observation + instruction -> float64 [action_dim] (gripper: see `predict_actions`). The
+        observation: a uint8 RGB image [H, W, 3] (or PIL image) for a one-camera model, or a dict of camera
+        images by name plus the raw proprio 'state' [P] (OpenVLA-OFT's `full_image` / `wrist_image` /
+        `state` work too; vla_jax/policy/observation.py). For a parallel-decoding (OpenVLA-OFT) checkpoint:
+        the whole chunk, float64 [K, action_dim] ([1, action_dim] when K = 1), the first row the action for now.
 
         Differs from OpenVLA's `predict_action` in one case, on purpose: when the model emits EOS
         before the last action token, upstream's `generate` stops there and upstream decodes the last
@@ -471,7 +449,7 @@ class Policy:
         the action_dim generated positions. `stop_at_eos=True` gives upstream's result, for parity
         studies (`upstream_eos_ids`). Without an early EOS both agree.
         """
-        return self.predict_actions([image], [instruction], unnorm_key, gripper, stop_at_eos=stop_at_eos)[0]
+        return self.predict_actions([observation], [instruction], unnorm_key, gripper, stop_at_eos=stop_at_eos)[0]
 
     def warmup(self, batch_sizes: Sequence[int] = (1,), prompt_lengths: Optional[Sequence[int]] = None,
                num_tokens: Optional[int] = None) -> Dict[Tuple[int, int, int], float]:
@@ -489,7 +467,8 @@ class Policy:
 
     def describe(self) -> Dict[str, Any]:
         """JSON-able summary (served by GET /health)."""
-        return {"source": self.source, "image_size": self.image_size, "action_dim": self.codec.action_dim,
+        return {"source": self.source, "image_size": self.image_size, "cameras": list(self.cameras),
+                "proprio_dim": self.spec.proprio_dim, "action_dim": self.codec.action_dim,
                 "decoding": self.codec.decoding, "head": self.codec.head, "chunk_size": self.codec.chunk_size,
                 "unnorm_keys": self.unnorm_keys, "center_crop": self.center_crop,
                 "action_tokens_only": self.action_tokens_only, "batch_buckets": list(self.batch_buckets),

@@ -3,11 +3,14 @@
 POST /act  body: {"image": <json_numpy uint8 [H, W, 3]>, "instruction": str, "unnorm_key": str (optional),
                   "gripper": "openvla" (default: 1 = open, 0 = closed) | "dataset" (optional; the dataset's
                   registered convention, `Policy.convert_gripper`)}
-           or {"encoded": "<that object as a JSON string>"}.
+           or {"encoded": "<that object as a JSON string>"}. A checkpoint with several cameras and/or proprio
+           takes each camera by name (its spec's names, or OpenVLA-OFT's "full_image" / "wrist_image";
+           "image" is the primary) and the raw proprio "state" (json_numpy or a list of numbers), as
+           OpenVLA-OFT's deploy.py clients send them (vla_jax/policy/payload.py, observation.py).
            -> the action as a json_numpy float64 [action_dim] object; for the "encoded" form, that
               object serialised into a JSON string (exactly what deploy.py returns). A parallel-decoding
               (OpenVLA-OFT) checkpoint answers with its whole chunk, float64 [K, action_dim] (row 0 first);
-              such a model refuses the autoregressive decoding options (`AUTOREGRESSIVE_ONLY_FIELDS`)
+              such a model refuses the autoregressive decoding options (`payload.AUTOREGRESSIVE_ONLY_FIELDS`)
               with a 400 naming the option and its codec.
            Images deploy.py accepts are accepted and converted as it does (PIL `convert("RGB")`):
            uint8 grayscale [H, W] (or [H, W, 1]), gray+alpha [H, W, 2], RGB [H, W, 3], RGBA [H, W, 4].
@@ -15,7 +18,8 @@ GET /health -> {"status": "ok", ...model, batching and connection details}. HEAD
 
 Unlike deploy.py (which answers "error" with status 200), every failure is an HTTP error with a
 JSON body {"error": message, "status": code}: 400 malformed or invalid payload (bad JSON, JSON nested
-too deeply, missing field, image shape/dtype, empty instruction, unknown unnorm_key), 404 unknown path,
+too deeply, missing field or camera, unknown camera field, image shape/dtype, state length, empty
+instruction, unknown unnorm_key), 404 unknown path,
 405 wrong method (OPTIONS included), 411 no Content-Length, 413 body over the limit, 501 unknown method,
 503 queue full or too many connections, 504 timed out, 500 model failure. The request threads parse and
 validate; a single batching worker resizes and runs the model. A request whose client disconnects while
@@ -46,126 +50,22 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from http.server import BaseHTTPRequestHandler
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
-import numpy as np
 
 from vla_jax.policy import json_numpy
 from vla_jax.policy.batcher import Batcher, Example, QueueFull
 from vla_jax.policy.connections import (ConnectionLimits, DeadlineReader, HardenedHTTPServer, SocketWriter,
                                          peer_closed)
+from vla_jax.policy.payload import RequestError, parse_payload
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BODY = 32 * 1024 * 1024  # a 2048x2048 RGB image is 12 MiB raw, 16 MiB as base64
-MAX_IMAGE_SIDE = 4096
 DRAIN_FACTOR = 4  # over-limit bodies up to this many times the limit are read (and dropped) before the 413
 GONE_POLL_S = 0.05  # how often a waiting request checks that its client is still connected
-# Channel counts PIL's Image.fromarray maps to a mode deploy.py then converts with .convert("RGB").
-_PIL_CHANNELS = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}
-
-
-# Request fields that only mean something for autoregressive token decoding (upstream's early-EOS ids,
-# a token count, restricting the argmax to action tokens). The payload does not take them; a chunked
-# (parallel-decoding) model names them in a 400 so an AR client pointed at an OFT server learns why.
-AUTOREGRESSIVE_ONLY_FIELDS = ("stop_at_eos", "num_tokens", "action_tokens_only")
-
-
-class RequestError(Exception):
-    """Client error: sent back as `status` with {"error": message}."""
-
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status, self.message = int(status), message
 
 
 class ClientGone(Exception):
     """The client disconnected before its action was ready: nothing to answer."""
-
-
-def _to_rgb(value: np.ndarray) -> np.ndarray:
-    """uint8 [H, W], [H, W, 1|2|3|4] -> uint8 [H, W, 3] exactly as deploy.py's `Image.fromarray(a).convert("RGB")`."""
-    if value.dtype != np.uint8:
-        raise RequestError(400, f"field 'image' must have dtype uint8 ('|u1'), got {value.dtype.str!r} (shape "
-                                f"{list(value.shape)}); float images are not accepted: send raw 0..255 values")
-    channels = 1 if value.ndim == 2 else (value.shape[-1] if value.ndim == 3 else None)
-    if channels not in _PIL_CHANNELS:
-        raise RequestError(400, f"field 'image' must have shape [H, W, 3] (RGB), [H, W, 4] (RGBA), [H, W, 2] or "
-                                f"[H, W] (grayscale), got {list(value.shape)}")
-    h, w = value.shape[:2]
-    if not (1 <= h <= MAX_IMAGE_SIDE and 1 <= w <= MAX_IMAGE_SIDE):
-        raise RequestError(400, f"field 'image' is {h}x{w}; each side must be in [1, {MAX_IMAGE_SIDE}]")
-    if channels == 3:
-        return value
-    from PIL import Image  # only for non-RGB images
-
-    gray = value.reshape(h, w) if channels == 1 else value
-    return np.asarray(Image.fromarray(gray).convert("RGB"))
-
-
-def _as_image(value: Any, max_bytes: int) -> np.ndarray:
-    """json_numpy object (or an already-decoded array / nested list of ints) -> uint8 [H, W, 3]."""
-    if isinstance(value, dict):
-        try:
-            value = json_numpy.decode_array(value, max_bytes=max_bytes)
-        except ValueError as e:
-            raise RequestError(400, f"field 'image': {e}") from None
-    elif isinstance(value, list):  # clients without json_numpy may send plain nested lists
-        try:
-            arr = np.asarray(value)
-        except ValueError:
-            raise RequestError(400, "field 'image': a nested list must be rectangular [H, W, 3]") from None
-        if arr.dtype.kind not in "iu" or arr.size == 0 or arr.min() < 0 or arr.max() > 255:
-            raise RequestError(400, f"field 'image': a nested list must hold integers in [0, 255] (got dtype "
-                                    f"{arr.dtype}, shape {arr.shape})")
-        value = arr.astype(np.uint8)
-    if not isinstance(value, np.ndarray):
-        raise RequestError(400, f"field 'image' must be a json_numpy array, got {type(value).__name__}")
-    return _to_rgb(value)
-
-
-def _json(text, what: str):
-    try:
-        return json.loads(text)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise RequestError(400, f"{what} is not valid JSON: {e}") from None
-    except RecursionError:
-        raise RequestError(400, f"{what} nests JSON arrays/objects too deeply") from None
-
-
-def parse_payload(body: bytes, max_bytes: int, codec=None) -> Tuple[np.ndarray, str, Optional[str], bool, str]:
-    """Request body -> (image, instruction, unnorm_key, encoded_form, gripper). Raises RequestError(400).
-    codec: the served model's ActionCodec; with decoding 'parallel', autoregressive-only fields are a 400."""
-    payload = _json(body, "body")
-    encoded = isinstance(payload, dict) and "encoded" in payload
-    if encoded:
-        if len(payload) != 1:
-            raise RequestError(400, f"the 'encoded' form must be the only key; got keys {sorted(payload)}")
-        if not isinstance(payload["encoded"], str):
-            raise RequestError(400, "field 'encoded' must be a JSON string")
-        payload = _json(payload["encoded"], "field 'encoded'")
-    if not isinstance(payload, dict):
-        raise RequestError(400, f"payload must be a JSON object, got {type(payload).__name__}")
-    if codec is not None and codec.decoding == "parallel":
-        bad = [k for k in AUTOREGRESSIVE_ONLY_FIELDS if k in payload]
-        if bad:
-            raise RequestError(400, f"field(s) {bad} need an autoregressive model; this server's model has "
-                                    f"decoding='parallel', head={codec.head!r}, chunk_size={codec.chunk_size} "
-                                    f"(OpenVLA-OFT: it returns the whole [{codec.chunk_size}, {codec.action_dim}] "
-                                    f"chunk per request)")
-    missing = [k for k in ("image", "instruction") if k not in payload]
-    if missing:
-        raise RequestError(400, f"payload is missing field(s) {missing}; it has {sorted(payload)}")
-    instruction = payload["instruction"]
-    if not isinstance(instruction, str):
-        raise RequestError(400, f"field 'instruction' must be a string, got {type(instruction).__name__}")
-    if not instruction.strip():
-        raise RequestError(400, "field 'instruction' is empty")
-    key = payload.get("unnorm_key")
-    if key is not None and not isinstance(key, str):
-        raise RequestError(400, f"field 'unnorm_key' must be a string or null, got {type(key).__name__}")
-    gripper = payload.get("gripper", "openvla")
-    if gripper not in ("openvla", "dataset"):
-        raise RequestError(400, f"field 'gripper' must be 'openvla' or 'dataset', got {gripper!r}")
-    return _as_image(payload["image"], max_bytes), instruction, key, encoded, gripper
 
 
 class PolicyService:
@@ -190,7 +90,7 @@ class PolicyService:
         threads, and keeps the handlers quick so concurrent requests reach the queue close together."""
         p = self.policy
         compiled = set(p.compile_seconds)
-        pred = p.predict([ex.image for ex in examples], [ex.instruction for ex in examples],
+        pred = p.predict([ex.observation for ex in examples], [ex.instruction for ex in examples],
                          [ex.unnorm_key for ex in examples], [ex.gripper for ex in examples])
         for key in set(p.compile_seconds) - compiled:
             log.warning("compiled decoder bucket (tokens %d, batch %d, prompt length %d) while serving, in %.1f s: "
@@ -201,17 +101,19 @@ class PolicyService:
     def act(self, body: bytes, client_gone: Optional[Callable[[], bool]] = None) -> Tuple[Any, bool]:
         """Request body -> (float64 action, encoded_form). Raises RequestError, or ClientGone when
         `client_gone()` turns true while the request waits (its queued work is then cancelled)."""
-        image, instruction, key, encoded, gripper = parse_payload(body, self.max_body, self.policy.codec)
         p = self.policy
+        req = parse_payload(body, self.max_body, p.codec, p.cameras, p.spec.proprio_dim)
+        instruction, key, gripper = req.instruction, req.unnorm_key, req.gripper
         try:
             key = p.resolve_unnorm_key(key)
             p.check_gripper(gripper, key)
             prompt = p.prompt_ids(instruction)  # the prompt's length is checked here (a 400, not a failed batch)
-            image = p.check_image(image)
+            # cameras by name, image shapes, the state's length: a 400 naming the field, not a failed batch
+            obs = p.check_observation(req.observation)
         except ValueError as e:
             raise RequestError(400, str(e)) from None
         try:
-            future = self.batcher.submit(Example(image, prompt, key, instruction, gripper))
+            future = self.batcher.submit(Example(obs, prompt, key, instruction, gripper))
         except QueueFull as e:
             raise RequestError(503, str(e)) from None
         except RuntimeError as e:
@@ -234,7 +136,7 @@ class PolicyService:
             except Exception as e:  # noqa: BLE001 - model failure: reported, server stays up
                 raise RequestError(500, f"inference failed: {type(e).__name__}: {e}") from None
             else:
-                return result, encoded
+                return result, req.encoded
 
     def health(self) -> Dict[str, Any]:
         b = self.batcher

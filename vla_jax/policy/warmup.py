@@ -47,15 +47,16 @@ def warm_up(service, prompt_len: int = 64) -> Dict[str, Any]:
     before = set(p.compile_seconds)
     dims = sorted({p.action_dim(k) for k in p.unnorm_keys})
     batches, lengths = batch_buckets(p, service.batcher.max_batch), prompt_buckets(p, prompt_len)
-    s = p.image_size
     ids = p.prompt_ids(WARMUP_INSTRUCTION)
+    p_dim = p.spec.proprio_dim
     # parallel decoding (OFT) has one slot count whatever the statistics: K * D action slots + </s>
     counts = [p.default_num_tokens()] if getattr(p, "parallel", False) else dims
     for n in counts:
         for b in batches:
             for length in lengths:
                 prompt = (ids * (length // len(ids) + 1))[:length]  # exactly `length` real token ids
-                p.decode_tokens(np.zeros((b, s, s, 3), np.uint8), [prompt] * b, n)
+                p.decode_tokens(np.zeros(p.pixel_shape(b), np.uint8), [prompt] * b, n,
+                                None if not p_dim else np.zeros((b, p_dim), np.float32))
     new = {k: v for k, v in p.compile_seconds.items() if k not in before}
     decode_s = time.perf_counter() - t0
 
@@ -65,7 +66,11 @@ def warm_up(service, prompt_len: int = 64) -> Dict[str, Any]:
     resize_s = time.perf_counter() - t1
 
     img = np.random.default_rng(0).integers(0, 256, (*WARMUP_IMAGE_SIZES[0], 3), dtype=np.uint8)
-    body = json.dumps({"image": json_numpy.encode_array(img), "instruction": WARMUP_INSTRUCTION}).encode()
+    payload = {cam: json_numpy.encode_array(img) for cam in p.cameras}
+    if p_dim:  # a state inside the statistics' bounds of the first dataset (its q01)
+        payload["state"] = json_numpy.encode_array(np.asarray(p.norm_stats[p.unnorm_keys[0]]["proprio"]["q01"],
+                                                              np.float64))
+    body = json.dumps({**payload, "instruction": WARMUP_INSTRUCTION}).encode()
     t2 = time.perf_counter()
     service.act(body)
     request_ms = (time.perf_counter() - t2) * 1e3

@@ -6,7 +6,9 @@
   worker.py         simulator worker processes (rendering never shares a process with TensorFlow)
   rlds_writer.py    a generic writer of RLDS/TFDS builder folders
   demos.py          expert rollouts -> RLDS dataset + its dataset_config.json
+  observation.py    what a policy sees of a step: camera images and the 4-D proprio state, by RLDS key
   closed_loop.py    success rate / episode length of any batched policy, reference lines, report
+  checkpoint_policy.py  a vla_jax Policy in the closed loop: second camera and proprio from its spec
   video.py          rollout GIFs (PIL)
   make_demo_data.py the `python -m vla_jax.sim.make_demo_data` command
 

@@ -18,6 +18,13 @@ on the whole fixed batch (its other slots' chunks are ignored), so it compiles o
 script, when told to execute n < K actions, would execute the *last* n of the chunk; we execute the
 first n (the actions meant for now and the next steps), on purpose.
 
+Several cameras and proprio: a policy with the attribute `observation = ("image", "wrist_image", "state")`
+(any of them; default ("image",)) is called as `policy(obs, instructions)` with a dict of batched arrays:
+'image' uint8 [B, S, S, 3], 'wrist_image' uint8 [B, S, S, 3] (the simulator's second camera: the
+workers need `wrist_camera`), 'state' float32 [B, 4] (`vla_jax.sim.observation`: the same keys and
+proprio definition the demo dataset is written with). `SimPolicy` wraps a `vla_jax.policy.Policy` so,
+from its checkpoint's spec.
+
 Optional policy attributes: `needs_images = False` (nothing is rendered for it, zeros are passed),
 `sim_expert = True` (the actions come from Meta-World's scripted experts inside the simulator
 workers: `ExpertPolicy`).
@@ -35,13 +42,14 @@ import json
 import os
 import shutil
 import time
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from vla_jax import permissions
 from vla_jax.sim.instructions import instruction_for, resolve_task
 from vla_jax.sim.metaworld_env import CONFIGS_PER_SEED as HELDOUT_CONFIGS
+from vla_jax.sim.observation import PRIMARY_KEY, PROPRIO_DIM, PROPRIO_KEY, WRIST_KEY, policy_observation
 from vla_jax.sim.video import write_gif
 from vla_jax.sim.worker import SimWorkers
 
@@ -86,6 +94,21 @@ def _policy_actions(policy, images: np.ndarray, instructions: List[str], name: s
     if not np.all(np.isfinite(actions)):
         raise ValueError(f"policy {name!r} returned non-finite actions: {actions[~np.isfinite(actions).all(-1)]}")
     return actions
+
+
+def _observation_keys(policy, name: str, sim) -> Tuple[bool, bool]:
+    """(wrist camera, proprio) from the policy's `observation` attribute; ValueError naming what is wrong."""
+    keys = tuple(getattr(policy, "observation", (PRIMARY_KEY,)))
+    allowed = (PRIMARY_KEY, WRIST_KEY, PROPRIO_KEY)
+    bad = [k for k in keys if k not in allowed]
+    if bad or PRIMARY_KEY not in keys:
+        raise ValueError(f"policy {name!r} asks for observation keys {list(keys)}; Meta-World gives {list(allowed)} "
+                         f"and every policy takes {PRIMARY_KEY!r}")
+    wrist = WRIST_KEY in keys
+    if wrist and not sim.settings.get("wrist_camera"):
+        raise ValueError(f"policy {name!r} takes {WRIST_KEY!r} but the simulator workers render no second camera: "
+                         f"start them with SimWorkers(wrist_camera=...) (run_evaluation(wrist_camera=...))")
+    return wrist, PROPRIO_KEY in keys
 
 
 def _gif_path(video_dir: str, name: str, task: str, index: int, success: bool) -> str:
@@ -150,7 +173,13 @@ def evaluate(policy: Callable, tasks: Sequence[str], episodes_per_task: int, sim
     size = sim.settings["image_size"]
     needs_images = bool(getattr(policy, "needs_images", True))
     expert = bool(getattr(policy, "sim_expert", False))
+    wrist, proprio = _observation_keys(policy, name, sim)
     images = np.zeros((b, size, size, 3), np.uint8)
+    extra: Dict[str, np.ndarray] = {}  # the other observation keys' batched arrays, by key
+    if wrist:
+        extra[WRIST_KEY] = np.zeros((b, size, size, 3), np.uint8)
+    if proprio:
+        extra[PROPRIO_KEY] = np.zeros((b, PROPRIO_DIM), np.float32)
     instructions = [""] * b
     episode: Dict[int, dict] = {}  # slot -> {'task', 'index', 'frames'}
     results = {t: {} for t in tasks}
@@ -170,6 +199,10 @@ def evaluate(policy: Callable, tasks: Sequence[str], episodes_per_task: int, sim
             images[slot] = obs["image"]
             if ep["frames"] is not None:
                 ep["frames"].append(obs["image"])
+            if extra:  # the keys and proprio definition the demo data is written with
+                for key, value in policy_observation(obs, wrist=wrist, proprio=proprio).items():
+                    if key in extra:
+                        extra[key][slot] = value
 
     def start(slots: Sequence[int]) -> None:
         calls: Dict[int, list] = {}
@@ -197,7 +230,8 @@ def evaluate(policy: Callable, tasks: Sequence[str], episodes_per_task: int, sim
         need = [s for s in active if not plans[s]]
         if need:
             t0 = time.time()
-            out = _policy_actions(policy, images, list(instructions), name)
+            inputs = {PRIMARY_KEY: images, **extra} if extra else images
+            out = _policy_actions(policy, inputs, list(instructions), name)
             policy_s += time.time() - t0
             policy_calls += 1
             k = out.shape[1]
@@ -305,7 +339,7 @@ def run_evaluation(policy: Optional[Callable], tasks: Sequence[str], episodes_pe
                    references: Sequence[str] = ("expert", "random"), seed: int = 0, camera: str = "corner",
                    goal_marker_scale: float = 2.5, sim: Optional[SimWorkers] = None,
                    reference_cache: Optional[str] = None, say: Callable[[str], None] = print,
-                   execute: Optional[int] = None) -> dict:
+                   execute: Optional[int] = None, wrist_camera: str = "") -> dict:
     """Evaluate `policy` (None: only the references) and the reference lines on the same held-out
     configurations; writes out_dir/report.json and GIFs under out_dir/videos/{policy}/. Returns the report:
     {'settings': {...}, 'results': {policy name: evaluate(...) report}, 'table': str}.
@@ -316,7 +350,8 @@ def run_evaluation(policy: Optional[Callable], tasks: Sequence[str], episodes_pe
     reference_cache: a folder where the reference lines' reports are kept, keyed by everything that
     determines them (tasks, episodes, simulator settings, seed, batch size, videos): they do not
     depend on the evaluated policy, so a re-evaluation (e.g. each `make demo`) reuses them.
-    execute: chunk actions `policy` runs open-loop before re-planning (see `evaluate`; references act every step)."""
+    execute: chunk actions `policy` runs open-loop before re-planning (see `evaluate`; references act every step).
+    wrist_camera: a second camera the new workers render (for a policy taking 'wrist_image'; see `evaluate`)."""
     unknown = sorted(set(references) - {"expert", "random"})
     if unknown:
         raise ValueError(f"unknown reference policies {unknown}; available: ['expert', 'random']")
@@ -329,7 +364,7 @@ def run_evaluation(policy: Optional[Callable], tasks: Sequence[str], episodes_pe
     own = sim is None
     if own:
         sim = SimWorkers(workers, image_size=image_size, camera=camera, goal_marker_scale=goal_marker_scale,
-                         max_steps=max_steps)
+                         max_steps=max_steps, wrist_camera=wrist_camera)
     settings = {"tasks": tasks, "episodes_per_task": int(episodes_per_task), "split": "heldout (MT1 seed 1)",
                 "config_indices": [0, int(episodes_per_task)], **sim.settings}
     results = {}
@@ -338,8 +373,9 @@ def run_evaluation(policy: Optional[Callable], tasks: Sequence[str], episodes_pe
             is_ref = pname in references and (policy is None or pname != name)
             folder = None
             if reference_cache and is_ref:
+                # the reference lines see no second camera: one cache serves one- and two-camera evaluations
                 key = {"policy": pname, "seed": int(seed), "batch_size": batch_size, "videos": int(videos_per_task),
-                       "version": 1, **settings}
+                       "version": 1, **{k: v for k, v in settings.items() if k != "wrist_camera"}}
                 folder = _reference_dir(reference_cache, pname, key)
                 cached = _load_reference(folder, out_dir, pname)
                 if cached is not None:

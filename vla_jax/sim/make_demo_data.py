@@ -25,6 +25,13 @@ def default_out_dir() -> str:
     return os.path.join(root, "demo_data")
 
 
+def default_data_dir(spec: DemoSpec) -> str:
+    """Where a spec's dataset goes by default: <default_out_dir>/<name>_<image_size>[_<wrist camera>][_proprio]
+    (`python -m vla_jax.demo` reads the same folder)."""
+    extra = (f"_{spec.wrist_camera}" if spec.wrist_camera else "") + ("_proprio" if spec.proprio else "")
+    return os.path.join(default_out_dir(), f"{spec.name}_{spec.image_size}{extra}")
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m vla_jax.sim.make_demo_data", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -50,8 +57,7 @@ def main(argv=None) -> dict:
                     episodes_per_task=args.episodes_per_task, val_episodes_per_task=args.val_episodes_per_task,
                     image_size=args.image_size, max_steps=args.max_steps, name=args.name,
                     wrist_camera=args.wrist_camera, proprio=args.proprio)
-    extra = (f"_{spec.wrist_camera}" if spec.wrist_camera else "") + ("_proprio" if spec.proprio else "")
-    out = args.out or os.path.join(default_out_dir(), f"{spec.name}_{spec.image_size}{extra}")
+    out = args.out or default_data_dir(spec)
     summary = generate(out, spec, workers=args.workers, say=lambda m: print(m, flush=True))
     print(json.dumps({k: summary[k] for k in ("data_dir", "mixture", "dataset_configs", "episodes", "seconds")}))
     return summary
