@@ -192,8 +192,13 @@ def closed_loop_command(ckpt: str, out: str, episodes: int, workers: int, refere
             f"--sim_reference_cache={reference_cache}", "--progress=false"]
 
 
-def export_command(ckpt: str, out: str) -> List[str]:
-    # float32: the demo model is tiny and stays bit-exact; --overwrite: re-running the demo refreshes it
+def export_command(ckpt: str, out: str, oft: bool = False) -> List[str]:
+    """OpenVLA: the HF layout (`export`); OpenVLA-OFT: upstream's OFT layout (`export-oft`: the merged model
+    plus the action-head and proprio-projector files). float32: the demo model is tiny and stays
+    bit-exact; --overwrite: re-running the demo refreshes it."""
+    if oft:
+        return [sys.executable, "-m", "vla_jax.hf", "export-oft", ckpt, out, "--dtype=float32",
+                "--head_dtype=float32", "--proprio_dtype=float32", "--overwrite"]
     return [sys.executable, "-m", "vla_jax.hf", "export", ckpt, out, "--dtype=float32", "--overwrite"]
 
 
@@ -340,14 +345,16 @@ def main(argv=None) -> Dict:
     times["closed_loop_eval"] = time.perf_counter() - t
 
     hf_dir = os.path.join(out, f"hf_export{tag}")
-    # OpenVLA's HF layout has one image and no proprio projector: a model with either is not exported there.
-    export = not args.skip_export and args.cameras == 1 and not args.proprio
+    # OpenVLA's HF layout has one image and no proprio projector: an autoregressive model with either is not
+    # exported; an OFT model goes to upstream's OFT layout, which carries both.
+    oft = config_recipe(args.recipe) == "oft"
+    export = not args.skip_export and (oft or (args.cameras == 1 and not args.proprio))
     if not export and not args.skip_export:
         say("6/6 HF export skipped: OpenVLA's HF layout takes one camera and no proprio")
     if export:
         t = time.perf_counter()
-        say(f"6/6 HF export -> {hf_dir}")
-        _run(export_command(workdir, hf_dir), log_path)
+        say(f"6/6 {'OFT-layout' if oft else 'HF'} export -> {hf_dir}")
+        _run(export_command(workdir, hf_dir, oft), log_path)
         times["export"] = time.perf_counter() - t
     summary = summarize(out, offline_dir, closed_dir, hf_dir if export else None, times, workdir)
     with open(os.path.join(out, f"summary{tag}.json"), "w") as f:

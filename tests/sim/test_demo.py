@@ -69,6 +69,14 @@ def test_phase_commands_are_wired(tmp_path):
     for cmd in (demo.offline_command(d, d, d), demo.closed_loop_command(d, d, 3, 2)):
         assert cmd[1] == "eval.py"
     assert demo.export_command(d, d)[1:4] == ["-m", "vla_jax.hf", "export"]
+    # An OFT model goes to upstream's OFT layout; the flags it passes are the CLI's.
+    from vla_jax.hf.__main__ import _parser
+
+    for oft in (False, True):
+        cmd = demo.export_command(d, d, oft)
+        args = _parser().parse_args(cmd[3:])
+        assert args.dtype == "float32" and args.overwrite
+    assert cmd[3] == "export-oft" and args.head_dtype == args.proprio_dtype == "float32"
     assert demo.steps_for(10, 5.0) == 2700 and demo.steps_for(1, 5.0) == 150
     with pytest.raises(ValueError, match="minutes"):
         demo.steps_for(0, 5.0)
