@@ -21,11 +21,11 @@ TEXT_LEN = 16
 GIB = 2 ** 30
 
 
-def _config(name, preset):
+def _config(name, preset, arg=None):
     spec = importlib.util.spec_from_file_location(f"cfg_{name}_plan_inf", REPO / "configs" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    cfg = module.get_config(None)
+    cfg = module.get_config(arg)
     cfg.model.preset = preset
     cfg.lock()
     return cfg
@@ -41,7 +41,8 @@ def _devices(name):
 def _oft(devices, mesh, batch):
     from vla_jax.plan import oft_inference, planner
 
-    r = oft_inference.compile_oft_predict(devices, _config("oft", "debug").model, mesh, batch, TEXT_LEN)
+    r = oft_inference.compile_oft_predict(devices, _config("oft", "debug", "cameras=1,proprio=0").model, mesh, batch,
+                                          TEXT_LEN)  # one camera: the analytic count below is written for one
     return planner.inference_verdicts(r, budget_gb=0.001, passes=1)
 
 

@@ -94,8 +94,15 @@ def compile_predict_action(devices: Sequence[Any], mesh_shape=(1, 1, -1), batch:
         "devices": mesh.devices.size, "device_kind": mesh.devices.flat[0].device_kind, "mesh": dict(mesh.shape),
         "seconds": {"trace_and_lower": t1 - t0, "compile": t2 - t1},
     }
+    return add_compiled_figures(report, compiled, oom, params, inputs)
+
+
+def add_compiled_figures(report: Dict[str, Any], compiled, oom, params, inputs) -> Dict[str, Any]:
+    """Adds an inference program's per-device bytes (params, inputs, XLA's memory analysis) and the HLO
+    counts (FLOPs, bytes, collectives, loops) to `report`; for a program the TPU compiler refused for
+    lack of HBM (`oom` from `aot.compile_or_oom`), its own figures instead. Returns `report`."""
     pb = {"params": shard_bytes(params), "inputs": shard_bytes(inputs)}
-    if oom is not None:  # the TPU compiler refused it for lack of HBM: its own figures
+    if oom is not None:
         report.update(per_device_bytes=dict(pb, peak=oom["needed_bytes"]), compiler_oom=oom)
         return report
     hlo = compiled.as_text()

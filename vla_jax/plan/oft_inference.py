@@ -33,8 +33,8 @@ from vla_jax import sharding as shd
 from vla_jax.models.config import OpenVLAConfig, with_dtypes
 from vla_jax.models.openvla import OpenVLA
 from vla_jax.models.parallel_decode import parallel_decode
-from vla_jax.plan import aot, hlo_cost
-from vla_jax.plan.train_program import memory_report, shard_bytes
+from vla_jax.plan import aot
+from vla_jax.plan.inference import add_compiled_figures
 from vla_jax.training import metrics as mlib
 from vla_jax.training import run
 
@@ -127,13 +127,4 @@ def compile_oft_predict(devices: Sequence[Any], model_section, mesh_shape=(1, 1,
         "model_flops_per_device": batch * forward_flops_per_example(cfg, text_len) / n_dev,
         "seconds": {"trace_and_lower": t1 - t0, "compile": t2 - t1},
     }
-    pb = {"params": shard_bytes(params), "inputs": shard_bytes(inputs)}
-    if oom is not None:
-        report.update(per_device_bytes=dict(pb, peak=oom["needed_bytes"]), compiler_oom=oom)
-        return report
-    hlo = compiled.as_text()
-    counted = hlo_cost.analyze(hlo)
-    report.update(per_device_bytes=dict(pb, **memory_report(compiled)), _hlo=hlo,
-                  compiled_flops_per_device=counted["flops"], compiled_bytes_per_device=counted["bytes"],
-                  compiled_collective_bytes_per_device=counted["collective_bytes"], compiled_loops=counted["loops"])
-    return report
+    return add_compiled_figures(report, compiled, oom, params, inputs)

@@ -71,8 +71,9 @@ def as_mesh(spec: MeshSpec, devices: Optional[Sequence[jax.Device]] = None) -> M
 def _boxed_shapes(cfg: OpenVLAConfig) -> Any:
     """The model's params (stacked layout, OFT's params['action_head'] included) as ShapeDtypeStructs
     boxed with their logical names (nn.LogicallyPartitioned)."""
-    s = cfg.image_size
-    return jax.eval_shape(lambda: OpenVLA(cfg).init(jax.random.PRNGKey(0), np.zeros((1, s, s, 3), np.uint8),
+    s, n = cfg.image_size, cfg.num_images
+    pixels = np.zeros((1, s, s, 3) if n == 1 else (1, n, s, s, 3), np.uint8)  # proprio: init makes its own
+    return jax.eval_shape(lambda: OpenVLA(cfg).init(jax.random.PRNGKey(0), pixels,
                                                     np.ones((1, 4), np.int32)))["params"]
 
 
