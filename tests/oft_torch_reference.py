@@ -131,20 +131,26 @@ class TorchOFT:
     """OFT parallel decoding over a `TorchOpenVLA` (its weights, SDPA attention)."""
 
     def __init__(self, base: TorchOpenVLA, chunk_size: int, action_dim: int, head: TorchMLPResNet = None,
-                 proprio_projector: TorchProprioProjector = None):
+                 proprio_projector: TorchProprioProjector = None, film: "TorchFiLM" = None):
         self.base, self.k, self.d, self.head = base, chunk_size, action_dim, head
-        self.proprio_projector = proprio_projector
+        self.proprio_projector, self.film = proprio_projector, film
         base.language_model.set_attn_implementation("sdpa")
 
-    def _patches(self, pixel_values, proprio=None):
+    def _patches(self, pixel_values, proprio=None, lang=None):
         """-> the embeddings spliced in after BOS [B, N * P (+ 1), H]: every camera's tower features
-        concatenated on the sequence axis, the shared projector, then the proprio token if given."""
+        concatenated on the sequence axis, the shared projector, then the proprio token if given.
+        With FiLM, every camera's towers are modulated by the same language vector lang [B, H]."""
         b = self.base
         feats = []
         for image in camera_images(pixel_values):
             x = torch.from_numpy(np.asarray(image, np.float32) / 255.0).permute(0, 3, 1, 2)
-            feats.append(torch.cat([penultimate_features(b.featurizer, b._normalized(x, b.cfg.dino)),
-                                    penultimate_features(b.fused_featurizer, b._normalized(x, b.cfg.siglip))], dim=2))
+            xd, xs = b._normalized(x, b.cfg.dino), b._normalized(x, b.cfg.siglip)
+            if self.film is None:
+                parts = [penultimate_features(b.featurizer, xd), penultimate_features(b.fused_featurizer, xs)]
+            else:
+                parts = [self.film.penultimate_features(b.featurizer, self.film.featurizer, xd, lang),
+                         self.film.penultimate_features(b.fused_featurizer, self.film.fused_featurizer, xs, lang)]
+            feats.append(torch.cat(parts, dim=2))
         feats = torch.cat(feats, dim=1)
         p = b.projector
         gelu = torch.nn.functional.gelu
@@ -189,7 +195,10 @@ class TorchOFT:
         for row, n in enumerate(prompt_lengths):
             actions[row, n:n + a] = True
         text = lm.get_input_embeddings()(ids) * (~actions)[..., None].to(torch.float32)
-        patches = self._patches(pixel_values, proprio)
+        lang = None
+        if self.film is not None:  # non-action, non-pad positions of the raw embeddings
+            lang = film_language_vector(lm, ids, (~actions) & torch.as_tensor(attention_mask).bool())
+        patches = self._patches(pixel_values, proprio, lang)
         embeds = torch.cat([text[:, :1], patches, text[:, 1:]], dim=1)
         bsz, s = embeds.shape[:2]
         mask2d = torch.as_tensor(attention_mask).bool()
@@ -227,3 +236,78 @@ class TorchOFT:
         hidden = self.readout(self.last_hidden(pixel_values, input_ids, attention_mask, prompt_lengths, proprio=proprio),
                               prompt_lengths, inserted=self.num_inserted(pixel_values, proprio))
         return self.head(hidden.reshape(hidden.shape[0], self.k, -1)).numpy()
+
+
+# ----------------------------------------------------------------------------------------------
+# OFT+'s FiLM (OFT_REFERENCE.md §8), written from the reference's description
+
+
+class TorchFiLM(torch.nn.Module):
+    """One `scale` and one `shift` Linear(H -> D_vit) (with bias) per block of each tower (every block,
+    the last one included, as upstream wraps them all). `featurizer` = DINOv2, `fused_featurizer` = SigLIP.
+
+    `mode` picks the block wiring: 'upstream' (x += attn; x = x * (1 + gamma) + beta; x += mlp) or, for
+    mutation checks, 'no_one' (x * gamma + beta) and 'after_mlp' (the modulation after the MLP)."""
+
+    MODES = ("upstream", "no_one", "after_mlp")
+
+    def __init__(self, cfg, mode: str = "upstream"):
+        super().__init__()
+        assert mode in self.MODES
+        self.mode = mode
+        h = cfg.llama.hidden_size
+
+        def pairs(tower):
+            return torch.nn.ModuleList([torch.nn.ModuleDict({"scale": torch.nn.Linear(h, tower.width),
+                                                             "shift": torch.nn.Linear(h, tower.width)})
+                                        for _ in range(tower.depth)])
+
+        self.featurizer, self.fused_featurizer = pairs(cfg.dino), pairs(cfg.siglip)
+
+    def randomize(self, seed: int) -> "TorchFiLM":
+        """Weights ~ 0.5 / sqrt(H) and biases ~ 0.1 normal: gamma and beta large enough to matter."""
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in self.parameters():
+                scale = 0.1 if p.ndim == 1 else 0.5 * p.shape[-1] ** -0.5
+                p.copy_(scale * torch.randn(p.shape, generator=g))
+        return self.eval()
+
+    def block(self, block, pair, x, lang):
+        gamma = pair["scale"](lang)[:, None, :]
+        beta = pair["shift"](lang)[:, None, :]
+        x = x + block.drop_path1(block.ls1(block.attn(block.norm1(x))))
+        if self.mode == "after_mlp":
+            x = x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+        x = x * gamma + beta if self.mode == "no_one" else x * (1 + gamma) + beta
+        if self.mode != "after_mlp":
+            x = x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+        return x
+
+    def penultimate_features(self, vit, pairs, x, lang):
+        """`penultimate_features` with every block that runs (0..depth-2) FiLM-wrapped: [B, N, D]."""
+        x = vit.norm_pre(vit._pos_embed(vit.patch_embed(x)))
+        for block, pair in zip(list(vit.blocks)[:-1], list(pairs)[:-1]):
+            x = self.block(block, pair, x, lang)
+        return x[:, vit.num_prefix_tokens:]
+
+
+def film_params(film: TorchFiLM) -> dict:
+    """torch FiLM -> params['film'] of `vla_jax.models.film` (numpy): blocks 0..L-2 stacked, the last apart."""
+    def linear(m):
+        return {"kernel": m.weight.detach().numpy().T.copy(), "bias": m.bias.detach().numpy().copy()}
+
+    def tower(pairs):
+        per = [{n: linear(p[n]) for n in ("scale", "shift")} for p in pairs]
+        stacked = {n: {k: np.stack([b[n][k] for b in per[:-1]]) for k in ("kernel", "bias")}
+                   for n in ("scale", "shift")}
+        return {"blocks": stacked, "last_block": per[-1]}
+
+    return {"dino": tower(film.featurizer), "siglip": tower(film.fused_featurizer)}
+
+
+def film_language_vector(lm, input_ids, keep) -> torch.Tensor:
+    """The mean of the raw embedding lookups of `input_ids` [B, T] over the positions where keep [B, T]."""
+    raw = lm.get_input_embeddings()(torch.as_tensor(input_ids).long())
+    keep = torch.as_tensor(np.asarray(keep)).to(torch.float32)[..., None]
+    return (raw * keep).sum(1) / keep.sum(1)

@@ -44,6 +44,10 @@ LOGICAL_RULES: Tuple[Tuple[str, object], ...] = (
     ("proprio_in", None),
     ("proprio_embed", "fsdp"),
     ("proprio_hidden", "tensor"),
+    # OpenVLA-OFT+'s FiLM linears (vla_jax.models.film): the LLM width (input side) over fsdp, the tower
+    # width (output side) over tensor, as the proprio projector's.
+    ("film_in", "fsdp"),
+    ("film_out", "tensor"),
 )
 
 BATCH_AXES = ("data", "fsdp")

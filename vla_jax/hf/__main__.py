@@ -77,6 +77,9 @@ def _parser() -> argparse.ArgumentParser:
                      help="dtype of the stored params; 'checkpoint' keeps the merged model's (bf16 released)")
     oft.add_argument("--tokenizer", help="tokenizer.model to embed (default: the one in OFT_DIR)")
     oft.add_argument("--text_len", type=int, help="recorded text length, BOS..</s> (default K x D + 72)")
+    oft.add_argument("--film_lora_alpha", type=float,
+                     help="OFT+: LoRA alpha of vision_backbone--STEP's adapters (not stored there; default "
+                          "min(rank, 16), upstream's loader)")
     oft.add_argument("--overwrite", action="store_true")
 
     eoft = sub.add_parser("export-oft", parents=[common], help="vla_jax OpenVLA-OFT checkpoint -> the OFT layout")
@@ -92,6 +95,11 @@ def _parser() -> argparse.ArgumentParser:
     eoft.add_argument("--tokenizer", help="tokenizer.model or a folder of tokenizer files (default: the embedded one)")
     eoft.add_argument("--max_shard_size", default="5GB")
     eoft.add_argument("--remote_code", help="folder with configuration/modeling/processing_prismatic.py to copy")
+    eoft.add_argument("--film_dtype", default="float32", choices=["bfloat16", "float32", "float16"],
+                      help="OFT+: vision_backbone--STEP file (the FiLM-wrapped towers)")
+    eoft.add_argument("--film_lora_rank", default="auto",
+                      help="OFT+: rank of the zero LoRA adapters written beside the towers' weights (upstream's "
+                           "loader needs its lora_rank); 'auto' = the imported file's, else 32; 0 = none")
     eoft.add_argument("--overwrite", action="store_true")
     return p
 
@@ -148,7 +156,8 @@ def main(argv=None) -> int:
             s = oft_io.import_oft(args.oft_dir, args.out_dir, chunk_size=args.chunk_size,
                                   cameras=[c.strip() for c in args.cameras.split(",")], step=args.step,
                                   allow_pickle=args.allow_pickle, param_dtype=_dtype(args.param_dtype),
-                                  tokenizer=args.tokenizer, text_len=args.text_len, overwrite=args.overwrite, log=say)
+                                  tokenizer=args.tokenizer, text_len=args.text_len, overwrite=args.overwrite,
+                                  film_lora_alpha=args.film_lora_alpha, log=say)
             say(f"model: {ic.describe(s['config'])}")
             say(oft_io.describe_oft(s["config"], s))
             say(f"norm_stats: {s['norm_stats']} (dataset_statistics.json); tokenizer: {s['tokenizer']}")
@@ -158,7 +167,8 @@ def main(argv=None) -> int:
             step, files = oft_io.export_oft(args.ckpt, args.out_dir, dtype=args.dtype, head_dtype=args.head_dtype,
                                             proprio_dtype=args.proprio_dtype, step=args.step, tokenizer=args.tokenizer,
                                             max_shard_size=args.max_shard_size, overwrite=args.overwrite,
-                                            remote_code=args.remote_code)
+                                            remote_code=args.remote_code, film_dtype=args.film_dtype,
+                                            film_lora_rank=args.film_lora_rank)
             total = sum(os.path.getsize(os.path.join(args.out_dir, f)) for f in files)
             say(f"wrote {os.path.abspath(args.out_dir)} (OpenVLA-OFT step {step}): {len(files)} files, "
                 f"{total / 1e9:.2f} GB ({', '.join(files)}) in {time.perf_counter() - t0:.1f} s")

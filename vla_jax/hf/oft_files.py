@@ -182,10 +182,11 @@ def read_state(f: ComponentFile, allow_pickle: bool) -> StateFile:
                      lambda key: load(prefix + key))
 
 
-def write_state(path: str, tensors: Mapping[str, np.ndarray]) -> None:
-    """Writes a component's state dict (keys without `module.`) as safetensors, keys `module.`-prefixed
-    as upstream saves them (so `torch.save(safetensors.torch.load_file(path), '....pt')` gives the
-    released .pt). Metadata {"format": "pt"} as transformers writes."""
-    arrays = {oft_layout.DDP_PREFIX + k: np.ascontiguousarray(v) for k, v in tensors.items()}
+def write_state(path: str, tensors: Mapping[str, np.ndarray], prefix: str = oft_layout.DDP_PREFIX) -> None:
+    """Writes a component's state dict (keys without `module.`) as safetensors, keys `prefix`-ed
+    (`module.` as upstream saves them from DDP; '' for the FiLM backbone, saved from the model) so
+    that `torch.save(safetensors.torch.load_file(path), '....pt')` gives the released .pt. Metadata
+    {"format": "pt"} as transformers writes."""
+    arrays = {prefix + k: np.ascontiguousarray(v) for k, v in tensors.items()}
     safetensors.numpy.save_file(arrays, path, metadata={"format": "pt"})
     os.chmod(path, permissions.file_mode())  # the library creates files 0600

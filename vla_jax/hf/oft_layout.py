@@ -5,7 +5,8 @@ one state dict per extra module, saved from its DDP wrapper (so every key starts
 
   action_head--{STEP}_checkpoint.pt        `L1RegressionActionHead` = `model`: MLPResNet(num_blocks=2)
   proprio_projector--{STEP}_checkpoint.pt  `ProprioProjector`: fc1 -> GELU -> fc2
-  vision_backbone--{STEP}_checkpoint.pt    the FiLM-wrapped vision backbone (OFT+; not supported here)
+  vision_backbone--{STEP}_checkpoint.pt    the FiLM-wrapped vision backbone (OFT+; no `module.` prefix:
+                                           its own table is in `oft_film`)
   noisy_action_projector--{STEP}_checkpoint.pt   the diffusion head's projector (not supported here)
 
 Tables (file key without `module.`, torch layout [out, in] -> params path, Flax layout [in, out]);
@@ -147,8 +148,10 @@ def proprio_geometry(shapes: Mapping[str, Tuple[int, ...]], hidden: int, where: 
     return p
 
 
-def check_state(shapes: Mapping[str, Tuple[int, ...]], rules: Sequence[TensorRule], where: str) -> None:
-    """ValueError naming the file (`where`) and the first missing / unexpected keys and wrong shapes."""
+def check_state(shapes: Mapping[str, Tuple[int, ...]], rules: Sequence[TensorRule], where: str,
+                prefix: str = DDP_PREFIX) -> None:
+    """ValueError naming the file (`where`) and the first missing / unexpected keys and wrong shapes.
+    `prefix`: what the file's keys start with, for the messages (`module.`; '' for the FiLM file)."""
     want = {r.key: tuple(r.shape) for r in rules}
     missing = [k for k in want if k not in shapes]
     unexpected = [k for k in shapes if k not in want]
@@ -156,13 +159,13 @@ def check_state(shapes: Mapping[str, Tuple[int, ...]], rules: Sequence[TensorRul
     parts = []
     if missing:
         parts.append(f"{len(missing)} tensors missing, e.g. " + ", ".join(
-            f"{DDP_PREFIX}{k} (expected shape {list(want[k])})" for k in missing[:3]))
+            f"{prefix}{k} (expected shape {list(want[k])})" for k in missing[:3]))
     if unexpected:
         parts.append(f"{len(unexpected)} unexpected tensors, e.g. " + ", ".join(
-            f"{DDP_PREFIX}{k}" for k in unexpected[:3]))
+            f"{prefix}{k}" for k in unexpected[:3]))
     if bad:
         parts.append(f"{len(bad)} shape mismatches, e.g. " + ", ".join(
-            f"{DDP_PREFIX}{k} has shape {list(shapes[k])}, expected {list(want[k])}" for k in bad[:3]))
+            f"{prefix}{k} has shape {list(shapes[k])}, expected {list(want[k])}" for k in bad[:3]))
     if parts:
         raise ValueError(f"{where} does not match the model: " + "; ".join(parts))
 

@@ -134,7 +134,9 @@ class OpenVLAConfig:
     projected to one token placed after the last image's patches (`vla_jax.models.proprio`,
     params['proprio_projector']). The fused sequence is
     `[BOS] [img_0 patches] .. [img_{N-1} patches] [proprio]? [text ...]`; `num_inserted_tokens` counts
-    what sits between BOS and the text. `film`: OFT+'s FiLM (§8); not implemented here, True is refused.
+    what sits between BOS and the text.
+    `film`: OFT+'s FiLM (§8, `vla_jax.models.film`): every block of both towers is modulated by
+    scale/shift linears of the mean raw embedding of the prompt (params['film']); needs parallel_decoding.
     """
 
     dino: ViTConfig
@@ -203,9 +205,10 @@ class OpenVLAConfig:
             object.__setattr__(self, "proprio_dim", None)
         if not isinstance(self.film, bool):
             raise ValueError(f"OpenVLAConfig.film must be True or False, got {self.film!r}")
-        if self.film:
-            raise ValueError("OpenVLAConfig.film=True (OpenVLA-OFT+'s FiLM, OFT_REFERENCE.md §8) is not implemented "
-                             "in this version; use film=False")
+        if self.film and not self.parallel_decoding:
+            raise ValueError("OpenVLAConfig.film=True (OpenVLA-OFT+'s FiLM, OFT_REFERENCE.md §8) needs "
+                             "parallel_decoding=True: FiLM is an OFT+ feature, and the autoregressive decoder's "
+                             "KV-cache prefill does not compute the language vector")
 
     def _check_action_options(self):
         if not isinstance(self.parallel_decoding, bool):

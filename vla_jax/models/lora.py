@@ -111,8 +111,11 @@ _UNUSED = (("dino", "last_block"), ("dino", "attn_pool"), ("siglip", "last_block
 
 # OpenVLA-OFT's L1 action head (params['action_head']) and proprio projector (params['proprio_projector'])
 # are modules beside the PEFT-wrapped VLA in upstream's finetune.py: they get no adapters and are
-# trained in full (OFT_REFERENCE.md §9).
-FULLY_TRAINED = ("action_head", "proprio_projector")
+# trained in full (OFT_REFERENCE.md §9). So are OFT+'s FiLM linears (params['film']): upstream wraps
+# the towers' blocks after get_peft_model, so PEFT never sees them (§8).
+FULLY_TRAINED = ("action_head", "proprio_projector", "film")
+# FiLM linears of the towers' last block, which never runs: no gradient, left out like _UNUSED.
+_UNUSED_FILM = (("film", "dino", "last_block"), ("film", "siglip", "last_block"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -361,12 +364,13 @@ def trainable_mask(tree: Any) -> Any:
     """Bool tree over `tree` (a LoRA tree or a combined params tree, boxed or not; boxes are leaves):
     True for lora_A/lora_B leaves, except the adapters of modules the model never runs (towers'
     last_block and attn_pool: no gradient, so torch's AdamW never touches them), and for every leaf
-    of a FULLY_TRAINED module (OFT's params['action_head'], params['proprio_projector']); False elsewhere."""
+    of a FULLY_TRAINED module (OFT's params['action_head'], params['proprio_projector'], OFT+'s params['film']
+    except the last tower blocks' FiLM, which gets no gradient); False elsewhere."""
 
     def leaf(path, _):
         keys = tuple(getattr(k, "key", str(k)) for k in path)
         if keys and keys[0] in FULLY_TRAINED:
-            return True
+            return keys[:3] not in _UNUSED_FILM
         return bool(keys and keys[-1] in (LORA_A, LORA_B) and not _is_unused(keys))
 
     return jax.tree_util.tree_map_with_path(leaf, tree, is_leaf=_is_box)

@@ -19,6 +19,7 @@ import numpy as np
 from vla_jax.models import parallel
 from vla_jax.models.action_head import L1ActionHead
 from vla_jax.models.config import OpenVLAConfig
+from vla_jax.models.film import FiLM, language_vector
 from vla_jax.models.llama import Llama
 from vla_jax.models.projector import FusedProjector
 from vla_jax.models.proprio import ProprioProjector
@@ -128,13 +129,18 @@ class OpenVLA(nn.Module):
             self.proprio_projector = ProprioProjector(llm_dim=cfg.llama.hidden_size, dtype=cfg.dtype,
                                                       param_dtype=cfg.param_dtype,
                                                       custom_vjp=cfg.execution.dense_custom_vjp)
+        if cfg.film:  # OpenVLA-OFT+'s FiLM linears, params['film'] (vla_jax.models.film)
+            self.film = FiLM(cfg)
 
-    def encode_image(self, pixel_values):
+    def encode_image(self, pixel_values, film=None):
         """uint8 `[B, S, S, 3]` -> projected patch embeddings `[B, P, D_llm]`.
 
         Each tower normalizes with its own mean/std (ImageNet for DINOv2, 0.5/0.5 for SigLIP);
         the features are concatenated on channels in the order [DINOv2, SigLIP].
+        film (OFT+): None, or {'dino': (gamma, beta), 'siglip': (gamma, beta)}, each [depth-1, B, width]
+        (`FiLM(lang)` for these B images).
         """
+        film = film or {}
         x = pixel_values.astype(jnp.float32) / 255.0
 
         def normalized(tower_cfg):
@@ -142,25 +148,41 @@ class OpenVLA(nn.Module):
             std = jnp.asarray(tower_cfg.std, jnp.float32)
             return (x - mean) / std
 
-        feats = jnp.concatenate([self.dino(normalized(self.config.dino)),
-                                 self.siglip(normalized(self.config.siglip))], axis=-1)
+        feats = jnp.concatenate([self.dino(normalized(self.config.dino), film.get("dino")),
+                                 self.siglip(normalized(self.config.siglip), film.get("siglip"))], axis=-1)
         return self.projector(feats)
 
-    def encode_images(self, pixel_values):
+    def _film(self, lang, cameras: int):
+        """lang [B, H] -> the towers' FiLM for B * cameras images (each example's row repeated per camera,
+        in the order the cameras are folded into the batch); None for a model without FiLM."""
+        if not self.config.film:
+            return None
+        if lang is None:
+            raise ValueError("this model has FiLM (film=True): the towers need the language vector lang [B, H] "
+                             "(vla_jax.models.film.language_vector of the prompt's raw token embeddings)")
+        film = self.film(lang)
+        if cameras == 1:
+            return film
+        return {k: tuple(jnp.repeat(t, cameras, axis=1) for t in pair) for k, pair in film.items()}
+
+    def encode_images(self, pixel_values, lang=None):
         """`[B, N, S, S, 3]` (or `[B, S, S, 3]`, one camera) -> `[B, N * P, D_llm]`: every camera through
         the same towers and projector (N folded into the batch), patches concatenated in camera order
-        (upstream splits its 6N-channel stack per image and concatenates on the sequence axis)."""
+        (upstream splits its 6N-channel stack per image and concatenates on the sequence axis).
+        lang: float [B, H], the FiLM language vector (film=True only); every camera gets its row's."""
         if pixel_values.ndim == 4:  # OpenVLA's one camera: exactly the single-image program
-            return self.encode_image(pixel_values)
+            return self.encode_image(pixel_values, self._film(lang, 1))
         b, n = pixel_values.shape[:2]
-        patches = self.encode_image(pixel_values.reshape((b * n,) + tuple(pixel_values.shape[2:])))
+        patches = self.encode_image(pixel_values.reshape((b * n,) + tuple(pixel_values.shape[2:])),
+                                    self._film(lang, n))
         return patches.reshape(b, n * patches.shape[1], patches.shape[2])
 
-    def inserted_embeddings(self, pixel_values, proprio=None):
+    def inserted_embeddings(self, pixel_values, proprio=None, lang=None):
         """The `config.num_inserted_tokens` embeddings that follow BOS: `[B, N * P (+ 1), D_llm]`, the
         image patches in camera order, then the proprio token (`ProprioProjector(proprio)`) if the
-        model has one. Inputs are the caller's to check (`check_inputs`)."""
-        x = self.encode_images(pixel_values)
+        model has one. lang [B, H]: FiLM's language vector (film=True). Inputs are the caller's to
+        check (`check_inputs`)."""
+        x = self.encode_images(pixel_values, lang)
         if self.config.proprio_dim is None:
             return x
         token = self.proprio_projector(proprio)[:, None, :]
@@ -179,7 +201,10 @@ class OpenVLA(nn.Module):
         proprio = self._init_proprio(pixel_values, proprio)
         check_inputs(self.config, pixel_values, input_ids, proprio=proprio)
         text = self.llm.embed(input_ids)
-        inserted = self.inserted_embeddings(pixel_values, proprio).astype(text.dtype)
+        # FiLM needs parallel decoding (config check), whose models run this only in `init`: any
+        # language vector of the right shape creates the FiLM params.
+        lang = language_vector(text, jnp.ones(input_ids.shape, bool)) if self.config.film else None
+        inserted = self.inserted_embeddings(pixel_values, proprio, lang).astype(text.dtype)
         return jnp.concatenate([text[:, :1], inserted, text[:, 1:]], axis=1)
 
     def __call__(self, pixel_values, input_ids, logit_positions=None, proprio=None):

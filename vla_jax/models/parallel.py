@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vla_jax.models.config import OpenVLAConfig
+from vla_jax.models.film import language_vector
 
 
 def _is_concrete(x) -> bool:
@@ -109,12 +110,15 @@ def forward_hidden(model, pixel_values, input_ids, attention_mask, action_mask, 
     check_parallel_inputs(cfg, input_ids, attention_mask, action_mask)
     action_mask = jnp.asarray(action_mask).astype(bool)
     text = model.llm.embed(input_ids)
+    keys = jnp.asarray(attention_mask).astype(bool)
+    # OFT+'s FiLM: the mean of the raw embeddings (before the zeroing) over the non-action, non-pad
+    # positions (BOS, prompt, 29871, </s>; vla_jax.models.film on pads).
+    lang = language_vector(text, keys & ~action_mask) if cfg.film else None
     # Zero, not multiply: the same zeros for finite embeddings, and no NaN from a non-finite row.
     text = jnp.where(action_mask[..., None], jnp.zeros((), text.dtype), text)
-    inserted = model.inserted_embeddings(pixel_values, proprio).astype(text.dtype)
+    inserted = model.inserted_embeddings(pixel_values, proprio, lang).astype(text.dtype)
     x = jnp.concatenate([text[:, :1], inserted, text[:, 1:]], axis=1)
     b, n = x.shape[:2]
-    keys = jnp.asarray(attention_mask).astype(bool)
     key_mask = jnp.concatenate([keys[:, :1], jnp.ones((b, cfg.num_inserted_tokens), bool), keys[:, 1:]], axis=1)
     positions = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))
     # Only the R readout states are used (here and in training), so the last layer computes its

@@ -113,6 +113,8 @@ class Attention(nn.Module):
 class Block(nn.Module):
     """Pre-norm ViT block: `x += ls1(attn(norm1(x)))`, `x += ls2(mlp(norm2(x)))`. [B, L, D] -> [B, L, D].
 
+    `film`: None, or OFT+'s FiLM for this block, (gamma, beta) each [B, D] (`vla_jax.models.film`):
+    then `x = x * (1 + gamma) + beta` (broadcast over the tokens) between the attention and the MLP.
     Returns `(x, None)` so that it can be the body of `nn.scan`.
     """
 
@@ -120,7 +122,7 @@ class Block(nn.Module):
     execution: ExecutionConfig = ExecutionConfig()
 
     @nn.compact
-    def __call__(self, x, _=None):
+    def __call__(self, x, film=None):
         cfg = self.config
         kw = dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
         lin = dict(kw, custom_vjp=self.execution.dense_custom_vjp)
@@ -129,6 +131,9 @@ class Block(nn.Module):
         if cfg.layer_scale:
             y = LayerScale(name="ls1", **kw)(y)
         x = x + y
+        if film is not None:
+            gamma, beta = film
+            x = x * (1 + gamma[:, None, :].astype(x.dtype)) + beta[:, None, :].astype(x.dtype)
         y = Mlp(cfg.mlp_dim, name="mlp", **lin)(LayerNorm(cfg.ln_eps, name="norm2", **kw)(x))
         if cfg.layer_scale:
             y = LayerScale(name="ls2", **kw)(y)
@@ -163,6 +168,7 @@ class VisionTower(nn.Module):
     """timm-style ViT returning OpenVLA's features: the output of block depth-2, prefix tokens dropped.
 
     `pixels`: [B, H, W, 3] float, already normalized with the tower's mean/std, H == W == image_size.
+    `film` (OFT+, optional): (gamma, beta) each [depth-1, B, width], one row per block that runs.
     Returns [B, num_patches, width] in the compute dtype. Blocks 0..depth-2 are stacked (`blocks`,
     leading 'layers' axis; scanned, or unrolled per `execution.unroll_layers`); `last_block`, `norm`
     and `attn_pool` exist only as parameters.
@@ -172,7 +178,8 @@ class VisionTower(nn.Module):
     execution: ExecutionConfig = ExecutionConfig()
 
     @nn.compact
-    def __call__(self, pixels):
+    def __call__(self, pixels, film=None):
+        """film: None, or (gamma, beta) each [depth-1, B, width]: OFT+'s FiLM of blocks 0..depth-2."""
         cfg = self.config
         if cfg.depth < 2:
             raise ValueError(f"ViTConfig.depth must be >= 2 (features come from block depth-2), got {cfg.depth}")
@@ -208,11 +215,11 @@ class VisionTower(nn.Module):
         if layer_stack.unroll(self.execution.unroll_layers) and not self.is_initializing():
             # The same stacked params as an unrolled loop (layer_stack): the same values as the scan.
             x = layer_stack.run_unrolled(Block(cfg, self.execution, parent=None), self.variables["params"]["blocks"],
-                                         x, remat=cfg.remat)
+                                         x, remat=cfg.remat, xs=film)
         else:
             block = nn.remat(Block, prevent_cse=False) if cfg.remat else Block
             x, _ = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True}, length=cfg.depth - 1,
-                           metadata_params={nn.PARTITION_NAME: "layers"})(cfg, self.execution, name="blocks")(x, None)
+                           metadata_params={nn.PARTITION_NAME: "layers"})(cfg, self.execution, name="blocks")(x, film)
         feats = x[:, cfg.num_prefix_tokens:]
 
         if self.is_initializing():

@@ -147,7 +147,7 @@ UNUSED_VISION_PARAMS = ("last_block", "norm", "attn_pool")
 VISION_TOWERS = ("dino", "siglip")
 # OpenVLA-OFT's modules that an OpenVLA checkpoint does not have: created from their init when a run
 # starts from one, and always trained (upstream trains them in full beside the LoRA adapters).
-NEW_MODULES = ("action_head", "proprio_projector")
+NEW_MODULES = ("action_head", "proprio_projector", "film")
 
 
 def trainable_mask(params: Params, *, vision: bool = True, projector: bool = True, llm: bool = True) -> Any:
@@ -158,12 +158,15 @@ def trainable_mask(params: Params, *, vision: bool = True, projector: bool = Tru
     # (action_head='l1') and the proprio projector (proprio_dim set).
     if set(params) - set(NEW_MODULES) != expected:
         raise ValueError(f"parameter tree has top-level keys {sorted(params)}, expected {sorted(expected)} "
-                         f"(+ 'action_head' with OpenVLA-OFT's L1 head, 'proprio_projector' with a proprio input)")
+                         f"(+ 'action_head' with OpenVLA-OFT's L1 head, 'proprio_projector' with a proprio input, "
+                         f"'film' with OFT+'s FiLM)")
     flags = {"dino": vision, "siglip": vision, "projector": projector, "llm": llm, **{k: True for k in NEW_MODULES}}
 
     def leaf(path, _):
         top = path[0].key
         if top in VISION_TOWERS and path[1].key in UNUSED_VISION_PARAMS:
+            return False
+        if top == "film" and path[2].key == "last_block":  # OFT+'s FiLM of the never-run last block
             return False
         return bool(flags[top])
 
@@ -218,6 +221,8 @@ def _model_modules(model: nn.Module) -> Tuple[str, ...]:
         out.append("action_head")
     if getattr(cfg, "proprio_dim", None) is not None:
         out.append("proprio_projector")
+    if getattr(cfg, "film", False):
+        out.append("film")
     return tuple(out)
 
 

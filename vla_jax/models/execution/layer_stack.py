@@ -51,20 +51,24 @@ unstack.defvjp(_unstack_fwd, _unstack_bwd)
 
 
 def run_unrolled(layer: nn.Module, stacked: Any, x, *args, remat: bool = False, policy: Optional[Callable] = None,
-                 last_layer_args: Optional[tuple] = None):
+                 last_layer_args: Optional[tuple] = None, xs: Any = None):
     """x through every layer in turn, x = layer.apply({'params': p_i}, x, *args)[0], where p_i are the
     per-layer slices of `stacked` (the [L, ...] params of an `nn.scan` of `layer`). remat: each layer
     is a `jax.checkpoint` (with `policy`), as `nn.remat` would make it inside the scan.
     last_layer_args: other arguments for the last layer only (e.g. the Llama's rows to compute there,
-    which an unrolled loop can give it and a scan cannot)."""
+    which an unrolled loop can give it and a scan cannot).
+    xs: None, or a tree of [L, ...] arrays whose slice i is layer i's second argument (what an
+    `nn.scan` over the layers passes as its scanned input, e.g. the towers' per-block FiLM)."""
     def runner(layer_args):
-        def run(p, x):
-            return layer.apply({"params": p}, x, *layer_args)[0]
+        def run(p, x, xi):
+            extra = () if xi is None else (xi,)
+            return layer.apply({"params": p}, x, *extra, *layer_args)[0]
 
         return jax.checkpoint(run, policy=policy) if remat else run
 
     run = runner(args)
     layers = unstack(stacked, jax.tree.leaves(stacked)[0].shape[0])
     for i, p in enumerate(layers):
-        x = (runner(last_layer_args) if i == len(layers) - 1 and last_layer_args is not None else run)(p, x)
+        xi = None if xs is None else jax.tree.map(lambda a, i=i: a[i], xs)
+        x = (runner(last_layer_args) if i == len(layers) - 1 and last_layer_args is not None else run)(p, x, xi)
     return x
