@@ -29,7 +29,9 @@ def base_config() -> ml_collections.ConfigDict:
         # after the patches and needs data.use_proprio=True with a P-dimensional state).
         num_images=1,
         proprio_dim=0,
-        film=False,             # OFT+'s FiLM: not implemented (True is refused)
+        # OFT+'s FiLM (vla_jax/models/film.py): each tower block modulated by the mean raw prompt
+        # embedding (params['film'], trained in full beside LoRA); needs parallel_decoding=True.
+        film=False,
     ))
 
     # Input. data_source 'rlds' is the real pipeline (vla_jax/data/pipeline.py); 'synthetic' gives

@@ -8,13 +8,17 @@ head=l1|tokens (continuous L1 head, upstream's default, or the 256-bin token hea
 per prediction, LIBERO 8), steps=N (LIBERO Spatial/Object/10: 150005; Goal: 50000), decay=N (the step
 of the x0.1 learning-rate drop; LIBERO 100000), cameras=N (LIBERO OFT: 2, the third-person `image` and
 the `wrist_image`; 1 = third person only, the paper's "3rd-person" rows), proprio=P (LIBERO OFT: 8,
-`state[:6] + state[-2:]`; 0 = no proprio token).
+`state[:6] + state[-2:]`; 0 = no proprio token), film=0|1 (OFT+'s FiLM, §8: 1 modulates every tower
+block with the mean raw embedding of the prompt; upstream uses it for ALOHA's language following).
 Values: OFT_REFERENCE.md §9 ("Training recipe"; FT = upstream vla-scripts/finetune.py,
 LIBERO.md = upstream's LIBERO instructions, PAPER = the OFT paper).
 
 The released LIBERO checkpoints (97.1%) use 3rd-person + wrist images and the 8-D proprio, no FiLM
 (§6, §9 table: "Inputs"): those are the defaults here. The patches of both images follow BOS, then one
-proprio token (§7). What differs from upstream: no FiLM (OFT+, ALOHA only). The L1 head reads the
+proprio token (§7). FiLM is off by default, as in the LIBERO checkpoints; with film=1 the FiLM linears
+(456M at 7B) train in full beside LoRA, as upstream's wrapper installed after get_peft_model. What
+differs from upstream with FiLM: its training average of the prompt embeddings also counts right-pad
+tokens; ours never does (the same vector a row gets alone at inference, where upstream has no pads). The L1 head reads the
 readout states exactly as upstream (§4-§6). LoRA covers what PEFT's "all-linear" covers (every Linear
 of both towers, the projector and the LLM incl. lm_head, plus the patch-embed convs; vla_jax/models/lora.py);
 the L1 head and the proprio projector train in full beside it, as upstream.
@@ -33,7 +37,7 @@ from configs.common import base_config, parse_arg
 
 def get_config(arg=None):
     a = parse_arg(arg, dataset="libero_spatial_no_noops", head="l1", chunk=8, steps=150_005, decay=100_000,
-                  cameras=2, proprio=8)
+                  cameras=2, proprio=8, film=0)
     c = base_config()
 
     c.model.preset = "openvla-7b"
@@ -45,6 +49,9 @@ def get_config(arg=None):
     c.model.action_head = a["head"]   # use_l1_regression=True by default (FT:69-119) -> 'l1'
     c.model.num_images = a["cameras"]  # num_images_in_input=2 for LIBERO OFT (§7; LIBERO.md:104-108)
     c.model.proprio_dim = a["proprio"]  # use_proprio, PROPRIO_DIM=8 for LIBERO (§1, §7)
+    if a["film"] not in (0, 1):
+        raise ValueError(f"configs/oft.py: film={a['film']!r}; expected 0 (off) or 1 (OFT+'s FiLM)")
+    c.model.film = bool(a["film"])    # use_film (FT:857-872; §8)
     c.init_from = config_dict.placeholder(str)  # required: an OpenVLA checkpoint (HF folder or vla_jax)
 
     c.data.mixture = a["dataset"]

@@ -38,6 +38,35 @@ class Mutant:
 
 
 MUTANTS = (
+    Mutant("FiLM gamma applied without 1 +", "vla_jax/models/vit.py",
+           "x = x * (1 + gamma[:, None, :].astype(x.dtype)) + beta[:, None, :].astype(x.dtype)",
+           "x = x * gamma[:, None, :].astype(x.dtype) + beta[:, None, :].astype(x.dtype)",
+           ("tests/models/test_film_parity.py::test_film_l1_chunk_matches_reference",)),
+    Mutant("FiLM after the MLP instead of before", "vla_jax/models/vit.py",
+           """        if film is not None:
+            gamma, beta = film
+            x = x * (1 + gamma[:, None, :].astype(x.dtype)) + beta[:, None, :].astype(x.dtype)
+        y = Mlp(cfg.mlp_dim, name="mlp", **lin)(LayerNorm(cfg.ln_eps, name="norm2", **kw)(x))
+        if cfg.layer_scale:
+            y = LayerScale(name="ls2", **kw)(y)
+        return nn.with_logical_constraint(x + y, _ACT), None""",
+           """        y = Mlp(cfg.mlp_dim, name="mlp", **lin)(LayerNorm(cfg.ln_eps, name="norm2", **kw)(x))
+        if cfg.layer_scale:
+            y = LayerScale(name="ls2", **kw)(y)
+        x = x + y
+        if film is not None:
+            gamma, beta = film
+            x = x * (1 + gamma[:, None, :].astype(x.dtype)) + beta[:, None, :].astype(x.dtype)
+        return nn.with_logical_constraint(x, _ACT), None""",
+           ("tests/models/test_film_parity.py::test_film_l1_chunk_matches_reference",)),
+    Mutant("FiLM language vector averages the action slots", "vla_jax/models/parallel.py",
+           "lang = language_vector(text, keys & ~action_mask) if cfg.film else None",
+           "lang = language_vector(text, keys) if cfg.film else None",
+           ("tests/models/test_film_parity.py::test_film_language_vector_positions",)),
+    Mutant("FiLM language vector averages the pads", "vla_jax/models/parallel.py",
+           "lang = language_vector(text, keys & ~action_mask) if cfg.film else None",
+           "lang = language_vector(text, ~action_mask) if cfg.film else None",
+           ("tests/models/test_film_parity.py::test_film_language_vector_positions",)),
     Mutant("RoPE sign flipped", "vla_jax/models/llama.py",
            "rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)",
            "rotated = jnp.concatenate([x[..., half:], -x[..., :half]], axis=-1)",
