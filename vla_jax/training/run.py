@@ -231,9 +231,10 @@ def load_pretrained(path: str, abstract_params, model_cfg: OpenVLAConfig):
     except ImportError:
         hf = None
     if hf is not None and hf.is_hf_dir(path):
-        # Cameras and proprio are run settings, not in an HF config.json (OFT_REFERENCE.md §7, §9): the
-        # folder's geometry is compared with the model's one-camera, no-proprio form.
-        expect = dataclasses.replace(model_cfg, num_images=1, proprio_dim=None)
+        # Cameras, proprio and FiLM are run settings, not in an HF config.json (OFT_REFERENCE.md §7-§9):
+        # the folder's geometry is compared with the model's one-camera, no-proprio, no-FiLM form (new
+        # modules such as params['film'] start from their init, training.state.NEW_MODULES).
+        expect = dataclasses.replace(model_cfg, num_images=1, proprio_dim=None, film=False)
         return hf.load_hf_params(path, base, expect_config=expect)
     return ckpt_lib.load_params(path, base)
 
