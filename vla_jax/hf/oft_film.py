@@ -80,7 +80,7 @@ def file_layout(cfg: OpenVLAConfig, rank: Optional[int]) -> Dict[str, Tuple[Tupl
         keys = _tower_keys(tcfg, tower)
         lora = _lora_modules(keys) if rank else set()
         for k, shape in keys:
-            module, leaf = k.rsplit(".", 1)
+            module, leaf = k.rsplit(".", 1) if "." in k else ("", k)  # cls_token, pos_embed: no module
             fk = _wrapped(k)
             if module in lora:
                 fm = _wrapped(module)
