@@ -53,7 +53,8 @@ class ParamsReader:
     """Reads a vla_jax checkpoint's params leaf by leaf (numpy, stored dtype) plus its assets."""
 
     def __init__(self, path: str):
-        self.step_dir = ckpt_lib.resolve_step_dir(path)
+        # orbax restores only from absolute paths ("Checkpoint path should be absolute").
+        self.step_dir = ckpt_lib.resolve_step_dir(os.path.abspath(os.fspath(path)))
         self.state_dir = self.step_dir / "state"
         self.assets = ckpt_lib.load_assets(str(self.step_dir))
         self._ckptr = ocp.PyTreeCheckpointer()
