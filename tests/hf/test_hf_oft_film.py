@@ -171,7 +171,7 @@ def test_bad_film_files_are_refused_naming_the_key(released, tmp_path, capsys, e
     assert not work.exists()
 
 
-@pytest.mark.slow  # compiles the parallel decoder at 224 px with FiLM: ~30 s on 2 shared cores
+@pytest.mark.slow  # compiles the whole 224 px parallel decoder, like test_hf_oft.py's twin (~25 s there)
 def test_imported_film_checkpoint_decodes_like_the_torch_wiring(released, imported):
     """The imported FiLM model against `TorchOFT` with `TorchFiLM` on the fixture's torch modules (whose
     towers hold the merged adapters): one L1 chunk, fp32 on both sides, within 1e-5."""
