@@ -145,7 +145,7 @@ def read_oft_dir(oft_dir: str, *, step: Optional[str] = None, allow_pickle: bool
         film_rank = oft_film.read_rank(s.shapes, s.path)
         want = [oft_layout.TensorRule(k, shape, (), None, None, None)
                 for k, (shape, _) in oft_film.file_layout(base_cfg, film_rank).items()]
-        oft_layout.check_state(s.shapes, want, s.path, prefix=s.prefix)
+        oft_layout.check_state(s.shapes, want, s.path, prefix="")  # upstream saves it unprefixed
     stats_path = os.path.join(oft_dir, importer.STATS_FILE)
     _check_stats(stats, stats_path, action_dim or hfc.action_dim_from_stats(stats), proprio_dim)
     return OFTFolder(hf=ck, step=step, states=states, stats=stats, geometry=g, film_rank=film_rank)
