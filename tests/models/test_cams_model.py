@@ -50,7 +50,8 @@ def test_config_fields_and_inserted_positions():
     (dict(num_images=True), r"num_images must be an integer >= 1 .* got True"),
     (dict(proprio_dim=-1), r"proprio_dim must be None, 0 .* got -1"),
     (dict(proprio_dim=2.0), r"proprio_dim must be None, 0 .* got 2.0"),
-    (dict(film=True), r"film=True .* not implemented"),
+    (dict(film=True), r"film=True .* needs parallel_decoding=True"),  # FiLM is OFT+ (single-pass decoding)
+    (dict(film=1), r"film must be True or False, got 1"),
 ])
 def test_bad_input_options_are_rejected(changes, message):
     with pytest.raises(ValueError, match=message):
