@@ -29,7 +29,7 @@ effect does).
 from __future__ import annotations
 
 import re
-from typing import Dict, Iterator, Mapping, Optional, Sequence, Tuple
+from typing import Dict, Iterator, Mapping, Optional, Tuple
 
 import numpy as np
 
