@@ -33,7 +33,7 @@ def _images(n, batch=1, seed=0):
 
 @pytest.fixture(scope="module")
 def cams_params():
-    return OpenVLA(CAMS).init(jax.random.PRNGKey(0), _images(2), IDS)["params"]
+    return jax.jit(OpenVLA(CAMS).init)(jax.random.PRNGKey(0), _images(2), IDS)["params"]  # jit: one compile
 
 
 def test_config_fields_and_inserted_positions():
@@ -79,7 +79,7 @@ def test_proprio_projector_params_names_shapes_and_axes(cams_params):
     rules = dict(shd.LOGICAL_RULES)
     assert all(n in rules for n in ("proprio_in", "proprio_embed", "proprio_hidden"))
     # No proprio_dim: no projector; the one-camera tree is OpenVLA's.
-    plain = OpenVLA(BASE).init(jax.random.PRNGKey(0), _images(None), IDS)["params"]
+    plain = jax.eval_shape(OpenVLA(BASE).init, jax.random.PRNGKey(0), _images(None), IDS)["params"]
     assert set(plain) == {"dino", "siglip", "projector", "llm"}
 
 
@@ -96,7 +96,7 @@ def test_lora_leaves_the_proprio_projector_fully_trained(cams_params):
 def test_one_camera_in_either_layout_is_the_same_program():
     """N = 1: [B, 1, S, S, 3] gives exactly the logits of OpenVLA's [B, S, S, 3]."""
     model = OpenVLA(BASE)
-    params = model.init(jax.random.PRNGKey(0), _images(None), IDS)["params"]
+    params = jax.jit(model.init)(jax.random.PRNGKey(0), _images(None), IDS)["params"]
     four = _images(None, batch=2, seed=3)
     ids = np.repeat(IDS, 2, 0)
     a = np.asarray(model.apply({"params": params}, four, ids))
@@ -135,7 +135,7 @@ def test_bad_camera_and_proprio_inputs_are_rejected(cams_params, images, proprio
 
 def test_proprio_given_to_a_model_without_it_is_rejected():
     model = OpenVLA(BASE)
-    params = model.init(jax.random.PRNGKey(0), _images(None), IDS)["params"]
+    params = jax.jit(model.init)(jax.random.PRNGKey(0), _images(None), IDS)["params"]
     with pytest.raises(ValueError, match=r"proprio given \(shape \(1, 3\)\) but this model has no proprio input"):
         model.apply({"params": params}, _images(None), IDS, proprio=np.zeros((1, 3), np.float32))
     with pytest.raises(ValueError, match=r"has 2 cameras .* num_images=1"):

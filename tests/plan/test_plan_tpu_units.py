@@ -112,6 +112,7 @@ def test_cli_bad_topology_and_mesh_are_clear_errors():
     assert res.returncode != 0 and "mesh axis 'tensor'=3 does not divide the 16 chips" in res.stderr
 
 
+@pytest.mark.slow  # a planner subprocess compiling the debug step for simulated CPU devices (~25 s alone)
 def test_cpu_devices_mode_needs_no_libtpu():
     res = _plan_cli("--config=configs/debug.py", "--devices=2", "--batch=2", block_libtpu=True)
     assert res.returncode == 0, res.stderr[-3000:]

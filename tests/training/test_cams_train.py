@@ -151,6 +151,7 @@ def test_proprio_statistics_must_have_the_model_size():
                                       "other": {"proprio": {"q01": [0.0] * 5}}}, model_cfg)
 
 
+@pytest.mark.slow  # initialises and places a second model (~25 s alone)
 def test_starting_from_openvla_params_initialises_the_proprio_projector():
     """init_from an OpenVLA checkpoint (no params['proprio_projector']): the state gets a fresh one,
     and it is trained (in the mask) while the given weights are kept."""

@@ -21,6 +21,7 @@ OFT_FLAGS = ["--config.model.parallel_decoding=True", "--config.model.chunk_size
              "--config.data.action_chunk=4", "--config.data.max_seq_len=64"]
 
 
+@pytest.mark.slow  # a 12-step train.py run (~45 s alone); the OFT loss and step are checked fast in test_oft_train_step.py
 def test_short_oft_run_learns_and_records_the_codec(tmp_path, bridge_data_dir, llama_tokenizer_path):
     workdir = tmp_path / "oft"
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))

@@ -61,6 +61,7 @@ def test_unknown_dataset_names_the_flag_and_the_registered_datasets(llama_tokeni
     assert all(name in msg for name in oxe.registered_datasets())
 
 
+@pytest.mark.slow  # a train.py subprocess that builds the data pipeline and the step (~20 s alone)
 def test_failed_train_run_leaves_no_empty_checkpoints_folder(tmp_path, bridge_data_dir, llama_tokenizer_path):
     workdir = tmp_path / "run"
     res = subprocess.run([sys.executable, "train.py", "--config=configs/debug.py", f"--workdir={workdir}",
@@ -119,6 +120,7 @@ def _checkpoint_with_record(workdir, tokenizer_path, data_dir):
     return workdir
 
 
+@pytest.mark.slow  # trains a checkpoint, then an eval.py run (~18 s alone)
 def test_eval_with_only_the_checkpoint(tmp_path, llama_tokenizer_path, bridge_data_dir):
     from vla_jax.evaluation.episodes import iter_episodes
 

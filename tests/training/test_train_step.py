@@ -131,6 +131,7 @@ def test_sharded_accumulated_step_matches_single_device(setup):
     assert kernel.addressable_shards[0].data.shape[1] == kernel.shape[1] // 4
 
 
+@pytest.mark.slow  # compiles two more train steps (~40 s alone); the one-step numerics are checked fast above
 def test_two_steps_in_one_call_match_two_calls(setup):
     """steps_per_call=2 (a scan over the step, batches stacked [2, B, ...]) on the 2x4 mesh against two
     separate calls of the plain step on one device, each with its own batch."""
