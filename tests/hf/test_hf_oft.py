@@ -190,6 +190,19 @@ def test_imported_head_and_projector_match_torch(released, imported):
     np.testing.assert_allclose(np.asarray(got).reshape(want.shape), want, rtol=1e-5, atol=1e-5)
 
 
+def test_checkpoint_reader_takes_a_relative_path(imported, monkeypatch):
+    """A checkpoint path as a user types it (relative to the working folder): orbax restores only
+    from absolute paths, so the reader must resolve it (export-oft with a relative path failed)."""
+    from vla_jax.hf.checkpoint_io import ParamsReader
+
+    want = ParamsReader(str(imported)).read_tree(("proprio_projector",))
+    monkeypatch.chdir(imported.parent)
+    got = ParamsReader(imported.name).read_tree(("proprio_projector",))
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        assert a.dtype == b.dtype and a.tobytes() == b.tobytes()
+
+
 @pytest.mark.slow  # compiles the whole parallel decoder for two 224 px cameras: ~25 s on 2 shared cores
 def test_imported_checkpoint_decodes_like_the_torch_wiring(released, imported):
     """The whole imported model (two cameras, proprio token, L1 head) against upstream's wiring
