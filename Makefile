@@ -30,7 +30,7 @@ $(EDITABLE): $(STAMP) pyproject.toml
 	@rm -f $(VENV)/.vla_jax-editable-*
 	@touch $(EDITABLE)
 
-# CI runs `make test`: every test but those marked slow (kept under ~20 min on 2 cores). The slow ones
+# CI runs `make test`: every test but those marked slow (aimed at ~20 min on 2 cores; README has the measured time). The slow ones
 # (end-to-end training runs, multi-process, simulation, servers under load, the 7B TPU compile, the
 # trained-policy check) run with `make test-slow` (part of `make bench`) or all together, `make test-all`.
 test: setup
